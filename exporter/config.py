@@ -1,0 +1,523 @@
+"""The configuration file: loaded once, validated up front, returned as one immutable `Config`.
+
+The original guide's `gpu_router_config.yaml` loads unchanged. Every error names the file, the key path and
+what was expected, e.g. ``gpu_router_config.yaml: nodes[1].vram: expected a size like 8GiB, got 'eight'``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from exporter.units import parse_size
+
+DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
+GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "none")
+PROMETHEUS_TEMPLATES = ("dcgm", "nvidia_gpu_exporter", "gpu_router", "custom")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, as one line that names the file and the key path."""
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU given in the configuration."""
+
+    name: str
+    vram: int
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One Ollama node."""
+
+    name: str
+    url: str
+    vram: int | None = None  # total GPU bytes; 0 = no GPU; None = detect
+    gpus: tuple[GpuSpec, ...] = ()
+    gpu_source: str = "auto"
+    maintenance: bool = False
+    context_length: int = 4096  # the node's OLLAMA_CONTEXT_LENGTH
+    prometheus_match: str | None = None  # PromQL label matcher for gpu_source: prometheus
+
+    @property
+    def static_gpus(self) -> tuple[GpuSpec, ...] | None:
+        """The GPUs the configuration states, or None when it states none."""
+        if self.gpus:
+            return self.gpus
+        if self.vram is None:
+            return None
+        return () if self.vram == 0 else (GpuSpec(name="GPU", vram=self.vram),)
+
+
+@dataclass(frozen=True)
+class PriorityModel:
+    """A model to keep on GPU; the first in the list matters most."""
+
+    name: str
+    num_ctx: int | None = None
+    keep_alive: int | float | str = -1
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A credential given inline, through an environment variable or in a file; resolved when read."""
+
+    value: str | None = None
+    env: str | None = None
+    file: str | None = None
+
+    def resolve(self) -> str:
+        """The credential's text; raises ConfigError when its source is missing or empty."""
+        if self.value is not None:
+            text = self.value
+        elif self.env is not None:
+            text = os.environ.get(self.env, "")
+            if not text:
+                raise ConfigError(f"environment variable {self.env} is not set or empty")
+        else:
+            try:
+                text = Path(str(self.file)).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read credentials file {self.file}: {exc.strerror}") from None
+            if not text:
+                raise ConfigError(f"credentials file {self.file} is empty")
+        return text
+
+
+@dataclass(frozen=True)
+class WebhookAuth:
+    """Credentials the optimizer demands on /webhook and POST /api/v1/optimize."""
+
+    bearer_token: Secret | None = None
+    username: str | None = None
+    password: Secret | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bearer_token is not None or self.username is not None
+
+
+@dataclass(frozen=True)
+class PrometheusSource:
+    """Where `gpu_source: prometheus` reads GPU memory from."""
+
+    url: str | None = None
+    template: str = "dcgm"
+    total_query: str | None = None  # custom: PromQL with {match}, bytes per GPU
+    used_query: str | None = None
+    max_age: float = 120.0  # samples older than this make the capacity unknown
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """How the optimizer acts."""
+
+    cooldown_seconds: float = 30.0  # first wait after a failed attempt; doubles each time
+    cooldown_max_seconds: float = 900.0
+    max_loads_per_node: int = 1
+    load_timeout: float = 300.0
+    webhook_auth: WebhookAuth = field(default_factory=WebhookAuth)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    nodes: tuple[NodeConfig, ...]
+    priority_models: tuple[PriorityModel, ...] = ()
+    check_interval: float = 300.0
+    vram_safety_margin: float = 0.8
+    auto_optimize: bool = True
+    log_level: str = "INFO"
+    model_sizes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    request_timeout: float = 2.0
+    prometheus: PrometheusSource = field(default_factory=PrometheusSource)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    source: str = "<config>"
+
+    def node(self, name: str) -> NodeConfig | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def priority(self, model: str) -> PriorityModel | None:
+        key = model_key(model)
+        return next((p for p in self.priority_models if model_key(p.name) == key), None)
+
+    def priority_rank(self, model: str) -> int | None:
+        """1 for the first priority model, None for a model that is not one."""
+        key = model_key(model)
+        for rank, p in enumerate(self.priority_models, start=1):
+            if model_key(p.name) == key:
+                return rank
+        return None
+
+
+def model_key(name: str) -> str:
+    """A model name as Ollama lists it: the tag defaults to `latest`."""
+    name = name.strip()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Validation helpers that know the file name, so every message can name it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {_show(value)}")
+        for key in value:
+            if not isinstance(key, str) or key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(allowed)})"
+                raise self.fail(_join(path, str(key)), f"unknown key{hint}")
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(path, f"expected a non-empty string, got {_show(value)}")
+        return value.strip()
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {_show(value)}")
+        return value
+
+    def number(self, value: Any, path: str, *, minimum: float = 0.0, integer: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(path, f"expected a number, got {_show(value)}")
+        if value < minimum:
+            raise self.fail(path, f"expected a number ≥ {minimum:g}, got {value!r}")
+        if integer and int(value) != value:
+            raise self.fail(path, f"expected a whole number, got {value!r}")
+        return value
+
+    def size(self, value: Any, path: str) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise self.fail(path, str(exc)) from None
+
+    def url(self, value: Any, path: str) -> str:
+        text = self.string(value, path).rstrip("/")
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {_show(value)}")
+        return text
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.fail(path, f"expected one of {', '.join(choices)}, got {_show(value)}{hint}")
+        return value
+
+    def keep_alive(self, value: Any, path: str) -> int | float | str:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise self.fail(path, f"expected seconds or a duration like 5m, got {_show(value)}")
+        if isinstance(value, str) and not value.strip():
+            raise self.fail(path, "expected seconds or a duration like 5m, got ''")
+        return value
+
+    def secret(self, raw: dict[str, Any], key: str, path: str) -> Secret | None:
+        forms = {f"{key}": "value", f"{key}_env": "env", f"{key}_file": "file"}
+        given = {k: raw[k] for k in forms if raw.get(k) is not None}
+        if len(given) > 1:
+            raise self.fail(_join(path, key), f"give only one of {', '.join(given)}")
+        if not given:
+            return None
+        (name, value), *_ = given.items()
+        return Secret(**{forms[name]: self.string(value, _join(path, name))})
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+_TOP = (
+    "nodes",
+    "priority_models",
+    "check_interval",
+    "vram_safety_margin",
+    "auto_optimize",
+    "log_level",
+    "model_sizes",
+    "request_timeout",
+    "prometheus_url",
+    "prometheus",
+    "optimizer",
+)
+_NODE = ("name", "url", "vram", "gpus", "gpu_source", "maintenance", "context_length", "prometheus_match")
+_GPU = ("name", "vram")
+_PRIORITY = ("name", "num_ctx", "keep_alive")
+_PROMETHEUS = ("url", "template", "total_query", "used_query", "max_age")
+_OPTIMIZER = (
+    "cooldown_seconds",
+    "cooldown_max_seconds",
+    "max_loads_per_node",
+    "load_timeout",
+    "webhook_auth",
+)
+_AUTH = (
+    "bearer_token",
+    "bearer_token_env",
+    "bearer_token_file",
+    "username",
+    "password",
+    "password_env",
+    "password_file",
+)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-parsed YAML document."""
+    r = _Reader(source)
+    if data is None:
+        raise r.fail("", "the file is empty; it needs at least `nodes:`")
+    raw = r.mapping(data, "", _TOP)
+    if "nodes" not in raw:
+        raise r.fail("nodes", "missing: list the Ollama nodes, e.g. `- http://localhost:11434`")
+    nodes = _nodes(r, raw["nodes"])
+    priorities = _priorities(r, raw.get("priority_models") or [])
+    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin")
+    if not 0 < margin <= 1:
+        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {margin!r}")
+    sizes_raw = raw.get("model_sizes") or {}
+    if not isinstance(sizes_raw, dict):
+        raise r.fail("model_sizes", f"expected a mapping of model name to size, got {_show(sizes_raw)}")
+    model_sizes = {
+        model_key(r.string(name, "model_sizes")): r.size(value, f"model_sizes.{name}")
+        for name, value in sizes_raw.items()
+    }
+    prometheus = _prometheus(r, raw)
+    if any(n.gpu_source == "prometheus" for n in nodes) and not prometheus.url:
+        raise r.fail("prometheus_url", "required when a node has gpu_source: prometheus")
+    level = raw.get("log_level", "INFO")
+    return Config(
+        nodes=nodes,
+        priority_models=priorities,
+        check_interval=r.number(raw.get("check_interval", 300), "check_interval"),
+        vram_safety_margin=float(margin),
+        auto_optimize=r.boolean(raw.get("auto_optimize", True), "auto_optimize"),
+        log_level=r.choice(level.upper() if isinstance(level, str) else level, "log_level", LOG_LEVELS),
+        model_sizes=MappingProxyType(model_sizes),
+        request_timeout=_positive(r, raw.get("request_timeout", 2.0), "request_timeout"),
+        prometheus=prometheus,
+        optimizer=_optimizer(r, raw.get("optimizer") or {}),
+        source=source,
+    )
+
+
+def _positive(r: _Reader, value: Any, path: str) -> float:
+    number = r.number(value, path)
+    if number <= 0:
+        raise r.fail(path, f"expected a number > 0, got {value!r}")
+    return float(number)
+
+
+def _nodes(r: _Reader, value: Any) -> tuple[NodeConfig, ...]:
+    if not isinstance(value, list) or not value:
+        raise r.fail("nodes", f"expected a non-empty list of node URLs or mappings, got {_show(value)}")
+    nodes = tuple(_node(r, item, f"nodes[{i}]") for i, item in enumerate(value))
+    for attr in ("name", "url"):
+        seen: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            key = getattr(node, attr)
+            if key in seen:
+                raise r.fail(f"nodes[{i}].{attr}", f"duplicate {attr} {key!r} (also nodes[{seen[key]}])")
+            seen[key] = i
+    return nodes
+
+
+def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
+    if isinstance(item, str):
+        url = r.url(item, path)
+        return NodeConfig(name=_default_name(url), url=url)
+    raw = r.mapping(item, path, _NODE)
+    if "url" not in raw:
+        raise r.fail(_join(path, "url"), "missing: every node needs its Ollama URL")
+    url = r.url(raw["url"], _join(path, "url"))
+    vram = r.size(raw["vram"], _join(path, "vram")) if raw.get("vram") is not None else None
+    gpus = _gpus(r, raw.get("gpus"), _join(path, "gpus"))
+    if gpus and vram is not None:
+        raise r.fail(path, "give either vram or gpus, not both")
+    source = r.choice(raw.get("gpu_source", "auto"), _join(path, "gpu_source"), GPU_SOURCES)
+    if source == "static" and vram is None and not gpus:
+        raise r.fail(_join(path, "gpu_source"), "static needs vram or gpus on the node")
+    ctx = r.number(raw.get("context_length", 4096), _join(path, "context_length"), minimum=1, integer=True)
+    match = raw.get("prometheus_match")
+    return NodeConfig(
+        name=r.string(raw["name"], _join(path, "name")) if "name" in raw else _default_name(url),
+        url=url,
+        vram=vram,
+        gpus=gpus,
+        gpu_source=source,
+        maintenance=r.boolean(raw.get("maintenance", False), _join(path, "maintenance")),
+        context_length=int(ctx),
+        prometheus_match=r.string(match, _join(path, "prometheus_match")) if match is not None else None,
+    )
+
+
+def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise r.fail(path, f"expected a list like [{{name: RTX 3070, vram: 8GiB}}], got {_show(value)}")
+    specs = []
+    for i, item in enumerate(value):
+        raw = r.mapping(item, f"{path}[{i}]", _GPU)
+        if "vram" not in raw:
+            raise r.fail(f"{path}[{i}].vram", "missing: the GPU's memory, e.g. 8GiB")
+        name = r.string(raw["name"], f"{path}[{i}].name") if "name" in raw else f"GPU {i}"
+        specs.append(GpuSpec(name=name, vram=r.size(raw["vram"], f"{path}[{i}].vram")))
+    return tuple(specs)
+
+
+def _default_name(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
+    if not isinstance(value, list):
+        raise r.fail("priority_models", f"expected a list of model names or mappings, got {_show(value)}")
+    models = []
+    for i, item in enumerate(value):
+        path = f"priority_models[{i}]"
+        if isinstance(item, str):
+            models.append(PriorityModel(name=r.string(item, path)))
+            continue
+        raw = r.mapping(item, path, _PRIORITY)
+        if "name" not in raw:
+            raise r.fail(_join(path, "name"), "missing: the model's name, e.g. llama3.1:latest")
+        ctx = raw.get("num_ctx")
+        models.append(
+            PriorityModel(
+                name=r.string(raw["name"], _join(path, "name")),
+                num_ctx=int(r.number(ctx, _join(path, "num_ctx"), minimum=1, integer=True)) if ctx else None,
+                keep_alive=r.keep_alive(raw.get("keep_alive", -1), _join(path, "keep_alive")),
+            )
+        )
+    seen: dict[str, int] = {}
+    for i, model in enumerate(models):
+        key = model_key(model.name)
+        if key in seen:
+            raise r.fail(f"priority_models[{i}]", f"duplicate model {model.name!r} (also [{seen[key]}])")
+        seen[key] = i
+    return tuple(models)
+
+
+def _prometheus(r: _Reader, raw: dict[str, Any]) -> PrometheusSource:
+    section = raw.get("prometheus") or {}
+    block = r.mapping(section, "prometheus", _PROMETHEUS)
+    url = raw.get("prometheus_url", block.get("url"))
+    if raw.get("prometheus_url") is not None and block.get("url") is not None:
+        raise r.fail("prometheus.url", "give prometheus_url or prometheus.url, not both")
+    template = r.choice(block.get("template", "dcgm"), "prometheus.template", PROMETHEUS_TEMPLATES)
+    total = block.get("total_query")
+    used = block.get("used_query")
+    if template == "custom" and (total is None or used is None):
+        raise r.fail("prometheus", "template custom needs total_query and used_query")
+    return PrometheusSource(
+        url=r.url(url, "prometheus_url") if url is not None else None,
+        template=template,
+        total_query=r.string(total, "prometheus.total_query") if total is not None else None,
+        used_query=r.string(used, "prometheus.used_query") if used is not None else None,
+        max_age=_positive(r, block.get("max_age", 120.0), "prometheus.max_age"),
+    )
+
+
+def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
+    raw = r.mapping(value, "optimizer", _OPTIMIZER)
+    auth_raw = r.mapping(raw.get("webhook_auth") or {}, "optimizer.webhook_auth", _AUTH)
+    path = "optimizer.webhook_auth"
+    token = r.secret(auth_raw, "bearer_token", path)
+    password = r.secret(auth_raw, "password", path)
+    username = auth_raw.get("username")
+    if (username is None) != (password is None):
+        raise r.fail(path, "basic auth needs both username and password (or password_env/password_file)")
+    if token is not None and username is not None:
+        raise r.fail(path, "give a bearer token or basic-auth credentials, not both")
+    cooldown = _positive(r, raw.get("cooldown_seconds", 30.0), "optimizer.cooldown_seconds")
+    cooldown_max = _positive(r, raw.get("cooldown_max_seconds", 900.0), "optimizer.cooldown_max_seconds")
+    if cooldown_max < cooldown:
+        raise r.fail("optimizer.cooldown_max_seconds", f"expected ≥ cooldown_seconds ({cooldown:g})")
+    loads = r.number(
+        raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, integer=True
+    )
+    return OptimizerSettings(
+        cooldown_seconds=cooldown,
+        cooldown_max_seconds=cooldown_max,
+        max_loads_per_node=int(loads),
+        load_timeout=_positive(r, raw.get("load_timeout", 300.0), "optimizer.load_timeout"),
+        webhook_auth=WebhookAuth(
+            bearer_token=token,
+            username=r.string(username, f"{path}.username") if username is not None else None,
+            password=password,
+        ),
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file; raises ConfigError with a one-line message."""
+    path = Path(path)
+    source = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
+    return parse_config(data, source)
+
+
+def find_config(explicit: str | Path | None) -> Path:
+    """The file to use: the one given, else ./gpu_router_config.yaml, else /etc/gpu-router/config.yaml."""
+    if explicit is not None:
+        return Path(explicit)
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        "no configuration: give --config PATH, or create ./gpu_router_config.yaml "
+        "or /etc/gpu-router/config.yaml"
+    )

@@ -1,0 +1,275 @@
+"""A small client for one Ollama node's HTTP API, with typed results and errors classified by status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+import requests
+
+
+class OllamaError(Exception):
+    """A call that failed; `kind` says how, never derived from the message text.
+
+    Kinds: refused, timeout, not_found (404), bad_request (400), busy (503), server_error (5xx),
+    http (any other non-2xx), garbage (a body that is not the JSON expected).
+    """
+
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One entry of /api/tags."""
+
+    name: str
+    size: int
+    digest: str
+    modified_at: str = ""
+    details: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One entry of /api/ps."""
+
+    name: str
+    size: int
+    size_vram: int
+    digest: str = ""
+    expires_at: datetime | None = None
+    context_length: int | None = None
+    details: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def gpu_ratio(self) -> float:
+        """size_vram / size: 1 = all on GPU, 0 = all on CPU."""
+        return min(1.0, self.size_vram / self.size) if self.size > 0 else 0.0
+
+    @property
+    def fully_on_gpu(self) -> bool:
+        return self.size > 0 and self.size_vram >= self.size
+
+
+@dataclass(frozen=True)
+class ShowInfo:
+    """The parts of /api/show that sizing and loading need."""
+
+    capabilities: tuple[str, ...]
+    details: Mapping[str, Any]
+    model_info: Mapping[str, Any]
+    tensors: tuple[Mapping[str, Any], ...]
+    parameters: str
+    raw: Mapping[str, Any]
+
+    @property
+    def embedding(self) -> bool:
+        return "embedding" in self.capabilities
+
+    @property
+    def num_ctx(self) -> int | None:
+        """The Modelfile's `num_ctx` parameter, if it sets one."""
+        for line in self.parameters.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "num_ctx" and parts[1].isdigit():
+                return int(parts[1])
+        return None
+
+
+class OllamaClient:
+    """One node's API over one `requests.Session`, so connections are reused."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 1.0,
+        read_timeout: float = 5.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = session or requests.Session()
+
+    def close(self) -> None:
+        self.session.close()
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    def version(self, timeout: float | None = None) -> str:
+        body = self._call("GET", "/api/version", timeout=timeout)
+        version = body.get("version")
+        if not isinstance(version, str):
+            raise OllamaError("garbage", f"{self.base_url}/api/version: no version string in the answer")
+        return version
+
+    def tags(self, timeout: float | None = None) -> tuple[InstalledModel, ...]:
+        models = self._models("/api/tags", timeout)
+        try:
+            return tuple(
+                InstalledModel(
+                    name=str(m["name"]),
+                    size=_int(m["size"]),
+                    digest=str(m.get("digest", "")),
+                    modified_at=str(m.get("modified_at", "")),
+                    details=MappingProxyType(dict(m.get("details") or {})),
+                )
+                for m in models
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OllamaError("garbage", f"{self.base_url}/api/tags: malformed model entry ({exc})") from None
+
+    def ps(self, timeout: float | None = None) -> tuple[LoadedModel, ...]:
+        models = self._models("/api/ps", timeout)
+        try:
+            return tuple(
+                LoadedModel(
+                    name=str(m["name"]),
+                    size=_int(m["size"]),
+                    size_vram=_int(m.get("size_vram", 0)),
+                    digest=str(m.get("digest", "")),
+                    expires_at=_time(m.get("expires_at")),
+                    context_length=_int(m["context_length"]) if m.get("context_length") is not None else None,
+                    details=MappingProxyType(dict(m.get("details") or {})),
+                )
+                for m in models
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OllamaError("garbage", f"{self.base_url}/api/ps: malformed model entry ({exc})") from None
+
+    def show(self, model: str, timeout: float | None = None) -> ShowInfo:
+        body = self._call("POST", "/api/show", {"model": model}, timeout=timeout)
+        try:
+            return ShowInfo(
+                capabilities=tuple(str(c) for c in body.get("capabilities") or ()),
+                details=MappingProxyType(dict(body.get("details") or {})),
+                model_info=MappingProxyType(dict(body.get("model_info") or {})),
+                tensors=tuple(MappingProxyType(dict(t)) for t in body.get("tensors") or ()),
+                parameters=str(body.get("parameters") or ""),
+                raw=MappingProxyType(body),
+            )
+        except (TypeError, ValueError) as exc:
+            raise OllamaError("garbage", f"{self.base_url}/api/show: malformed answer ({exc})") from None
+
+    # ---------------------------------------------------------------------------------------- actions
+
+    def load(
+        self,
+        model: str,
+        *,
+        num_ctx: int | None = None,
+        keep_alive: int | float | str = -1,
+        num_gpu: int | None = None,
+        embedding: bool = False,
+        timeout: float = 300.0,
+    ) -> None:
+        """Load (pre-warm) a model: /api/embed with empty input for embedders, else an empty generate.
+
+        Returns when Ollama says the load is done; where it landed is for /api/ps to tell.
+        """
+        options: dict[str, int] = {}
+        if num_ctx is not None:
+            options["num_ctx"] = num_ctx
+        if num_gpu is not None:
+            options["num_gpu"] = num_gpu
+        body: dict[str, Any] = {"model": model, "keep_alive": keep_alive}
+        if options:
+            body["options"] = options
+        if embedding:
+            body["input"] = []
+            self._call("POST", "/api/embed", body, timeout=timeout)
+        else:
+            body.update(prompt="", stream=False)
+            self._call("POST", "/api/generate", body, timeout=timeout)
+
+    def unload(self, model: str, *, embedding: bool = False, timeout: float | None = None) -> None:
+        """Ask Ollama to unload a model now (keep_alive 0); it answers before the runner is gone."""
+        if embedding:
+            self._call("POST", "/api/embed", {"model": model, "input": [], "keep_alive": 0}, timeout=timeout)
+        else:
+            body = {"model": model, "prompt": "", "keep_alive": 0, "stream": False}
+            self._call("POST", "/api/generate", body, timeout=timeout)
+
+    # ---------------------------------------------------------------------------------------- plumbing
+
+    def _models(self, path: str, timeout: float | None) -> list[dict[str, Any]]:
+        body = self._call("GET", path, timeout=timeout)
+        models = body.get("models")
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise OllamaError("garbage", f"{self.base_url}{path}: expected {{'models': [...]}}")
+        return models
+
+    def _call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        url = self.base_url + path
+        limit = self.timeout if timeout is None else (min(self.timeout[0], timeout), timeout)
+        try:
+            response = self.session.request(method, url, json=body, timeout=limit)
+        except requests.exceptions.ConnectTimeout:
+            raise OllamaError("timeout", f"{url}: connect timed out") from None
+        except requests.exceptions.ReadTimeout:
+            raise OllamaError("timeout", f"{url}: no answer within {limit[1]:g}s") from None
+        except requests.exceptions.ConnectionError:
+            raise OllamaError("refused", f"{url}: connection refused or reset") from None
+        except requests.exceptions.RequestException as exc:
+            raise OllamaError("refused", f"{url}: {type(exc).__name__}") from None
+        status = response.status_code
+        if status >= 300:
+            raise OllamaError(_kind(status), f"{url}: HTTP {status}: {_error_text(response)}", status)
+        try:
+            parsed = response.json()
+        except ValueError:
+            raise OllamaError("garbage", f"{url}: answer is not JSON", status) from None
+        if not isinstance(parsed, dict):
+            raise OllamaError("garbage", f"{url}: expected a JSON object", status)
+        return parsed
+
+
+def _kind(status: int) -> str:
+    if status == 404:
+        return "not_found"
+    if status == 400:
+        return "bad_request"
+    if status == 503:
+        return "busy"
+    if status >= 500:
+        return "server_error"
+    return "http"
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip() or response.reason or ""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return body["error"][:200]
+    return json.dumps(body)[:200]
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"expected a non-negative number, got {value!r}")
+    return int(value)
+
+
+def _time(value: Any) -> datetime | None:
+    """Go's RFC 3339 time (up to 9 fractional digits) as an aware datetime; None when absent."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a timestamp, got {value!r}")
+    text = value.replace("Z", "+00:00")
+    if "." in text:
+        head, rest = text.split(".", 1)
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    return datetime.fromisoformat(text)

@@ -1,0 +1,147 @@
+"""What one poll of the cluster saw: an immutable `ClusterState` of per-node facts and per-model needs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from exporter.config import Config, NodeConfig, model_key
+from exporter.ollama import InstalledModel, LoadedModel
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU of a node: total bytes, and bytes in use where the source knows it."""
+
+    index: int
+    name: str
+    total: int
+    used: int | None = None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A node's GPU memory and where that figure came from.
+
+    `source` is static, nvml, amd, prometheus, none (a CPU node) or unknown (no figure; `reason` says why
+    and which setting fixes it). Nothing is ever guessed.
+    """
+
+    source: str
+    gpus: tuple[GpuInfo, ...] = ()
+    reason: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.source != "unknown"
+
+    @property
+    def total(self) -> int | None:
+        return sum(g.total for g in self.gpus) if self.known else None
+
+    @property
+    def device_used(self) -> int | None:
+        """The GPUs' own used figure (other processes included), where every GPU reports one."""
+        if not self.gpus or any(g.used is None for g in self.gpus):
+            return None
+        return sum(g.used or 0 for g in self.gpus)
+
+
+UNKNOWN = Capacity(source="unknown", reason="capacity not read")
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One node as seen by one poll."""
+
+    config: NodeConfig
+    up: bool
+    margin: float
+    capacity: Capacity = UNKNOWN
+    error_kind: str | None = None  # refused, timeout, server_error, garbage, ... when the node was not read
+    error: str | None = None
+    version: str | None = None
+    loaded: tuple[LoadedModel, ...] = ()
+    installed: tuple[InstalledModel, ...] = ()
+    poll_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def vram_total(self) -> int | None:
+        return self.capacity.total
+
+    @property
+    def vram_usable(self) -> int | None:
+        total = self.vram_total
+        return None if total is None else int(total * self.margin)
+
+    @property
+    def vram_used(self) -> int:
+        """Σ size_vram of loaded models, or the GPUs' own used figure where that is larger."""
+        used = sum(m.size_vram for m in self.loaded)
+        return max(used, self.capacity.device_used or 0)
+
+    @property
+    def vram_free(self) -> int | None:
+        usable = self.vram_usable
+        return None if usable is None else max(0, usable - self.vram_used)
+
+    def loaded_model(self, model: str) -> LoadedModel | None:
+        key = model_key(model)
+        return next((m for m in self.loaded if model_key(m.name) == key), None)
+
+    def installed_model(self, model: str) -> InstalledModel | None:
+        key = model_key(model)
+        return next((m for m in self.installed if model_key(m.name) == key), None)
+
+
+@dataclass(frozen=True)
+class ModelNeed:
+    """The VRAM a model needs fully on GPU at `num_ctx`, and which rung of the ladder gave it."""
+
+    model: str
+    bytes: int
+    source: str  # observed, estimated, configured, disk, catalog
+    num_ctx: int
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """Every configured node at `taken_at` (Unix seconds), plus what each known model needs."""
+
+    config: Config
+    taken_at: float
+    nodes: tuple[NodeState, ...]
+    needs: Mapping[str, ModelNeed] = field(default_factory=lambda: MappingProxyType({}))
+    embedding: frozenset[str] = frozenset()  # models whose /api/show lists the `embedding` capability
+    duration: float = 0.0
+
+    def node(self, name: str) -> NodeState | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def need(self, model: str) -> ModelNeed | None:
+        return self.needs.get(model_key(model))
+
+    def is_embedding(self, model: str) -> bool:
+        return model_key(model) in self.embedding
+
+    def placements(self, model: str) -> list[tuple[NodeState, LoadedModel]]:
+        """Every (node, copy) where the model is loaded."""
+        return [(n, m) for n in self.nodes if (m := n.loaded_model(model)) is not None]
+
+    def on_gpu(self, model: str) -> bool:
+        """True when some node holds the model fully on GPU."""
+        return any(m.fully_on_gpu for _, m in self.placements(model))
+
+    def known_models(self) -> list[str]:
+        """Every model that is installed, loaded, a priority model or has a configured size, sorted."""
+        names = {model_key(p.name) for p in self.config.priority_models}
+        names.update(self.config.model_sizes)
+        for node in self.nodes:
+            names.update(model_key(m.name) for m in node.installed)
+            names.update(model_key(m.name) for m in node.loaded)
+        return sorted(names)

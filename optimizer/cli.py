@@ -59,7 +59,8 @@ def _decision_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (all of them when none is chosen)."""
     parser = argparse.ArgumentParser(
         prog="gpu-router",
         description="Keep priority Ollama models on GPU across a cluster.",
@@ -70,14 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser = sub.add_parser(name, help=text, description=text, parents=[_common(defaults=False)])
         if module == "optimizer.commands":
             _decision_arguments(name, sub_parser)
-        else:
+        elif chosen in (None, name):
             importlib.import_module(module).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand and return its exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    args = build_parser(chosen).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.main(args))

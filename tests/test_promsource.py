@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from promstack import Prometheus, free_port, wait_for
 
 from exporter.config import NodeConfig, PrometheusSource, parse_config
 from exporter.promsource import PrometheusCapacity, capacity_from, queries_for
 from exporter.units import GIB, MIB
+from optimizer.localstack import Prometheus, free_port, wait_for
 
 
 def node(name: str, match: str | None = None) -> NodeConfig:

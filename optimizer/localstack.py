@@ -1,4 +1,4 @@
-"""Run the real Prometheus and Alertmanager from Debian on 127.0.0.1 for tests and benchmarks.
+"""Run the real Prometheus and Alertmanager on 127.0.0.1: for the demo, the benchmarks and the tests.
 
 Each runs from a fresh data directory, is waited on by condition (never by a fixed sleep) and is stopped by
 its own PID.

@@ -1,0 +1,496 @@
+"""The Ollama HTTP API of one simulated node (reference/ollama-api.md §1–§3, classic era)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from exporter.catalog import ModelSpec
+from simulator import showinfo
+from simulator.gotypes import go_quote, go_time, json_error, parse_keep_alive
+from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response
+from simulator.options import merge_options, num_predict
+from simulator.scheduler import LoadRequest, Runner, SchedulerError
+
+if TYPE_CHECKING:
+    from simulator.node import Installed, SimNode
+
+NDJSON = "application/x-ndjson"
+GARBAGE = b'{"models":[{"name":"\xff\xfe<html>502 Bad Gateway'  # what the `garbage` fault answers
+RUNNER_GONE = "llama runner process has terminated: signal: killed"
+_OPTIONS = "map[string]interface {}"
+_WORDS = (
+    "The", " simulated", " node", " answers", " with", " plain", " words", ",", " one", " token", " at",
+    " a", " time", ".", " It", " keeps", " the", " model", " busy", " while", " it", " streams",
+)  # fmt: skip
+_DEFAULT_TOKENS = 24
+
+
+class _Reject(Exception):
+    """Ends a request early with this response."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _kind(value: object) -> str:
+    """encoding/json's name for a JSON value's kind."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "null")
+
+
+def _matches(value: object, go_type: str) -> bool:
+    checks = {
+        "string": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "[]int": lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+        "[]string": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "[]api.Message": lambda v: isinstance(v, list),
+        _OPTIONS: lambda v: isinstance(v, dict),
+    }
+    return go_type not in checks or checks[go_type](value)
+
+
+def _no_constant(name: str) -> float:
+    """NaN and Infinity are not JSON to Go."""
+    raise ValueError(f"invalid character '{name[0]}' looking for beginning of value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"json: cannot unmarshal number {text} into Go value of type float64")
+    return value
+
+
+def _cannot(value: object, field: str, go_type: str) -> Response:
+    """encoding/json's error for a value of the wrong kind in a struct field."""
+    return error_response(400, f"json: cannot unmarshal {_kind(value)} into Go struct field {field} of type {go_type}")
+
+
+def decode(request: Request, type_name: str, fields: Mapping[str, str]) -> dict:
+    """The JSON body bound as gin's ShouldBindJSON would do it into api.`type_name`; _Reject on errors."""
+    if not request.body.strip():
+        raise _Reject(error_response(400, "missing request body"))
+    try:
+        text = request.body.decode("utf-8", errors="replace")  # Go keeps invalid UTF-8 as U+FFFD
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except json.JSONDecodeError as exc:
+        raise _Reject(error_response(400, json_error(exc))) from None
+    except ValueError as exc:  # NaN, Infinity, or a number beyond float64
+        raise _Reject(error_response(400, str(exc))) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _Reject(
+            error_response(400, f"json: cannot unmarshal {_kind(data)} into Go value of type api.{type_name}")
+        )
+    for key, go_type in fields.items():
+        value = data.get(key)
+        if value is not None and not _matches(value, go_type):
+            raise _Reject(_cannot(value, f"{type_name}.{key}", go_type))
+    if data.get("keep_alive") is not None:
+        try:
+            data["keep_alive"] = parse_keep_alive(data["keep_alive"])
+        except ValueError as exc:
+            raise _Reject(error_response(400, str(exc))) from None
+    return data
+
+
+def details(spec: ModelSpec) -> dict:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": spec.family,
+        "families": list(spec.families) if spec.families is not None else None,
+        "parameter_size": spec.parameter_size,
+        "quantization_level": spec.quantization_level,
+    }
+
+
+def _unit(vector: list[float]) -> list[float]:
+    """L2-normalized, rounded like a float32."""
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [float(f"{x / norm:.8g}") for x in vector]
+
+
+def fake_vector(key: str, text: str, dimension: int) -> list[float]:
+    """A deterministic unit vector for `text`, different per model."""
+    rng = random.Random(hashlib.sha256(f"{key}\0{text}".encode()).digest())
+    return _unit([rng.gauss(0.0, 1.0) for _ in range(dimension)])
+
+
+def _words(text: str, count: int) -> list[str]:
+    start = hashlib.sha256(text.encode()).digest()[0]
+    return [_WORDS[(start + i) % len(_WORDS)] for i in range(count)]
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def _metrics(**values: int) -> dict:
+    """Metric fields in ns/counts; zeros omitted (omitempty)."""
+    return {key: value for key, value in values.items() if value}
+
+
+class OllamaApi:
+    """Request → Response for one node; faults and latency are applied before routing."""
+
+    def __init__(self, node: SimNode) -> None:
+        self.node = node
+        self._routes = {
+            "/": {"GET": self._root, "HEAD": self._root},
+            "/api/version": {"GET": self._version, "HEAD": self._version},
+            "/api/tags": {"GET": self._tags, "HEAD": self._tags},
+            "/api/ps": {"GET": self._ps},
+            "/api/show": {"POST": self._show},
+            "/api/generate": {"POST": self._generate},
+            "/api/chat": {"POST": self._chat},
+            "/api/embed": {"POST": self._embed},
+            "/api/embeddings": {"POST": self._embeddings},
+        }
+
+    def __call__(self, request: Request) -> Response:
+        faults = self.node.faults()
+        delay = self.node.spec.latency_ms + faults.get("slow", {}).get("latency_ms", 0)
+        if delay and not self.node.sleep(delay / 1000):
+            return error_response(503, "server shutting down")
+        if request.path.startswith("/api/"):
+            if "error" in faults:
+                return error_response(500, "internal error")
+            if "garbage" in faults:
+                return Response(200, GARBAGE)
+        route = self._routes.get(request.path)
+        if route is None:
+            return text_response(404, "404 page not found")
+        handler = route.get(request.method)
+        if handler is None:
+            return text_response(405, "405 method not allowed")
+        try:
+            return handler(request)
+        except _Reject as reject:
+            return reject.response
+
+    # -- helpers
+
+    def _now(self) -> str:
+        return go_time(self.node.clock(), utc=True)
+
+    def _schedule(self, installed: Installed, body: dict) -> tuple[Runner, int]:
+        """Merge options and get a runner (loading the model if needed); (runner, ns spent)."""
+        started = time.monotonic()
+        try:
+            options = merge_options(
+                self.node.spec.context_length, installed.spec.default_num_ctx, body.get("options") or {}
+            )
+        except ValueError as exc:
+            raise _Reject(error_response(500, str(exc))) from None
+        request = LoadRequest(installed.name, installed.spec, options, body.get("keep_alive"))
+        try:
+            runner = self.node.scheduler.acquire(request)
+        except SchedulerError as exc:
+            raise _Reject(error_response(exc.status, str(exc))) from None
+        return runner, int((time.monotonic() - started) * 1e9)
+
+    def _require(self, installed: Installed, capability: str, model: str, what: str) -> None:
+        if capability not in installed.spec.capabilities:
+            raise _Reject(error_response(400, f"{go_quote(model)} does not support {what}"))
+
+    def _complete(self, runner: Runner, prompt: str, predict: int) -> Iterator[dict]:
+        """Fake tokens at the node's token_rate: {"token": s}…, then the final metrics or {"error": s}."""
+        count = min(predict, runner.context_length) if predict > 0 else _DEFAULT_TOKENS
+        rate = self.node.spec.token_rate
+        prompt_count = _tokens(prompt) + 10  # the template's own tokens
+        eval_start = time.monotonic()
+        for word in _words(prompt, count):
+            if (rate and not self.node.sleep(1 / rate)) or not runner.alive:
+                yield {"error": RUNNER_GONE}
+                return
+            yield {"token": word}
+        yield {
+            "done_reason": "length" if predict > 0 else "stop",
+            "prompt_eval_count": prompt_count,
+            "eval_count": count,
+            "prompt_eval_duration": int(prompt_count / (rate * 20) * 1e9) if rate else 0,
+            "eval_duration": int((time.monotonic() - eval_start) * 1e9),
+        }
+
+    def _respond(
+        self,
+        runner: Runner,
+        events: Iterator[dict],
+        stream: bool,
+        chunk: Callable[[str], dict],
+        final: Callable[[dict, str], dict],
+    ) -> Response:
+        """NDJSON stream (errors as a last line) or one JSON object (errors as 500) from completion events.
+
+        Takes one of the runner's parallel slots first; the slot and the runner are released at the end.
+        """
+        scheduler = self.node.scheduler
+        if not scheduler.wait_slot(runner):
+            scheduler.release(runner)
+            return error_response(500, RUNNER_GONE)
+
+        def finish() -> None:
+            runner.slots.release()
+            scheduler.release(runner)
+
+        if stream:
+
+            def lines() -> Iterator[bytes]:
+                for event in events:
+                    if "error" in event:
+                        data = {"error": event["error"]}
+                    else:
+                        data = chunk(event["token"]) if "token" in event else final(event, "")
+                    yield json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+            return Response(200, Stream(lines(), finish), NDJSON)
+        try:
+            *tokens, last = list(events)
+        finally:
+            finish()
+        if "error" in last:
+            return error_response(500, last["error"])
+        return json_response(200, final(last, "".join(event["token"] for event in tokens)))
+
+    @staticmethod
+    def _final_metrics(event: dict, started: float, load_ns: int) -> dict:
+        return _metrics(
+            total_duration=int((time.monotonic() - started) * 1e9),
+            load_duration=load_ns,
+            prompt_eval_count=event["prompt_eval_count"],
+            prompt_eval_duration=event["prompt_eval_duration"],
+            eval_count=event["eval_count"],
+            eval_duration=event["eval_duration"],
+        )
+
+    def _resolve(self, model: str, status: int, message: str) -> Installed:
+        installed = self.node.resolve(model) if model else None
+        if installed is None:
+            raise _Reject(error_response(status, message))
+        return installed
+
+    # -- endpoints
+
+    def _root(self, request: Request) -> Response:
+        return text_response(200, "Ollama is running")
+
+    def _version(self, request: Request) -> Response:
+        return json_response(200, {"version": self.node.spec.version})
+
+    def _tags(self, request: Request) -> Response:
+        models = sorted(self.node.installed, key=lambda m: -int(m.modified_at))
+        return json_response(
+            200,
+            {
+                "models": [
+                    {
+                        "name": m.name,
+                        "model": m.name,
+                        "modified_at": go_time(m.modified_at),
+                        "size": m.spec.tags_size,
+                        "digest": m.spec.digest,
+                        "details": details(m.spec),
+                    }
+                    for m in models
+                ]
+            },
+        )
+
+    def _ps(self, request: Request) -> Response:
+        with_context = self.node.version >= (0, 10, 0)
+        models = []
+        for view in self.node.scheduler.snapshot():
+            entry = {
+                "name": view.name,
+                "model": view.name,
+                "size": view.size,
+                "digest": view.spec.digest,
+                "details": details(view.spec),
+                "expires_at": go_time(view.expires_at),
+                "size_vram": view.size_vram,
+            }
+            if with_context:
+                entry["context_length"] = view.context_length
+            models.append(entry)
+        return json_response(200, {"models": models})
+
+    def _show(self, request: Request) -> Response:
+        fields = {"model": "string", "name": "string", "system": "string", "template": "string", "verbose": "bool"}
+        body = decode(request, "ShowRequest", {**fields, "options": _OPTIONS})
+        model = body.get("model") or body.get("name") or ""
+        if not model:
+            return error_response(400, "model is required")
+        installed = self._resolve(model, 404, f"model '{model}' not found")
+        spec = installed.spec
+        response = {
+            "license": showinfo.license_text(spec),
+            "modelfile": showinfo.modelfile(spec, installed.name),
+            "parameters": showinfo.parameters(spec),
+            "template": showinfo.template(spec),
+            "details": details(spec),
+            "model_info": spec.model_info(),
+            "tensors": list(spec.tensors),
+            "capabilities": list(spec.capabilities),
+            "modified_at": go_time(installed.modified_at),
+        }
+        return json_response(200, {k: v for k, v in response.items() if v != ""})
+
+    def _generate(self, request: Request) -> Response:
+        started = time.monotonic()
+        body = decode(
+            request,
+            "GenerateRequest",
+            {
+                "model": "string", "prompt": "string", "suffix": "string", "system": "string",
+                "template": "string", "context": "[]int", "stream": "bool", "raw": "bool",
+                "images": "[]string", "options": _OPTIONS,
+            },
+        )  # fmt: skip
+        model, prompt = body.get("model") or "", body.get("prompt") or ""
+        installed = self._resolve(model, 404, f"model '{model}' not found")
+        if not prompt and body.get("keep_alive") == 0:
+            self.node.scheduler.expire(installed.spec)
+            reply = {"model": model, "created_at": self._now(), "response": "", "done": True, "done_reason": "unload"}
+            return json_response(200, reply)
+        self._require(installed, "completion", model, "generate")
+        if body.get("suffix"):
+            self._require(installed, "insert", model, "insert")
+        runner, load_ns = self._schedule(installed, body)
+        if not prompt:
+            self.node.scheduler.release(runner)
+            reply = {"model": model, "created_at": self._now(), "response": "", "done": True, "done_reason": "load"}
+            return json_response(200, reply)
+        events = self._complete(runner, prompt, num_predict(body.get("options") or {}))
+        raw = bool(body.get("raw"))
+
+        def chunk(word: str) -> dict:
+            return {"model": model, "created_at": self._now(), "response": word, "done": False}
+
+        def final(event: dict, text: str) -> dict:
+            reply = {"model": model, "created_at": self._now(), "response": text, "done": True}
+            reply["done_reason"] = event["done_reason"]
+            if not raw:
+                seed = hashlib.sha256(prompt.encode()).digest()
+                total = event["prompt_eval_count"] + event["eval_count"]
+                reply["context"] = [1 + (seed[i % 32] * 131 + i * 7919) % 128000 for i in range(total)]
+            return {**reply, **self._final_metrics(event, started, load_ns)}
+
+        return self._respond(runner, events, body.get("stream") is not False, chunk, final)
+
+    def _chat(self, request: Request) -> Response:
+        started = time.monotonic()
+        body = decode(
+            request,
+            "ChatRequest",
+            {"model": "string", "messages": "[]api.Message", "stream": "bool", "options": _OPTIONS},
+        )
+        model = body.get("model") or ""
+        messages = body.get("messages") or []
+        for message in messages:
+            if not isinstance(message, dict):
+                return _cannot(message, "ChatRequest.messages", "api.Message")
+            for key in ("role", "content"):
+                if message.get(key) is not None and not isinstance(message[key], str):
+                    return _cannot(message[key], f"Message.messages.{key}", "string")
+        if not model:
+            return error_response(400, "model is required")
+        missing = f"model '{model}' not found"
+        if self.node.version < (0, 11, 0):
+            missing = f'model "{model}" not found, try pulling it first'
+        installed = self._resolve(model, 404, missing)
+        if not messages and body.get("keep_alive") == 0:
+            self.node.scheduler.expire(installed.spec)
+            reply = {"model": model, "created_at": self._now(), "message": {"role": "assistant", "content": ""}}
+            return json_response(200, {**reply, "done": True, "done_reason": "unload"})
+        self._require(installed, "completion", model, "chat")
+        if body.get("tools"):
+            self._require(installed, "tools", model, "tools")
+        runner, load_ns = self._schedule(installed, body)
+        if not messages:
+            self.node.scheduler.release(runner)
+            reply = {"model": model, "created_at": self._now(), "message": {"role": "assistant", "content": ""}}
+            return json_response(200, {**reply, "done": True, "done_reason": "load"})
+        prompt = "\n".join(str(m.get("content") or "") for m in messages)
+        events = self._complete(runner, prompt, num_predict(body.get("options") or {}))
+
+        def chunk(word: str) -> dict:
+            message = {"role": "assistant", "content": word}
+            return {"model": model, "created_at": self._now(), "message": message, "done": False}
+
+        def final(event: dict, text: str) -> dict:
+            message = {"role": "assistant", "content": text}
+            reply = {"model": model, "created_at": self._now(), "message": message, "done": True}
+            return {**reply, "done_reason": event["done_reason"], **self._final_metrics(event, started, load_ns)}
+
+        return self._respond(runner, events, body.get("stream") is not False, chunk, final)
+
+    def _embed(self, request: Request) -> Response:
+        started = time.monotonic()
+        fields = {"model": "string", "truncate": "bool", "dimensions": "int", "options": _OPTIONS}
+        body = decode(request, "EmbedRequest", fields)
+        model = body.get("model") or ""
+        raw_input = body.get("input")
+        if isinstance(raw_input, str):
+            texts = [raw_input] if raw_input else []
+        elif isinstance(raw_input, list) and all(isinstance(t, str) for t in raw_input):
+            texts = list(raw_input)
+        elif raw_input is None:
+            texts = []
+        else:
+            return error_response(400, "invalid input type")
+        missing = f'model "{model}" not found, try pulling it first' if model else "model '' not found"
+        installed = self._resolve(model, 404, missing)
+        runner, load_ns = self._schedule(installed, body)
+        try:
+            if not texts:
+                return json_response(200, {"model": model, "embeddings": []})
+            counts = [_tokens(t) + 2 for t in texts]
+            if body.get("truncate") is False and max(counts) > runner.context_length:
+                return error_response(400, "input length exceeds maximum context length")
+            if not self.node.scheduler.wait_slot(runner):
+                return error_response(500, RUNNER_GONE)
+            runner.slots.release()
+            size = installed.spec.arch.embedding_length
+            vectors = [fake_vector(installed.spec.digest, t, size) for t in texts]
+            wanted = body.get("dimensions") or 0
+            if 0 < wanted < size:  # truncated, then normalized again
+                vectors = [_unit(v[:wanted]) for v in vectors]
+            reply = {"model": model, "embeddings": vectors}
+            timing = _metrics(total_duration=int((time.monotonic() - started) * 1e9), load_duration=load_ns)
+            return json_response(200, {**reply, **timing, "prompt_eval_count": sum(counts)})
+        finally:
+            self.node.scheduler.release(runner)
+
+    def _embeddings(self, request: Request) -> Response:
+        body = decode(request, "EmbeddingRequest", {"model": "string", "prompt": "string", "options": _OPTIONS})
+        model = body.get("model") or ""
+        if not model:
+            return error_response(400, "model is required")
+        installed = self._resolve(model, 404, f'model "{model}" not found, try pulling it first')
+        runner, _ = self._schedule(installed, body)
+        try:
+            prompt = body.get("prompt") or ""
+            if not prompt:
+                return json_response(200, {"embedding": []})
+            if not self.node.scheduler.wait_slot(runner):
+                return error_response(500, RUNNER_GONE)
+            runner.slots.release()
+            scale = math.sqrt(installed.spec.arch.embedding_length)
+            vector = fake_vector(installed.spec.digest, prompt, installed.spec.arch.embedding_length)
+            return json_response(200, {"embedding": [x * scale for x in vector]})
+        finally:
+            self.node.scheduler.release(runner)

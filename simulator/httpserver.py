@@ -1,0 +1,244 @@
+"""A small HTTP/1.1 server on 127.0.0.1 that runs an app (Request → Response) in daemon threads.
+
+It can be closed (listening socket and open connections) and reopened on the same port, which is how a
+node goes "down" and comes back. Streaming bodies use chunked transfer encoding, as Go's server does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+MAX_BODY = 64 * 1024 * 1024
+JSON = "application/json; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: bytes
+
+
+class Stream:
+    """A streamed body; `on_close` runs exactly once, whether or not the body was sent in full."""
+
+    def __init__(self, chunks: Iterable[bytes], on_close: Callable[[], None] | None = None) -> None:
+        self._chunks = chunks
+        self._on_close = on_close
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._chunks)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            closer = getattr(self._chunks, "close", None)
+            if closer is not None:
+                closer()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes | Stream = b""
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(status: int, data: object, content_type: str = JSON) -> Response:
+    """Compact JSON, like Go's encoding/json."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return Response(status, text.encode(), content_type)
+
+
+def error_response(status: int, message: str) -> Response:
+    return json_response(status, {"error": message})
+
+
+def text_response(status: int, text: str) -> Response:
+    return Response(status, text.encode(), TEXT)
+
+
+App = Callable[[Request], Response]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _dispatch(self) -> None:
+        if self.server.refusing:
+            self.close_connection = True
+            return
+        try:
+            body = self._read_body()
+        except ValueError as exc:
+            self.close_connection = True
+            self._write(error_response(400, str(exc)))
+            return
+        url = urlsplit(self.path)
+        request = Request(self.command, url.path, parse_qs(url.query), body)
+        try:
+            response = self.server.app(request)
+        except Exception as exc:  # the server never dies on a request
+            log.exception("simulator: %s %s failed", self.command, self.path)
+            response = error_response(500, f"simulator error: {exc}")
+        self._write(response)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ValueError("invalid Content-Length") from None
+        if length < 0 or length > MAX_BODY:
+            raise ValueError("invalid Content-Length")
+        return self.rfile.read(length) if length else b""
+
+    def _write(self, response: Response) -> None:
+        body = response.body
+        try:
+            self.send_response_only(response.status)
+            self.send_header("Date", self.date_time_string())
+            self.send_header("Content-Type", response.content_type)
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            if isinstance(body, Stream):
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for chunk in body:
+                    if chunk:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+        finally:
+            if isinstance(body, Stream):
+                body.close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, app: App) -> None:
+        self.app = app
+        self.refusing = False
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        super().__init__((HOST, port), _Handler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        thread = threading.Thread(target=self._serve, args=(request, client_address), daemon=True)
+        with self._lock:
+            self._connections[request] = thread
+        thread.start()
+
+    def _serve(self, request: socket.socket, client_address: object) -> None:
+        try:
+            self.finish_request(request, client_address)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        except Exception:
+            log.exception("simulator: connection from %s failed", client_address)
+        finally:
+            with self._lock:
+                self._connections.pop(request, None)
+            self.shutdown_request(request)
+
+    def drop_connections(self, timeout: float) -> None:
+        """Shut every open connection and wait (bounded) for its thread."""
+        with self._lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        current = threading.current_thread()
+        for _, thread in connections:
+            if thread is not current:
+                thread.join(timeout)
+
+
+class HttpServer:
+    """An app served on 127.0.0.1:`port` (0 = ephemeral); `close()` then `open()` keeps the port."""
+
+    def __init__(self, app: App, port: int = 0, name: str = "http") -> None:
+        self._app = app
+        self.port = port
+        self._name = name
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def is_open(self) -> bool:
+        return self._server is not None
+
+    def open(self) -> None:
+        """Bind and serve (OSError if the port is taken); a no-op when already open."""
+        with self._lock:
+            if self._server is not None:
+                return
+            server = _Server(self.port, self._app)
+            self.port = server.server_address[1]
+            self._server = server
+            self._thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=self._name, daemon=True
+            )
+            self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop accepting (connections are then refused), drop open connections, join the threads."""
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return
+        server.refusing = True
+        server.shutdown()
+        server.server_close()
+        server.drop_connections(timeout)
+        if thread is not None:
+            thread.join(timeout)

@@ -1,0 +1,166 @@
+"""One simulated Ollama node: its installed models, scheduler, faults and HTTP server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from exporter import catalog
+from exporter.catalog import ModelSpec
+from simulator.api import OllamaApi
+from simulator.faults import FAULTS, ONE_SHOT, check_fault
+from simulator.fleet import NodeSpec, display_name
+from simulator.gotypes import go_time
+from simulator.httpserver import HttpServer
+from simulator.options import merge_options
+from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A model in the node's store, as /api/tags lists it."""
+
+    name: str
+    spec: ModelSpec
+    modified_at: float  # epoch seconds
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(0, 12, 6) from "0.12.6" or "0.12.6-rc1"."""
+    return tuple(int(part) for part in version.split("-", 1)[0].split("."))
+
+
+class SimNode:
+    """A node of the fleet. Thread-safe; `state()` is what the control server reports for it."""
+
+    def __init__(self, spec: NodeSpec, clock: Clock = time.time) -> None:
+        self.spec = spec
+        self.clock = clock
+        self.version = version_tuple(spec.version)
+        self.scheduler = Scheduler(
+            spec.gpus,
+            spec.ram,
+            max_loaded=spec.max_loaded,
+            num_parallel=spec.num_parallel,
+            gpu_overhead=spec.gpu_overhead,
+            load_speed=spec.load_speed,
+            keep_alive=spec.keep_alive,
+            clock=clock,
+        )
+        pulled = clock() - 86400.0
+        self.installed = tuple(
+            Installed(name, catalog.find(name), pulled - 3600.0 * i - 0.123456 * (i + 1))  # type: ignore[arg-type]
+            for i, name in enumerate(spec.models)
+        )  # listed first = pulled last = newest
+        self._faults: dict[str, dict[str, int]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = HttpServer(OllamaApi(self), spec.port, name=f"ollama-{spec.name}")
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def start(self) -> None:
+        """Serve, then load the preloaded models (instantly). OSError if the port is taken; ValueError on a
+        preload that cannot load."""
+        self._server.open()
+        for preload in self.spec.preload:
+            installed = self.resolve(preload.model)
+            assert installed is not None  # checked with the fleet file
+            options = merge_options(self.spec.context_length, installed.spec.default_num_ctx, preload.options)
+            request = LoadRequest(installed.name, installed.spec, options, preload.keep_alive)
+            try:
+                runner = self.scheduler.acquire(request, instant=True)
+            except SchedulerError as exc:
+                raise ValueError(f"node {self.name}: preload {preload.model}: {exc}") from None
+            self.scheduler.release(runner)
+
+    def stop(self) -> None:
+        """Wake every waiting request, close the server and its connections."""
+        self._stopping.set()
+        self.scheduler.close()
+        self._server.close()
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait, unless the node stops first (then False)."""
+        return not self._stopping.wait(seconds)
+
+    def resolve(self, name: str) -> Installed | None:
+        """The installed model a request names (its tag defaults to `latest`), as Ollama resolves it: a tag
+        that is not installed is not found, even when another tag of the same model is."""
+        wanted = display_name(name)
+        return next((m for m in self.installed if m.name == wanted), None)
+
+    # -- faults
+
+    def faults(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {name: dict(params) for name, params in self._faults.items()}
+
+    def inject(self, fault: str, **params: object) -> dict[str, dict[str, int]]:
+        """Start a fault (ValueError if unknown or its parameters are wrong); returns the node's faults."""
+        fault, checked = check_fault(fault, params)
+        if fault not in ONE_SHOT:
+            with self._lock:
+                self._faults[fault] = checked
+        if fault == "restart":
+            self.scheduler.unload_all()
+        elif fault == "down":
+            self._server.close()
+        elif fault == "gpu_lost":
+            self.scheduler.set_gpu_lost(True)
+        elif fault == "vram_hog":
+            self.scheduler.set_hog(checked["bytes"])
+        return self.faults()
+
+    def clear(self, fault: str | None = None) -> dict[str, dict[str, int]]:
+        """End one fault, or all; a down node listens again on the same port. Returns the node's faults."""
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; expected one of: {', '.join(FAULTS)}")
+        with self._lock:
+            names = list(self._faults) if fault is None else [fault]
+            for name in names:
+                self._faults.pop(name, None)
+        if "down" in names and not self._stopping.is_set():
+            self._server.open()
+        if "gpu_lost" in names:
+            self.scheduler.set_gpu_lost(False)
+        if "vram_hog" in names:
+            self.scheduler.set_hog(0)
+        return self.faults()
+
+    # -- views
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return self.scheduler.counts()
+
+    def state(self) -> dict:
+        """Name, URL, faults, GPUs (bytes), loaded models and load/unload counts."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "faults": self.faults(),
+            "gpus": [
+                {"index": g.index, "name": g.name, "total": g.total, "used": g.used, "free": g.free}
+                for g in self.scheduler.gpu_usage()
+            ],
+            "loaded": [
+                {
+                    "model": v.name,
+                    "size": v.size,
+                    "size_vram": v.size_vram,
+                    "context_length": v.context_length,
+                    "expires_at": go_time(v.expires_at),
+                    "busy": v.busy,
+                    "loading": v.loading,
+                }
+                for v in self.scheduler.snapshot()
+            ],
+            "counts": self.counts(),
+        }

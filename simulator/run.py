@@ -1,0 +1,120 @@
+"""Start and stop a simulated fleet: in-process (`Fleet`) or as `gpu-router simulate` (`serve`, `main`)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from simulator.control import ControlApi
+from simulator.fleet import FleetSpec, fleet_from_dict, load_fleet
+from simulator.httpserver import HttpServer
+from simulator.node import SimNode
+from simulator.scheduler import Clock
+
+__all__ = ["DEMO_FLEET", "Fleet", "add_arguments", "fleet_from_dict", "load_fleet", "main", "serve"]
+DEMO_FLEET = Path(__file__).with_name("demo-fleet.yaml")
+
+
+class Fleet:
+    """Every node's Ollama server on 127.0.0.1 plus the control server; a context manager."""
+
+    def __init__(self, spec: FleetSpec, control_port: int | None = None, clock: Clock = time.time) -> None:
+        self.spec = spec
+        self._nodes = {node.name: SimNode(node, clock) for node in spec.nodes}
+        port = spec.control_port if control_port is None else control_port
+        self._control = HttpServer(ControlApi(self._nodes), port, name="simulator-control")
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """Node name → "http://127.0.0.1:PORT"."""
+        return {name: node.url for name, node in self._nodes.items()}
+
+    @property
+    def control_url(self) -> str:
+        return self._control.url
+
+    def node(self, name: str) -> SimNode:
+        """A node by name (KeyError naming the nodes otherwise)."""
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise KeyError(f"unknown node {name!r}; nodes: {', '.join(self._nodes)}") from None
+
+    def start(self) -> Fleet:
+        """Open every server (OSError if a port is taken; ValueError if a preload fails); all or nothing."""
+        try:
+            for node in self._nodes.values():
+                node.start()
+            self._control.open()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Close every socket and join the server threads."""
+        self._control.close()
+        for node in self._nodes.values():
+            node.stop()
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(fleet_path: str, control_port: int | None = None, out: TextIO = sys.stdout) -> int:
+    """Run a fleet until SIGINT/SIGTERM: one "NAME URL" line per node, then "control URL".
+
+    Returns 0 after a clean stop, 2 for a bad fleet file, 1 when a server cannot start.
+    """
+    try:
+        fleet = Fleet(load_fleet(fleet_path), control_port)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    try:
+        fleet.start()
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{fleet_path}: cannot start the fleet: {exc}", file=sys.stderr)
+        return 1
+    stopping = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: stopping.set())
+    try:
+        for name, url in fleet.urls.items():
+            print(f"{name} {url}", file=out)
+        print(f"control {fleet.control_url}", file=out)
+        out.flush()
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        fleet.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--fleet FILE (default: the demo fleet in the package) and --control-port N."""
+    parser.add_argument(
+        "--fleet", default=str(DEMO_FLEET), metavar="FILE", help="fleet file (default: the built-in demo fleet)"
+    )
+    parser.add_argument(
+        "--control-port", type=int, default=None, metavar="N", help="control server port (default: the file's)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    return serve(args.fleet, args.control_port)

@@ -1,0 +1,382 @@
+"""One node's model scheduler, after Ollama's server/sched.go in the classic era (v0.10–v0.12.10).
+
+Decisions are pure functions (`free_per_gpu`, `choose_placement`, `pick_victim`); `Scheduler` keeps the
+runners under one lock: loads are serialized, a new model must fit beside the loaded ones or idle runners are
+evicted (shortest keep_alive first), only the first model may spill to CPU, keep_alive expires lazily on
+every call (an expired idle runner is never reported), and in-flight requests hold a runner by refcount.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from exporter.catalog import ModelSpec
+from exporter.estimate import Arch, Placement, effective_ctx, place
+from simulator.fleet import GpuSpec
+from simulator.gotypes import human_bytes2
+from simulator.options import RunnerOptions
+
+Clock = Callable[[], float]
+_TICK = 0.05  # seconds between re-checks while waiting (expiry is lazy, so waits poll)
+
+
+class SchedulerError(Exception):
+    """A request the scheduler cannot serve, with the HTTP status Ollama answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    name: str  # the name /api/ps shows for the runner
+    spec: ModelSpec
+    options: RunnerOptions
+    keep_alive: float | None  # seconds; None = not given (sticky, or the node default at load)
+
+
+class Runner:
+    """A loaded (or loading) model. Mutable; every field is guarded by the scheduler's lock."""
+
+    def __init__(
+        self, request: LoadRequest, placement: Placement, gpus: Sequence[int], parallel: int, session: float
+    ) -> None:
+        self.name = request.name
+        self.spec = request.spec
+        self.options = request.options
+        self.size = placement.size
+        self.size_vram = placement.size_vram
+        self.per_gpu = {g: used for g, used in zip(gpus, placement.per_gpu, strict=True) if used}
+        self.context_length = effective_ctx(request.spec.arch, request.options.num_ctx)
+        self.session = session
+        self.expires_at: float | None = None  # set when the last request finishes
+        self.refcount = 0
+        self.loading = True
+        self.alive = True
+        self.evicting = False
+        self.slots = threading.Semaphore(parallel)
+
+
+@dataclass(frozen=True)
+class RunnerView:
+    """A runner as /api/ps and the control server report it."""
+
+    name: str
+    spec: ModelSpec
+    size: int
+    size_vram: int
+    context_length: int
+    expires_at: float
+    busy: int
+    loading: bool
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    index: int
+    name: str
+    total: int
+    used: int  # runners' VRAM plus memory held by other processes
+    free: int
+
+
+def used_per_gpu(count: int, runners: Sequence[Runner], hog: int = 0) -> list[int]:
+    """Bytes in use per GPU: Σ VRAM of the runners on it, plus other processes' memory on GPU 0."""
+    used = [0] * count
+    for runner in runners:
+        for g, size in runner.per_gpu.items():
+            used[g] += size
+    if used:
+        used[0] += hog
+    return used
+
+
+def free_per_gpu(totals: Sequence[int], runners: Sequence[Runner], hog: int = 0) -> list[int]:
+    """Free bytes per GPU as the scheduler sees them: total − used, not below 0."""
+    return [max(0, t - u) for t, u in zip(totals, used_per_gpu(len(totals), runners, hog), strict=True)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    placement: Placement
+    gpus: tuple[int, ...]  # indices the placement's per_gpu refers to
+    parallel: int
+
+
+def choose_placement(
+    arch: Arch, options: RunnerOptions, parallel: int, gpu_free: Sequence[int], overhead: int, first: bool
+) -> Choice | None:
+    """Where a load goes, or None when it must wait for an eviction.
+
+    No GPU or num_gpu 0: CPU. Otherwise one GPU that fits it (most free first), else all GPUs together;
+    a model that fits nowhere is loaded partially only when nothing else is loaded (`first`), parallel 1.
+    """
+    ctx = options.num_ctx
+    if not gpu_free or options.num_gpu == 0:
+        return Choice(place(arch, ctx, parallel), (), parallel)
+    order = tuple(sorted(range(len(gpu_free)), key=lambda g: -gpu_free[g]))
+    candidates = [(g,) for g in order] + ([order] if len(order) > 1 else [])
+    for gpus in candidates:
+        placement = place(arch, ctx, parallel, [gpu_free[g] for g in gpus], options.num_gpu, overhead)
+        wanted = placement.total_layers if options.num_gpu < 0 else min(options.num_gpu, placement.total_layers)
+        if placement.gpu_layers >= wanted:
+            return Choice(placement, gpus, parallel)
+    if first:
+        return Choice(place(arch, ctx, 1, [gpu_free[g] for g in order], options.num_gpu, overhead), order, 1)
+    return None
+
+
+def pick_victim(runners: Sequence[Runner]) -> Runner | None:
+    """findRunnerToUnload: by keep_alive ascending (forever last), the first idle one, else the shortest."""
+    ordered = sorted(runners, key=lambda r: r.session)
+    idle = [r for r in ordered if r.refcount == 0 and not r.loading]
+    return idle[0] if idle else (ordered[0] if ordered else None)
+
+
+class Scheduler:
+    """The runners of one node; thread-safe. `clock` gives epoch seconds (injectable for tests)."""
+
+    def __init__(
+        self,
+        gpus: Sequence[GpuSpec],
+        ram: int,
+        *,
+        max_loaded: int,
+        num_parallel: int = 1,
+        gpu_overhead: int = 0,
+        load_speed: int = 0,
+        keep_alive: float = 300.0,
+        clock: Clock = time.time,
+    ) -> None:
+        self._gpus = tuple(gpus)
+        self._ram = ram
+        self._max_loaded = max_loaded
+        self._num_parallel = num_parallel
+        self._overhead = gpu_overhead
+        self._load_speed = load_speed
+        self._keep_alive = keep_alive
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._runners: list[Runner] = []  # in load order
+        self._loading = False  # the node's one load slot: loads are serialized
+        self._gpu_lost = False
+        self._hog = 0
+        self._closed = threading.Event()
+        self._counts: dict[str, dict[str, int]] = {}
+
+    # -- requests
+
+    def acquire(self, request: LoadRequest, instant: bool = False) -> Runner:
+        """Attach a request to a runner of its model, loading (or reloading) it first; blocks until ready.
+
+        Raises SchedulerError (500 for memory or a runner lost while loading, 503 when shutting down).
+        """
+        with self._cond:
+            while True:
+                self._check_open()
+                self._reap()
+                runner = self._find(request.spec)
+                if runner is not None and not runner.evicting and not runner.options.needs_reload(request.options):
+                    if not runner.loading:
+                        self._attach(runner, request.keep_alive)
+                        return runner
+                elif not self._loading:
+                    self._loading = True
+                    break
+                self._cond.wait(_TICK)
+        try:
+            return self._load(request, instant)
+        finally:
+            with self._cond:
+                self._loading = False
+                self._cond.notify_all()
+
+    def release(self, runner: Runner) -> None:
+        """A request finished: at refcount 0 the keep_alive starts (or the runner goes, if it is 0)."""
+        with self._cond:
+            runner.refcount -= 1
+            if runner.refcount == 0 and runner.alive:
+                if runner.session <= 0:
+                    self._unload(runner)
+                else:
+                    runner.expires_at = self._clock() + runner.session
+            self._cond.notify_all()
+
+    def wait_slot(self, runner: Runner) -> bool:
+        """Take one of the runner's `num_parallel` slots; False if the runner or the server went away."""
+        while not runner.slots.acquire(timeout=_TICK):
+            if not runner.alive or self._closed.is_set():
+                return False
+        return True
+
+    def expire(self, spec: ModelSpec) -> None:
+        """An unload request: expires_at = now, and the runner goes as soon as no request uses it."""
+        with self._cond:
+            runner = self._find(spec)
+            if runner is not None:
+                runner.expires_at = self._clock()
+                runner.session = 0
+                if runner.refcount == 0 and not runner.loading:
+                    self._unload(runner)
+
+    # -- faults
+
+    def unload_all(self) -> None:
+        """Every runner gone at once (a restart), loading or busy ones included."""
+        with self._cond:
+            for runner in list(self._runners):
+                self._unload(runner)
+
+    def set_gpu_lost(self, lost: bool) -> None:
+        """GPUs vanish (runners holding VRAM die; later loads go to CPU) or come back."""
+        with self._cond:
+            self._gpu_lost = lost
+            if lost:
+                for runner in [r for r in self._runners if r.size_vram > 0]:
+                    self._unload(runner)
+
+    def set_hog(self, size: int) -> None:
+        """Another process holds `size` bytes of GPU 0."""
+        with self._cond:
+            self._hog = size
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiting request and refuse new ones."""
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- views
+
+    def snapshot(self) -> list[RunnerView]:
+        """Loaded runners as /api/ps lists them: expired idle ones reaped first, longest expiry first."""
+        with self._cond:
+            self._reap()
+            now = self._clock()
+            views = [
+                RunnerView(
+                    name=r.name,
+                    spec=r.spec,
+                    size=r.size,
+                    size_vram=r.size_vram,
+                    context_length=r.context_length,
+                    expires_at=r.expires_at if r.expires_at is not None else now + r.session,
+                    busy=r.refcount,
+                    loading=r.loading,
+                )
+                for r in self._runners
+            ]
+        return sorted(views, key=lambda v: -int(v.expires_at))
+
+    def gpu_usage(self) -> list[GpuUsage]:
+        """Per GPU: total, used (runners + other processes), free; empty while the GPUs are lost."""
+        with self._cond:
+            self._reap()
+            if self._gpu_lost:
+                return []
+            used = used_per_gpu(len(self._gpus), self._runners, self._hog)
+        return [
+            GpuUsage(i, g.name, g.vram, min(g.vram, u), max(0, g.vram - u))
+            for i, (g, u) in enumerate(zip(self._gpus, used, strict=True))
+        ]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Loads and unloads per model name since start."""
+        with self._cond:
+            return {name: dict(c) for name, c in self._counts.items()}
+
+    # -- internals (lock held)
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise SchedulerError(503, "server shutting down")
+
+    def _find(self, spec: ModelSpec) -> Runner | None:
+        return next((r for r in self._runners if r.spec is spec), None)
+
+    def _attach(self, runner: Runner, keep_alive: float | None) -> None:
+        runner.refcount += 1
+        if keep_alive is not None:
+            runner.session = keep_alive
+
+    def _count(self, name: str, what: str) -> None:
+        self._counts.setdefault(name, {"loads": 0, "unloads": 0})[what] += 1
+
+    def _unload(self, runner: Runner) -> None:
+        runner.alive = False
+        self._runners.remove(runner)
+        self._count(runner.name, "unloads")
+        self._cond.notify_all()
+
+    def _reap(self) -> None:
+        now = self._clock()
+        for r in list(self._runners):
+            expired = r.session <= 0 or (r.expires_at is not None and r.expires_at <= now)
+            if r.refcount == 0 and not r.loading and expired:
+                self._unload(r)
+
+    def _evict(self, victim: Runner) -> None:
+        """Unload an idle victim now, or mark a busy one to go when its requests finish, and wait."""
+        if victim.refcount == 0 and not victim.loading:
+            self._unload(victim)
+            return
+        victim.session = 0
+        victim.evicting = True
+        self._cond.wait(_TICK)
+
+    def _fit(self, request: LoadRequest) -> Runner | None:
+        """A new runner where the model fits now, or None if something must be evicted first."""
+        arch = request.spec.arch
+        parallel = 1 if arch.embedding else self._num_parallel
+        gpus = () if self._gpu_lost else self._gpus
+        free = free_per_gpu([g.vram for g in gpus], self._runners, self._hog)
+        choice = choose_placement(arch, request.options, parallel, free, self._overhead, not self._runners)
+        if choice is None:
+            return None
+        placement = choice.placement
+        system = placement.size - placement.size_vram
+        available = self._ram - sum(r.size - r.size_vram for r in self._runners)
+        if system > available:
+            if self._runners:
+                return None
+            raise SchedulerError(
+                500,
+                f"model requires more system memory ({human_bytes2(system)}) "
+                f"than is available ({human_bytes2(max(0, available))})",
+            )
+        session = self._keep_alive if request.keep_alive is None else request.keep_alive
+        return Runner(request, placement, choice.gpus, choice.parallel, session)
+
+    def _load(self, request: LoadRequest, instant: bool) -> Runner:
+        with self._cond:
+            while True:
+                self._check_open()
+                self._reap()
+                old = self._find(request.spec)
+                if old is not None:
+                    self._evict(old)  # a reload: the old runner goes first
+                    continue
+                if len(self._runners) >= self._max_loaded:
+                    self._evict(pick_victim(self._runners))  # type: ignore[arg-type]
+                    continue
+                runner = self._fit(request)
+                if runner is not None:
+                    break
+                self._evict(pick_victim(self._runners))  # type: ignore[arg-type]
+            self._runners.append(runner)
+            self._count(runner.name, "loads")
+        if not instant and self._load_speed > 0:
+            self._closed.wait(runner.size / self._load_speed)
+        with self._cond:
+            self._check_open()
+            if not runner.alive:
+                raise SchedulerError(500, "llama runner process has terminated: signal: killed")
+            runner.loading = False
+            runner.refcount += 1
+            self._cond.notify_all()
+            return runner

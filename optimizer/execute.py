@@ -1,0 +1,303 @@
+"""Runs a plan against the Ollama API: one model at a time per node, every step checked through `/api/ps`.
+
+Per model, its steps run in order: evictions and the load on the target node (holding that node's slot),
+then the removal of its CPU/partial copies elsewhere (each holding that node's slot) — only when its GPU
+copy was verified. Different target nodes work in parallel. Before every step the node's `/api/ps` is read
+again: a model already fully on GPU there means the work is done, a victim already gone needs no unload.
+
+A load is verified by polling `/api/ps` until the copy shows `size_vram == size`. Once Ollama lists the
+copy (the load call has returned) its placement is final, so a copy that stays short of that for a settle
+period (`max(2 s, 4 polls)`) is a failure: it is unloaded again unless it is the only copy serving the
+model. Every failure is recorded as an `Outcome`, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from exporter.config import model_key
+from exporter.ollama import LoadedModel, OllamaClient, OllamaError
+from exporter.state import ClusterState
+from exporter.units import mb
+from optimizer.decide import Plan, Step, is_busy
+
+Event = Callable[[str, Step, str], None]  # (start|progress|done|failed, step, detail)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one step did. `skipped`: not attempted because an earlier step of its model failed;
+    `verified`: after this step the model it serves was seen fully on GPU on the target."""
+
+    step: Step
+    ok: bool
+    detail: str
+    started: float
+    duration: float
+    skipped: bool = False
+    verified: bool = False
+
+
+@dataclass(frozen=True)
+class Execution:
+    """A plan and the outcome of each of its steps (none for a dry run)."""
+
+    plan: Plan
+    outcomes: tuple[Outcome, ...]
+    dry_run: bool
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+    @property
+    def failed(self) -> tuple[Outcome, ...]:
+        return tuple(o for o in self.outcomes if not o.ok)
+
+
+class _Failed(Exception):
+    """A step failed; the message is its outcome's detail."""
+
+
+def execute(
+    plan: Plan,
+    state: ClusterState,
+    clients: Mapping[str, OllamaClient],
+    *,
+    load_timeout: float,
+    poll_interval: float = 0.25,
+    dry_run: bool = False,
+    on_event: Event | None = None,
+    node_slots: Mapping[str, threading.Semaphore] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Execution:
+    """Run `plan` (or, with `dry_run`, nothing) and return every step's outcome in plan order.
+
+    `node_slots` (node → semaphore) lets callers share the one-model-at-a-time limit across executions;
+    `wall` is the Unix clock that `expires_at` is compared with to tell busy models.
+    """
+    if dry_run or not plan.steps:
+        return Execution(plan, (), dry_run)
+    runner = _Runner(state, clients, load_timeout, poll_interval, on_event, node_slots, clock, wall, sleep)
+    jobs: dict[str, list[int]] = {}
+    for index, step in enumerate(plan.steps):
+        jobs.setdefault(model_key(step.serves), []).append(index)
+    by_node: dict[str, list[tuple[str, list[int]]]] = {}
+    for model, indexes in jobs.items():
+        steps = [plan.steps[i] for i in indexes]
+        home = next((s.node for s in steps if s.action != "unload"), steps[0].node)
+        by_node.setdefault(home, []).append((model, indexes))
+    outcomes: dict[int, Outcome] = {}
+    with ThreadPoolExecutor(max_workers=len(by_node), thread_name_prefix="execute") as pool:
+        for node_jobs in by_node.values():
+            pool.submit(runner.run_all, plan.steps, node_jobs, outcomes)
+    return Execution(plan, tuple(outcomes[i] for i in range(len(plan.steps))), False)
+
+
+class _Runner:
+    """Runs jobs (one model's steps each); shared by the worker threads of one execution."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        clients: Mapping[str, OllamaClient],
+        load_timeout: float,
+        poll_interval: float,
+        on_event: Event | None,
+        node_slots: Mapping[str, threading.Semaphore] | None,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.state = state
+        self.clients = clients
+        self.load_timeout = load_timeout
+        self.poll = poll_interval
+        self.settle = max(2.0, 4 * poll_interval)
+        self.on_event = on_event
+        self.shared = node_slots or {}
+        self.slots: dict[str, threading.Semaphore] = {}
+        self.lock = threading.Lock()
+        self.clock, self.wall, self.sleep = clock, wall, sleep
+
+    def _slot(self, node: str) -> threading.Semaphore:
+        if node in self.shared:
+            return self.shared[node]
+        with self.lock:
+            return self.slots.setdefault(node, threading.Semaphore(1))
+
+    def _event(self, kind: str, step: Step, detail: str) -> None:
+        if self.on_event is not None:
+            with contextlib.suppress(Exception):  # a broken listener must not break the execution
+                self.on_event(kind, step, detail)
+
+    def run_all(self, steps: tuple[Step, ...], jobs: list[tuple[str, list[int]]], outcomes: dict[int, Outcome]) -> None:
+        for model, indexes in jobs:
+            try:
+                self._job(model, steps, indexes, outcomes)
+            except Exception as exc:  # never raised: whatever is left is recorded as failed
+                for i in indexes:
+                    if i not in outcomes:
+                        outcomes[i] = self._record(steps[i], False, f"internal error: {exc!r}", self.clock())
+
+    def _job(self, model: str, steps: tuple[Step, ...], indexes: list[int], outcomes: dict[int, Outcome]) -> None:
+        """Evictions and the load on the target (holding its slot), then the removals once verified."""
+        first = [i for i in indexes if steps[i].action != "unload"]
+        later = [i for i in indexes if steps[i].action == "unload"]
+        verified = False
+        stop: str | None = None
+        if first:
+            with self._slot(steps[first[0]].node):
+                for i in first:
+                    step = steps[i]
+                    if stop is not None:
+                        outcomes[i] = self._skip(step, stop)
+                    elif verified:
+                        detail = f"not needed: {model} already fully on GPU on {step.node}"
+                        outcomes[i] = self._record(step, True, detail, self.clock(), verified=True)
+                    else:
+                        outcomes[i] = self._run(step, model)
+                        if not outcomes[i].ok:
+                            stop = f"{step.action} of {step.model} on {step.node} failed"
+                        verified = outcomes[i].verified
+        for i in later:
+            step = steps[i]
+            if not verified:
+                outcomes[i] = self._skip(step, stop or f"no verified GPU copy of {step.model}")
+                continue
+            with self._slot(step.node):
+                outcomes[i] = self._run(step, model)
+
+    def _skip(self, step: Step, why: str) -> Outcome:
+        detail = f"skipped: {why}"
+        self._event("failed", step, detail)
+        return Outcome(step, False, detail, self.clock(), 0.0, skipped=True)
+
+    def _record(self, step: Step, ok: bool, detail: str, started: float, verified: bool = False) -> Outcome:
+        self._event("done" if ok else "failed", step, detail)
+        return Outcome(step, ok, detail, started, self.clock() - started, verified=verified)
+
+    def _run(self, step: Step, model: str) -> Outcome:
+        """One step, after re-reading its node's /api/ps; a job model already fully on GPU there is done."""
+        started = self.clock()
+        self._event("start", step, _describe(step))
+        action = {"evict": self._evict, "load": self._load, "unload": self._unload}[step.action]
+        try:
+            loaded = self._ps(step.node)
+            copy = loaded.get(model)
+            if step.action != "unload" and copy is not None and copy.fully_on_gpu:
+                detail = f"not needed: {model} already fully on GPU on {step.node}"
+                return self._record(step, True, detail, started, verified=True)
+            detail = action(step, loaded)
+        except _Failed as failed:
+            return self._record(step, False, str(failed), started)
+        except OllamaError as exc:
+            return self._record(step, False, str(exc), started)
+        return self._record(step, True, detail, started, verified=step.action == "load")
+
+    # ------------------------------------------------------------------------------------------ reads
+
+    def _ps(self, node: str) -> dict[str, LoadedModel]:
+        try:
+            return {model_key(m.name): m for m in self.clients[node].ps()}
+        except OllamaError as exc:
+            raise _Failed(f"cannot read /api/ps of {node}: {exc}") from None
+
+    def _wait_gone(self, node: str, model: str) -> None:
+        deadline = self.clock() + self.load_timeout
+        while model_key(model) in self._ps(node):
+            if self.clock() >= deadline:
+                raise _Failed(f"{model} still loaded on {node} after {self.load_timeout:g}s")
+            self.sleep(self.poll)
+
+    # ---------------------------------------------------------------------------------------- actions
+
+    def _evict(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
+        copy = loaded.get(model_key(step.model))
+        if copy is None:
+            return "already gone"
+        if is_busy(copy, self.wall()):
+            raise _Failed(f"{step.model} on {step.node} is busy (requests in flight): not evicted")
+        self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
+        self._wait_gone(step.node, step.model)
+        return f"unloaded {step.model} from {step.node} ({mb(copy.size_vram)} MB of VRAM freed)"
+
+    def _load(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
+        key = model_key(step.model)
+        copy = loaded.get(key)
+        if copy is not None:
+            raise _Failed(f"{step.model} is loaded on {step.node} {copy.gpu_ratio:.0%} on GPU; not reloaded")
+        deadline = self.clock() + self.load_timeout
+        client = self.clients[step.node]
+        embedding = self.state.is_embedding(step.model)
+        try:
+            client.load(
+                step.model,
+                num_ctx=step.num_ctx,
+                keep_alive=step.keep_alive,
+                embedding=embedding,
+                timeout=self.load_timeout,
+            )
+        except OllamaError as exc:
+            raise _Failed(f"load failed: {exc}{self._undo(step)}") from None
+        self._event("progress", step, "loaded; verifying on /api/ps")
+        settle_until: float | None = None
+        while True:
+            copy = self._ps(step.node).get(key)
+            if copy is not None and copy.fully_on_gpu:
+                return f"{step.model} now on GPU on {step.node} ({mb(copy.size)} MB, 100% GPU)"
+            now = self.clock()
+            if copy is not None and settle_until is None:
+                settle_until = min(deadline, now + self.settle)
+            if now >= (settle_until if settle_until is not None else deadline):
+                break
+            self.sleep(self.poll)
+        if copy is None:
+            raise _Failed(f"{step.model} not listed on {step.node} within {self.load_timeout:g}s")
+        landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {mb(copy.size)} MB)"
+        raise _Failed(landed + self._undo(step))
+
+    def _undo(self, step: Step) -> str:
+        """Unload a copy that did not land on GPU, unless it is the only one serving the model."""
+        key = model_key(step.model)
+        copy = self._ps(step.node).get(key)
+        if copy is None or copy.fully_on_gpu:
+            return ""
+        others = [n.name for n, _ in self.state.placements(key) if n.name != step.node]
+        serving = [name for name in others if name in self.clients and self._serves(name, key)]
+        if not serving:
+            return "; kept: it is the only copy serving the model"
+        self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
+        self._wait_gone(step.node, step.model)
+        return f"; unloaded again, still served on {', '.join(serving)}"
+
+    def _serves(self, node: str, key: str) -> bool:
+        try:
+            return key in self._ps(node)
+        except _Failed:
+            return False
+
+    def _unload(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
+        copy = loaded.get(model_key(step.model))
+        if copy is None:
+            return "already gone"
+        if copy.fully_on_gpu:
+            return f"kept: {step.model} is now fully on GPU on {step.node} too"
+        self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
+        self._wait_gone(step.node, step.model)
+        return f"removed the {copy.gpu_ratio:.0%}-on-GPU copy from {step.node}"
+
+
+def _describe(step: Step) -> str:
+    if step.action == "load":
+        return f"Loading {step.model} on GPU at {step.node}..."
+    if step.action == "evict":
+        return f"Evicting {step.model} from {step.node} ({step.reason})..."
+    return f"Removing the CPU copy of {step.model} from {step.node}..."

@@ -1,0 +1,423 @@
+"""The command line's output: the same facts as text that reads like the guide, or as JSON-ready dicts.
+
+Pure functions over a `ClusterState` and the decisions; sizes in MB as the guide prints them (MiB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from exporter import catalog
+from exporter.config import model_key
+from exporter.ollama import LoadedModel
+from exporter.state import ClusterState, ModelNeed, NodeState
+from exporter.units import GIB, mb
+from optimizer.decide import CheckResult, Plan, Route, Step, Verdict, check, is_busy, need_of
+from optimizer.execute import Execution, Outcome
+
+RULE = "=" * 70
+FOREVER = 20 * 365 * 86400  # `ollama ps` shows "Forever" past this
+
+
+def _size(num_bytes: int | None) -> str:
+    return "?" if num_bytes is None else f"{mb(num_bytes)} MB"
+
+
+def _gb(num_bytes: int) -> str:
+    return f"{mb(num_bytes)} MB ({num_bytes / GIB:.2f} GB)"
+
+
+def _mark(ok: bool) -> str:
+    return "✅" if ok else "❌"
+
+
+def _until(model: LoadedModel, now: float) -> str:
+    if model.expires_at is None:
+        return "expiry unknown"
+    if is_busy(model, now):
+        return "busy (requests in flight)"
+    left = model.expires_at.timestamp() - now
+    if left > FOREVER:
+        return "kept forever"
+    return f"unloads in {int(left // 60)}m{int(left % 60):02d}s"
+
+
+def _where(ratio: float) -> str:
+    """Where a copy runs, from size_vram / size."""
+    return "100% GPU" if ratio >= 1 else ("CPU" if ratio == 0 else f"{ratio:.0%} GPU / {1 - ratio:.0%} CPU")
+
+
+def _processor(node: NodeState) -> str:
+    if not node.up:
+        return "down"
+    if not node.capacity.known:
+        return "GPU?"
+    return "CPU" if node.capacity.source == "none" or not node.vram_total else "GPU"
+
+
+# -------------------------------------------------------------------------------------------------- JSON
+
+
+def need_json(need: ModelNeed | None) -> dict[str, Any] | None:
+    if need is None:
+        return None
+    return {"bytes": need.bytes, "mb": mb(need.bytes), "source": need.source, "num_ctx": need.num_ctx}
+
+
+def verdict_json(v: Verdict) -> dict[str, Any]:
+    return {
+        "node": v.node,
+        "fits": v.fits,
+        "kind": v.kind,
+        "reason": v.reason,
+        "need_bytes": v.need,
+        "usable_bytes": v.usable,
+        "free_bytes": v.free,
+        "evict": list(v.evict),
+        "in_place": v.in_place,
+    }
+
+
+def loaded_json(m: LoadedModel, now: float) -> dict[str, Any]:
+    return {
+        "model": m.name,
+        "size_bytes": m.size,
+        "size_vram_bytes": m.size_vram,
+        "gpu_ratio": round(m.gpu_ratio, 4),
+        "context_length": m.context_length,
+        "expires_at": m.expires_at.isoformat() if isinstance(m.expires_at, datetime) else None,
+        "busy": is_busy(m, now),
+    }
+
+
+def step_json(s: Step) -> dict[str, Any]:
+    return {
+        "action": s.action,
+        "model": s.model,
+        "node": s.node,
+        "reason": s.reason,
+        "num_ctx": s.num_ctx,
+        "keep_alive": s.keep_alive,
+        "for_model": s.serves,
+    }
+
+
+def plan_json(p: Plan) -> dict[str, Any]:
+    return {
+        "steps": [step_json(s) for s in p.steps],
+        "unplaced": [{"model": m, "reason": why} for m, why in p.unplaced],
+        "already": [{"model": m, "node": n} for m, n in p.already],
+    }
+
+
+def outcome_json(o: Outcome) -> dict[str, Any]:
+    return {
+        **step_json(o.step),
+        "ok": o.ok,
+        "detail": o.detail,
+        "duration_seconds": round(o.duration, 3),
+        "skipped": o.skipped,
+    }
+
+
+def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "url": node.config.url,
+        "up": node.up,
+        "error": node.error,
+        "version": node.version,
+        "maintenance": node.config.maintenance,
+        "gpu_source": node.capacity.source,
+        "capacity_reason": node.capacity.reason or None,
+        "gpus": [{"index": g.index, "name": g.name, "total_bytes": g.total} for g in node.capacity.gpus],
+        "vram_total_bytes": node.vram_total,
+        "vram_usable_bytes": node.vram_usable,
+        "vram_used_bytes": node.vram_used if node.up else None,
+        "vram_free_bytes": node.vram_free if node.up else None,
+        "safety_margin": node.margin,
+        "loaded": [loaded_json(m, now) for m in node.loaded],
+        "installed": [m.name for m in node.installed],
+        "fits": [{"model": model, **verdict_json(v)} for model, v in fits],
+    }
+
+
+def route_json(r: Route, need: ModelNeed | None) -> dict[str, Any]:
+    return {
+        "model": r.model,
+        "need": need_json(need),
+        "node": r.node,
+        "processor": r.processor,
+        "reason": r.reason,
+        "verdicts": [verdict_json(v) for v in r.verdicts],
+    }
+
+
+def check_json(c: CheckResult) -> dict[str, Any]:
+    return {
+        "model": c.model,
+        "need": need_json(c.need),
+        "verdicts": [verdict_json(v) for v in c.verdicts],
+        "result": c.result,
+    }
+
+
+def execution_json(e: Execution) -> dict[str, Any]:
+    return {"dry_run": e.dry_run, "ok": e.ok, "outcomes": [outcome_json(o) for o in e.outcomes]}
+
+
+# ------------------------------------------------------------------------------------------------ status
+
+
+def fit_table(state: ClusterState, now: float) -> dict[str, list[tuple[str, Verdict]]]:
+    """Per node: the priority models, then the models installed there, each with its verdict there."""
+    models = [model_key(p.name) for p in state.config.priority_models]
+    for node in state.nodes:
+        models += [model_key(m.name) for m in node.installed if model_key(m.name) not in models]
+    table: dict[str, list[tuple[str, Verdict]]] = {n.name: [] for n in state.nodes}
+    priority = set(models[: len(state.config.priority_models)])
+    for model in models:
+        for node, verdict in zip(state.nodes, check(state, model, now).verdicts, strict=True):
+            if model in priority or node.installed_model(model) is not None:
+                table[node.name].append((model, verdict))
+    return table
+
+
+def status_json(state: ClusterState, now: float) -> dict[str, Any]:
+    table = fit_table(state, now)
+    return {
+        "taken_at": state.taken_at,
+        "nodes": [node_json(n, now, table[n.name]) for n in state.nodes],
+        "priority_models": [
+            {"model": model_key(p.name), "rank": i, "on_gpu": state.on_gpu(p.name)}
+            for i, p in enumerate(state.config.priority_models, start=1)
+        ],
+    }
+
+
+def status_text(state: ClusterState, now: float) -> list[str]:
+    table = fit_table(state, now)
+    lines = ["INTELLIGENT GPU ROUTING STATUS", RULE]
+    for node in state.nodes:
+        lines += [*_node_text(state, node, now, table[node.name]), ""]
+    up = sum(n.up for n in state.nodes)
+    on_gpu = [model_key(p.name) for p in state.config.priority_models if state.on_gpu(p.name)]
+    missing = [model_key(p.name) for p in state.config.priority_models if not state.on_gpu(p.name)]
+    summary = f"Nodes: {up}/{len(state.nodes)} up; priority models on GPU: {len(on_gpu)}/{len(on_gpu) + len(missing)}"
+    lines.append(summary + (f" (not on GPU: {', '.join(missing)})" if missing else ""))
+    return lines
+
+
+def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tuple[str, Verdict]]) -> list[str]:
+    where = f"{node.name} ({node.config.url})"
+    if not node.up:
+        return [f"Node: {where} - DOWN: {node.error or node.error_kind}"]
+    kind = {"GPU": "GPU Node", "CPU": "CPU Node"}.get(_processor(node), "Node")
+    head = f"{kind}: {where}, Ollama {node.version}" + (" [MAINTENANCE]" if node.config.maintenance else "")
+    lines = [head]
+    if _processor(node) == "GPU?":
+        lines.append(f"   GPU capacity unknown: {node.capacity.reason}")
+    elif _processor(node) == "CPU":
+        lines.append("   No GPU: models here run on CPU")
+    else:
+        gpus = ", ".join(f"{g.name} {_size(g.total)}" for g in node.capacity.gpus)
+        lines += [
+            f"   GPUs: {gpus} (from {node.capacity.source})",
+            f"   Total VRAM: {_size(node.vram_total)}",
+            f"   Usable VRAM: {_size(node.vram_usable)} ({node.margin:.0%} safety)",
+            f"   Free VRAM: {_size(node.vram_free)}",
+        ]
+    if node.loaded:
+        lines.append("   Loaded models:")
+        width = max(len(m.name) for m in node.loaded)
+        for m in node.loaded:
+            lines.append(f"      {m.name:<{width}}  {_size(m.size):>8}, {_where(m.gpu_ratio)}, {_until(m, now)}")
+    else:
+        lines.append("   Loaded models: none")
+    if _processor(node) == "GPU" and fits:
+        lines.append("   Can fit these models:")
+        for model, v in fits:
+            need = v.need if v.need is not None else getattr(need_of(state, model), "bytes", None)
+            lines.append(f"      {_mark(v.fits)} {model} ({_size(need)}) - {v.reason}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------- route / check
+
+
+def route_text(r: Route, state: ClusterState) -> list[str]:
+    need = need_of(state, r.model)
+    lines = [f"ROUTING DECISION FOR: {r.model}", RULE, f"Routing decision for: {r.model}"]
+    lines.append(f"   Model size: {_need_text(need)}")
+    lines.append("")
+    for v in r.verdicts:
+        node = state.node(v.node)
+        lines.append(f"   {_mark(v.fits)} {v.node} ({_processor(node) if node else '?'}): {v.reason}")
+    lines.append("")
+    if r.node is None:
+        lines.append(f"   {r.reason}")
+    else:
+        lines.append(f"   Best choice: {r.node} ({r.processor})")
+        lines.append(f"      Reason: {r.reason}")
+    return lines
+
+
+def _need_text(need: ModelNeed | None) -> str:
+    if need is None:
+        return "unknown (not installed anywhere, not in the catalog; set model_sizes)"
+    return f"{_gb(need.bytes)}, {need.source} at {need.num_ctx} tokens of context"
+
+
+def check_text(c: CheckResult) -> list[str]:
+    lines = [f"CHECKING FIT FOR: {c.model}", RULE, f"Model size: {_need_text(c.need)}", "", "Node compatibility:"]
+    lines += [f"   {_mark(v.fits)} {v.node}: {v.reason}" for v in c.verdicts]
+    return [*lines, "", f"Result: {c.result}"]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def model_rows(state: ClusterState) -> list[dict[str, Any]]:
+    """Every known model (catalog, installed, loaded, configured) with its need, smallest first."""
+    names = set(state.known_models()) | {spec.name for spec in catalog.CATALOG}
+    rows = []
+    for name in names:
+        need = need_of(state, name)
+        priority = state.config.priority_rank(name)
+        rows.append(
+            {
+                "model": name,
+                "need_bytes": need.bytes if need else None,
+                "need_mb": mb(need.bytes) if need else None,
+                "need_gb": round(need.bytes / GIB, 2) if need else None,
+                "source": need.source if need else None,
+                "num_ctx": need.num_ctx if need else None,
+                "in_catalog": catalog.find(name) is not None,
+                "priority_rank": priority,
+                "configured_size_bytes": state.config.model_sizes.get(name),
+                "installed_on": [n.name for n in state.nodes if n.installed_model(name)],
+                "loaded_on": [n.name for n in state.nodes if n.loaded_model(name)],
+            }
+        )
+    rows.sort(key=lambda r: (r["need_bytes"] is None, r["need_bytes"] or 0, r["model"]))
+    return rows
+
+
+def models_text(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["KNOWN MODELS DATABASE", RULE, "Model sizes (VRAM to run fully on GPU, at the context it loads with):"]
+    width = max(28, *(len(r["model"]) + 1 for r in rows))
+    for r in rows:
+        if r["need_bytes"] is None:
+            size = f"{'?':>6} MB"
+            facts = ["size unknown: set model_sizes"]
+        else:
+            size = f"{r['need_mb']:>6} MB ({r['need_gb']:.2f} GB)"
+            facts = [f"{r['source']}, ctx {r['num_ctx']}"]
+        if r["priority_rank"]:
+            facts.append(f"priority #{r['priority_rank']}")
+        if r["installed_on"]:
+            facts.append(f"installed on {', '.join(r['installed_on'])}")
+        if r["loaded_on"]:
+            facts.append(f"loaded on {', '.join(r['loaded_on'])}")
+        lines.append(f"   {r['model']:<{width}}{size}  {'; '.join(facts)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- optimize
+
+
+def plan_text(p: Plan, state: ClusterState) -> list[str]:
+    """The guide's "OPTIMIZING N PRIORITY MODELS": per model, already on GPU / best choice / why not."""
+    count = len(state.config.priority_models)
+    lines = [f"OPTIMIZING {count} PRIORITY MODEL{'S' if count != 1 else ''}", RULE]
+    for pm in state.config.priority_models:
+        key = model_key(pm.name)
+        lines.append(f"Routing decision for: {key}")
+        lines += [f"   {line}" for line in model_plan_lines(key, p)]
+    if not state.config.priority_models:
+        lines.append("No priority models configured (priority_models in the configuration).")
+    return lines
+
+
+def model_plan_lines(key: str, p: Plan) -> list[str]:
+    """What the plan does for one model, as the lines under its name."""
+    already = dict(p.already)
+    if key in already:
+        return [f"✅ Already on GPU: {already[key]} (nothing to do)"]
+    unplaced = dict(p.unplaced)
+    if key in unplaced:
+        return [f"❌ Cannot put on GPU: {unplaced[key]}"]
+    steps = [s for s in p.steps if s.serves == key]
+    load = next((s for s in steps if s.action == "load"), None)
+    if load is None:
+        return ["(not in this plan)"]
+    lines = [f"✅ Best choice: {load.node} (GPU)"]
+    lines += [f"   - {step_line(s)}" for s in steps]
+    return lines
+
+
+def step_line(s: Step) -> str:
+    if s.action == "load":
+        ctx = f"num_ctx {s.num_ctx}" if s.num_ctx else "default context"
+        return f"load {s.model} on GPU at {s.node} ({ctx}, keep_alive {s.keep_alive})"
+    if s.action == "evict":
+        return f"evict {s.model} from {s.node}: {s.reason}"
+    return f"unload {s.model} from {s.node}: {s.reason}"
+
+
+def event_line(kind: str, step: Step, detail: str) -> str:
+    """One progress line of `optimize` for an executor event."""
+    if kind == "start":
+        return detail
+    if kind == "progress":
+        return f"   ... {step.model} on {step.node}: {detail}"
+    return f"   {_mark(kind == 'done')} {detail}"
+
+
+def execution_summary(e: Execution, p: Plan) -> str:
+    moved = sum(1 for o in e.outcomes if o.step.action == "load" and o.ok)
+    failed = sum(1 for o in e.outcomes if not o.ok and not o.skipped)
+    return (
+        f"Result: {moved} model(s) put on GPU, {len(p.already)} already on GPU, "
+        f"{len(p.unplaced)} cannot be placed, {failed} step(s) failed"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def report_models(state: ClusterState, p: Plan, now: float) -> list[dict[str, Any]]:
+    rows = []
+    for rank, pm in enumerate(state.config.priority_models, start=1):
+        key = model_key(pm.name)
+        rows.append(
+            {
+                "model": key,
+                "rank": rank,
+                "need": need_json(need_of(state, key)),
+                "placements": [
+                    {"node": n.name, "gpu_ratio": round(m.gpu_ratio, 4), "until": _until(m, now)}
+                    for n, m in state.placements(key)
+                ],
+                "on_gpu": state.on_gpu(key),
+                "optimize_would": model_plan_lines(key, p),
+                "steps": [step_json(s) for s in p.steps if s.serves == key],
+            }
+        )
+    return rows
+
+
+def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
+    lines = [*status_text(state, now), "", "PRIORITY MODELS", RULE]
+    if not state.config.priority_models:
+        lines.append("No priority models configured.")
+    for row in report_models(state, p, now):
+        need = need_of(state, row["model"])
+        lines.append(f"{row['rank']}. {row['model']} ({_size(need.bytes if need else None)})")
+        where = ", ".join(f"{pl['node']} {_where(pl['gpu_ratio'])}, {pl['until']}" for pl in row["placements"])
+        lines.append(f"   Where: {where or 'not loaded anywhere'}")
+        lines.append("   Optimize would:")
+        lines += [f"      {line}" for line in row["optimize_would"]]
+    return lines

@@ -58,7 +58,8 @@ def model_need(model: str, facts: Facts, default_ctx: int) -> ModelNeed | None:
     if facts.configured is not None:
         return ModelNeed(model, facts.configured, "configured", ctx)
     if facts.disk_size is not None:
-        return ModelNeed(model, facts.disk_size + RESERVE, "disk", ctx)
+        kv = estimate.kv_bytes(cap, ctx) if cap is not None else 0
+        return ModelNeed(model, facts.disk_size + kv + RESERVE, "disk", ctx)
     if spec is not None:
         return ModelNeed(model, estimate.full_gpu_bytes(spec.arch, ctx), "catalog", ctx)
     return None
@@ -124,11 +125,7 @@ class NeedLedger:
             for m in node.loaded:
                 if m.digest:
                     digests.setdefault(model_key(m.name), m.digest)
-        names = (
-            set(disk)
-            | set(self.config.model_sizes)
-            | {model_key(p.name) for p in self.config.priority_models}
-        )
+        names = set(disk) | set(self.config.model_sizes) | {model_key(p.name) for p in self.config.priority_models}
         names.update(model_key(m.name) for node in nodes for m in node.loaded)
         default_ctx = default_context(self.config)
         needs: dict[str, ModelNeed] = {}
@@ -150,6 +147,23 @@ class NeedLedger:
                 if _is_embedding(name, show):
                     embedding.add(name)
         return needs, frozenset(embedding)
+
+    def layers(self, nodes: Iterable[NodeState]) -> dict[str, int]:
+        """Each installed model's layer count (blocks + output), from /api/show or the catalog."""
+        found: dict[str, int] = {}
+        with self._lock:
+            for node in nodes:
+                for m in node.installed:
+                    key = model_key(m.name)
+                    if key in found:
+                        continue
+                    show = self._shows.get(m.digest)
+                    arch = _arch(Facts(observed={}, show=show, disk_size=m.size)) if show else None
+                    if arch is None and (spec := catalog.find(key)) is not None:
+                        arch = spec.arch
+                    if arch is not None:
+                        found[key] = arch.block_count + 1
+        return found
 
 
 def _is_embedding(model: str, show: ShowInfo | None) -> bool:

@@ -77,6 +77,7 @@ class Observer:
             nodes=tuple(states),
             needs=MappingProxyType(needs),
             embedding=embedding,
+            layers=MappingProxyType(self.ledger.layers(states)),
             duration=time.monotonic() - started,
         )
 
@@ -98,16 +99,12 @@ class Observer:
             future = reads[(node.name, what)]
             if not future.done():
                 future.cancel()
-                return self._down(
-                    node, capacity, "timeout", f"{node.url}: no answer within {limit:g}s", limit
-                )
+                return self._down(node, capacity, "timeout", f"{node.url}: no answer within {limit:g}s", limit)
             error = future.exception()
             if isinstance(error, OllamaError):
                 return self._down(node, capacity, error.kind, str(error), seconds)
             if error is not None:
-                return self._down(
-                    node, capacity, "error", f"{node.url}: {type(error).__name__}: {error}", seconds
-                )
+                return self._down(node, capacity, "error", f"{node.url}: {type(error).__name__}: {error}", seconds)
             values[what], took = future.result()
             seconds = max(seconds, took)
         return NodeState(
@@ -121,9 +118,7 @@ class Observer:
             poll_seconds=seconds,
         )
 
-    def _down(
-        self, node: NodeConfig, capacity: Capacity | None, kind: str, message: str, seconds: float
-    ) -> NodeState:
+    def _down(self, node: NodeConfig, capacity: Capacity | None, kind: str, message: str, seconds: float) -> NodeState:
         return NodeState(
             config=node,
             up=False,

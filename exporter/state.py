@@ -118,6 +118,7 @@ class ClusterState:
     nodes: tuple[NodeState, ...]
     needs: Mapping[str, ModelNeed] = field(default_factory=lambda: MappingProxyType({}))
     embedding: frozenset[str] = frozenset()  # models whose /api/show lists the `embedding` capability
+    layers: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # block_count + 1 (output)
     duration: float = 0.0
 
     def node(self, name: str) -> NodeState | None:

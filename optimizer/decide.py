@@ -14,7 +14,7 @@ costs Ollama's per-GPU reserve once more for every extra GPU. Free VRAM = usable
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from exporter.config import PriorityModel, model_key
@@ -22,6 +22,8 @@ from exporter.need import RESERVE, Facts, default_context, model_need
 from exporter.ollama import LoadedModel
 from exporter.state import ClusterState, ModelNeed, NodeState
 from exporter.units import mb
+
+ALL_LAYERS = 999  # num_gpu asking for every layer when a model's layer count is not known
 
 SEARCH_BUDGET = 50_000  # placement-search steps per plan; past it the plan places greedily (huge, full clusters)
 
@@ -315,6 +317,7 @@ class Step:
     num_ctx: int | None = None
     keep_alive: int | float | str = -1
     for_model: str | None = None
+    num_gpu: int | None = None  # set on a reload in place: every layer on GPU (Ollama reloads on a changed num_gpu)
 
     @property
     def serves(self) -> str:
@@ -513,7 +516,7 @@ def plan(
         elif not packer.add(item):
             unplaced.append((key, f"no room left after higher-priority models ({why})"))
     packer.improve()
-    return Plan(tuple(_steps(packer, copies)), tuple(unplaced), tuple(already))
+    return Plan(tuple(_steps(packer, copies, state.layers)), tuple(unplaced), tuple(already))
 
 
 def _unique(models: Iterable[PriorityModel]) -> list[PriorityModel]:
@@ -553,7 +556,9 @@ def _item(
     return None, "no node can hold it on GPU: " + "; ".join(reasons)
 
 
-def _steps(packer: _Packer, copies: dict[str, list[tuple[NodeState, LoadedModel]]]) -> list[Step]:
+def _steps(
+    packer: _Packer, copies: dict[str, list[tuple[NodeState, LoadedModel]]], layers: Mapping[str, int]
+) -> list[Step]:
     """Evictions (per node, in priority order of the loads that need them), the load, then copy removals."""
     spent = {b: 0 for b in range(len(packer.bins))}
     freed = {b: 0 for b in range(len(packer.bins))}
@@ -562,9 +567,9 @@ def _steps(packer: _Packer, copies: dict[str, list[tuple[NodeState, LoadedModel]
     for i, b in sorted(packer.assign.items()):
         item, bin_ = packer.items[i], packer.bins[b]
         size = item.sizes[b]
-        if b in item.own:
-            ratio = bin_.loaded[item.key].gpu_ratio
-            steps.append(Step("evict", item.key, bin_.name, f"reload on GPU: loaded here {ratio:.0%} on GPU"))
+        num_gpu = None
+        if b in item.own:  # Ollama itself swaps the runner when num_gpu changes: no unload of ours first
+            num_gpu = layers.get(item.key, ALL_LAYERS)
         while spent[b] + size > bin_.room.free + freed[b] and victims[b]:
             victim = victims[b].pop(0)
             freed[b] += victim.size_vram
@@ -572,7 +577,9 @@ def _steps(packer: _Packer, copies: dict[str, list[tuple[NodeState, LoadedModel]
             steps.append(Step("evict", model_key(victim.name), bin_.name, why, for_model=item.key))
         spent[b] += size
         why = f"put {item.key} on GPU ({mb(item.need)}MB)"
-        steps.append(Step("load", item.key, bin_.name, why, item.model.num_ctx, item.model.keep_alive))
+        if num_gpu is not None:
+            why += f", reloading its {bin_.loaded[item.key].gpu_ratio:.0%}-on-GPU copy in place with every layer on GPU"
+        steps.append(Step("load", item.key, bin_.name, why, item.model.num_ctx, item.model.keep_alive, num_gpu=num_gpu))
         for node, copy in copies.get(item.key, ()):
             if node.name == bin_.name:
                 continue

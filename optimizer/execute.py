@@ -232,7 +232,7 @@ class _Runner:
     def _load(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
         key = model_key(step.model)
         copy = loaded.get(key)
-        if copy is not None:
+        if copy is not None and step.num_gpu is None:
             raise _Failed(f"{step.model} is loaded on {step.node} {copy.gpu_ratio:.0%} on GPU; not reloaded")
         deadline = self.clock() + self.load_timeout
         client = self.clients[step.node]
@@ -242,6 +242,7 @@ class _Runner:
                 step.model,
                 num_ctx=step.num_ctx,
                 keep_alive=step.keep_alive,
+                num_gpu=step.num_gpu,
                 embedding=embedding,
                 timeout=self.load_timeout,
             )

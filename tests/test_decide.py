@@ -331,11 +331,9 @@ def test_plan_higher_priority_first_when_not_everything_fits():
 def test_plan_reloads_in_place_when_that_is_the_only_gpu():
     state = build([node("ws", loaded=(lm("p", 1500, 300),))], priority=["p"], needs={"p": 1500})
     steps = plan(state, now=NOW).steps
-    assert [(s.action, s.model, s.node) for s in steps] == [
-        ("evict", "p:latest", "ws"),
-        ("load", "p:latest", "ws"),
-    ]
-    assert "reload on GPU" in steps[0].reason
+    # no unload of ours before the GPU copy exists: a load with every layer on GPU makes Ollama swap the runner
+    assert [(s.action, s.model, s.node, s.num_gpu) for s in steps] == [("load", "p:latest", "ws", 999)]
+    assert "reloading its 20%-on-GPU copy in place" in steps[0].reason
 
 
 def test_plan_prefers_another_node_over_reloading_in_place():

@@ -248,3 +248,26 @@ def test_real_eviction_load_and_removal(moved_fleet):
     assert after.on_gpu("mxbai-embed-large") and [n.name for n, _ in after.placements("mxbai-embed-large")] == ["gpu"]
     counts = _counts(moved_fleet)
     assert counts["gpu"]["llama3.2:1b"]["unloads"] == 1 and counts["cpu"]["mxbai-embed-large:latest"]["unloads"] == 1
+
+
+def test_a_model_on_cpu_on_the_only_gpu_node_is_reloaded_in_place_without_an_unload_of_ours():
+    """Use case 2 (one workstation): the CPU copy is swapped for a GPU copy by Ollama itself (num_gpu changed)."""
+    node = {
+        "name": "ws",
+        "gpus": [{"name": "RTX 3070", "vram": "8GiB"}],
+        "models": ["llama3.2:3b"],
+        "preload": [{"model": "llama3.2:3b", "num_gpu": 0, "keep_alive": -1}],
+    }
+    with _fleet([node]) as fleet:
+        config = _config(fleet, {"ws": "8GiB"}, ["llama3.2:3b"])
+        with Observer(config) as observer:
+            state = observer.poll()
+            assert state.node("ws").loaded_model("llama3.2:3b").size_vram == 0
+            result = plan(state)
+            assert [(s.action, s.num_gpu) for s in result.steps] == [("load", 29)]  # 28 blocks + output
+            execution = execute(result, state, observer.clients, load_timeout=10, poll_interval=0.05)
+            assert execution.ok, execution.outcomes
+            after = observer.poll()
+        (copy,) = after.node("ws").loaded
+        assert copy.fully_on_gpu and copy.size == 3_310_184_448  # §7 column C
+        assert plan(after).steps == ()

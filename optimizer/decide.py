@@ -519,6 +519,20 @@ def plan(
     return Plan(tuple(_steps(packer, copies, state.layers)), tuple(unplaced), tuple(already))
 
 
+def restrict(full: Plan, models: Iterable[str]) -> Plan:
+    """The part of a whole-cluster plan that serves `models`.
+
+    Planning one model alone would place it greedily and could take the room a later priority model needs;
+    a job for one model runs its share of the plan for all of them instead.
+    """
+    keys = {model_key(m) for m in models}
+    return Plan(
+        steps=tuple(s for s in full.steps if model_key(s.serves) in keys),
+        unplaced=tuple((m, why) for m, why in full.unplaced if model_key(m) in keys),
+        already=tuple((m, n) for m, n in full.already if model_key(m) in keys),
+    )
+
+
 def _unique(models: Iterable[PriorityModel]) -> list[PriorityModel]:
     seen: set[str] = set()
     out = []

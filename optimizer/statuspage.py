@@ -1,0 +1,188 @@
+"""The optimizer's status page: one self-contained HTML document (no scripts, no external assets).
+
+It is rendered from the same documents the JSON API serves (`/api/v1/status`, `/api/v1/actions`), so its
+figures are the API's; every figure also sits in a `data-*` attribute in bytes, for tests and scrapers.
+The page reloads itself with a `<meta http-equiv="refresh">`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from html import escape
+from typing import Any
+
+from exporter.units import GIB, mb
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
+.muted{color:#777}.ok{color:#1a7f37}.bad{color:#c62828}.warn{color:#b26a00}
+.nodes{display:flex;flex-wrap:wrap;gap:1em}
+.node{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.8em 1em;min-width:18em;flex:1}
+.node.down{border-color:#c62828}
+.bar{position:relative;height:1.1em;background:#e8e8e8;border-radius:3px;overflow:hidden;margin:.3em 0}
+.bar .used{position:absolute;left:0;top:0;bottom:0;background:#4a7bd0}
+.bar .usable{position:absolute;top:0;bottom:0;border-left:2px dashed #333}
+table{border-collapse:collapse;background:#fff;margin-top:.3em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+"""
+
+
+def _gb(num_bytes: int | None) -> str:
+    return "–" if num_bytes is None else f"{num_bytes / GIB:.2f} GB"
+
+
+def _mb(num_bytes: int | None) -> str:
+    return "–" if num_bytes is None else f"{mb(num_bytes)} MB"
+
+
+def _attr(value: Any) -> str:
+    return "" if value is None else escape(str(value), quote=True)
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _node(node: Mapping[str, Any]) -> str:
+    total, usable = node.get("vram_total_bytes"), node.get("vram_usable_bytes")
+    used, free = node.get("vram_used_bytes"), node.get("vram_free_bytes")
+    state = "up" if node["up"] else "down"
+    if node.get("maintenance"):
+        state += ", maintenance"
+    title = f'<h3>{escape(node["name"])} <span class="{"ok" if node["up"] else "bad"}">{state}</span></h3>'
+    lines = [f'<div class="muted">{escape(node["url"])} · Ollama {escape(node.get("version") or "?")}</div>']
+    source = node.get("gpu_source", "unknown")
+    if total:
+        used_pct = min(100.0, 100.0 * (used or 0) / total)
+        usable_pct = 100.0 * (usable or 0) / total
+        lines.append(
+            f'<div class="bar" title="used {_mb(used)} of {_mb(total)}">'
+            f'<div class="used" style="width:{used_pct:.1f}%"></div>'
+            f'<div class="usable" style="left:{usable_pct:.1f}%"></div></div>'
+        )
+        lines.append(
+            f"<div>VRAM total <b>{_gb(total)}</b> · usable {_gb(usable)} · used {_gb(used)} · "
+            f'free <b>{_gb(free)}</b> <span class="muted">({escape(source)})</span></div>'
+        )
+    elif source == "none":
+        lines.append('<div>No GPU <span class="muted">(none)</span></div>')
+    else:
+        reason = node.get("capacity_reason") or "GPU capacity unknown"
+        lines.append(f'<div class="warn">GPU capacity unknown: {escape(reason)}</div>')
+    if node.get("error"):
+        lines.append(f'<div class="bad">{escape(node["error"])}</div>')
+    attrs = " ".join(
+        f'data-{key}="{_attr(value)}"'
+        for key, value in (
+            ("node", node["name"]),
+            ("up", int(bool(node["up"]))),
+            ("source", source),
+            ("total", total),
+            ("usable", usable),
+            ("used", used),
+            ("free", free),
+        )
+    )
+    return f'<section class="node {"" if node["up"] else "down"}" {attrs}>{title}{"".join(lines)}</section>'
+
+
+def _loaded_rows(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    rows = []
+    for node in nodes:
+        for m in node.get("loaded", []):
+            ratio = m["gpu_ratio"]
+            where = "GPU" if ratio >= 1 else ("CPU" if ratio == 0 else f"{1 - ratio:.0%}/{ratio:.0%} CPU/GPU")
+            css = "ok" if ratio >= 1 else "bad"
+            rows.append(
+                f'<tr class="loaded" data-node="{_attr(node["name"])}" data-model="{_attr(m["model"])}" '
+                f'data-ratio="{ratio}" data-size="{m["size_bytes"]}" data-vram="{m["size_vram_bytes"]}">'
+                f"<td>{escape(node['name'])}</td><td>{escape(m['model'])}</td>"
+                f'<td class="num">{_mb(m["size_bytes"])}</td><td class="num">{_mb(m["size_vram_bytes"])}</td>'
+                f'<td class="{css}">{ratio:.0%} GPU ({where})</td>'
+                f"<td>{escape(str(m.get('context_length') or '–'))}</td></tr>"
+            )
+    return rows
+
+
+def _fit_matrix(nodes: list[Mapping[str, Any]]) -> str:
+    models: list[str] = []
+    cells: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for node in nodes:
+        for fit in node.get("fits", []):
+            if fit["model"] not in models:
+                models.append(fit["model"])
+            cells[(node["name"], fit["model"])] = fit
+    head = "".join(f"<th>{escape(n['name'])}</th>" for n in nodes)
+    rows = []
+    for model in models:
+        tds = []
+        for node in nodes:
+            fit = cells.get((node["name"], model))
+            if fit is None:
+                tds.append('<td class="muted">not installed</td>')
+                continue
+            mark, css = ("✅", "ok") if fit["fits"] else ("❌", "bad")
+            tds.append(
+                f'<td class="fit {css}" data-node="{_attr(node["name"])}" data-model="{_attr(model)}" '
+                f'data-fits="{int(bool(fit["fits"]))}" title="{_attr(fit["reason"])}">{mark} {escape(fit["kind"])}</td>'
+            )
+        rows.append(f"<tr><td>{escape(model)}</td>{''.join(tds)}</tr>")
+    return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _actions(actions: Iterable[Mapping[str, Any]], limit: int) -> str:
+    rows = []
+    for a in list(actions)[-limit:][::-1]:
+        outcome = str(a.get("outcome", ""))
+        css = "ok" if outcome == "success" else ("bad" if outcome == "failure" else "muted")
+        rows.append(
+            f'<tr class="action" data-model="{_attr(a.get("model"))}" data-outcome="{_attr(outcome)}">'
+            f"<td>{_when(float(a['time']))}</td><td>{escape(str(a.get('model') or ''))}</td>"
+            f"<td>{escape(str(a.get('node') or '–'))}</td><td>{escape(str(a.get('step') or ''))}</td>"
+            f'<td class="{css}">{escape(outcome)}</td><td class="num">{float(a.get("duration") or 0):.2f} s</td>'
+            f"<td>{escape(str(a.get('detail') or ''))}</td></tr>"
+        )
+    if not rows:
+        return '<p class="muted">No actions yet.</p>'
+    head = "<tr><th>time</th><th>model</th><th>node</th><th>step</th><th>outcome</th><th>took</th><th>detail</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render(
+    status: Mapping[str, Any], actions: Iterable[Mapping[str, Any]], *, refresh: int = 5, limit: int = 20
+) -> str:
+    """The whole page from a `/api/v1/status` document and the `/api/v1/actions` list (oldest first)."""
+    nodes = list(status.get("nodes", []))
+    priority_rows = "".join(
+        f'<tr class="priority" data-model="{_attr(p["model"])}" data-on-gpu="{int(bool(p["on_gpu"]))}">'
+        f'<td class="num">{p["rank"]}</td><td>{escape(p["model"])}</td>'
+        + ('<td class="ok">✅ on GPU</td></tr>' if p["on_gpu"] else '<td class="bad">❌ not fully on GPU</td></tr>')
+        for p in status.get("priority_models", [])
+    )
+    loaded = _loaded_rows(nodes)
+    loaded_table = (
+        "<table><tr><th>node</th><th>model</th><th>size</th><th>on GPU</th><th>share</th><th>context</th></tr>"
+        + "".join(loaded)
+        + "</table>"
+        if loaded
+        else '<p class="muted">No model is loaded.</p>'
+    )
+    up = sum(1 for n in nodes if n["up"])
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="{int(refresh)}">'
+        "<title>GPU Router</title>"
+        f"<style>{_STYLE}</style></head><body>"
+        f'<h1>GPU Router</h1><div class="muted">Cluster read {_when(float(status.get("taken_at", 0)))} · '
+        f"{up}/{len(nodes)} nodes up · refreshes every {int(refresh)} s · "
+        '<a href="/api/v1/status">JSON</a> · <a href="/metrics">metrics</a></div>'
+        f'<h2>Nodes</h2><div class="nodes">{"".join(_node(n) for n in nodes)}</div>'
+        f"<h2>Priority models</h2><table><tr><th>#</th><th>model</th><th>state</th></tr>{priority_rows}</table>"
+        f"<h2>Loaded models</h2>{loaded_table}"
+        f"<h2>Where each model fits</h2>{_fit_matrix(nodes)}"
+        f"<h2>Last actions</h2>{_actions(actions, limit)}"
+        "</body></html>\n"
+    )

@@ -1,0 +1,49 @@
+"""`gpu-router demo --once`: the README's first command tells the whole story and exits 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import require_tool
+
+from optimizer.localstack import REPO
+
+
+def run_demo(*extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer.cli", "demo", "--once", *extra],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+        check=False,
+    )
+    return done, time.monotonic() - started
+
+
+def test_demo_tells_the_story_and_exits_0() -> None:
+    done, took = run_demo()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    order = ["1. STATUS", "2. TROUBLE", "0% on GPU  ← on CPU", "3. THE OPTIMIZER NOTICES", "4. FINAL STATUS"]
+    positions = [out.index(marker) for marker in order]
+    assert positions == sorted(positions)
+    assert "[optimizer] load mxbai-embed-large:latest on gpu-small → success" in out
+    assert "Result: mxbai-embed-large:latest is back fully on GPU ✅" in out
+    assert "Optimizer status page  http://127.0.0.1:" in out
+    assert took < 60
+
+
+@pytest.mark.e2e
+def test_demo_through_prometheus_and_alertmanager() -> None:
+    require_tool("prometheus")
+    require_tool("prometheus-alertmanager")
+    done, _ = run_demo("--with-prometheus")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "(Prometheus rule → Alertmanager → webhook)" in done.stdout
+    assert "[prometheus] GPURouterPriorityModelOnCPU gpu-small firing" in done.stdout
+    assert "Result: mxbai-embed-large:latest is back fully on GPU ✅" in done.stdout

@@ -319,10 +319,15 @@ class Stack:
     def ps(self, node: str) -> list[dict[str, Any]]:
         return requests.get(f"{self.urls[node]}/api/ps", timeout=5).json()["models"]
 
-    def load(self, node: str, model: str, **options: Any) -> None:
+    def load(self, node: str, model: str, *, embedding: bool = False, **options: Any) -> None:
         """What a client does: load a model on a node (e.g. num_gpu=0 puts it on CPU)."""
-        body = {"model": model, "prompt": "", "stream": False, "keep_alive": -1, "options": options}
-        requests.post(f"{self.urls[node]}/api/generate", json=body, timeout=60).raise_for_status()
+        body: dict[str, Any] = {"model": model, "keep_alive": -1, "options": options}
+        if embedding:
+            body["input"] = []
+        else:
+            body.update(prompt="", stream=False)
+        path = "/api/embed" if embedding else "/api/generate"
+        requests.post(f"{self.urls[node]}{path}", json=body, timeout=60).raise_for_status()
 
     def firing(self, alertname: str) -> list[dict[str, Any]]:
         assert self.prometheus is not None

@@ -135,7 +135,7 @@ class OllamaClient:
                     size=_int(m["size"]),
                     size_vram=_int(m.get("size_vram", 0)),
                     digest=str(m.get("digest", "")),
-                    expires_at=_time(m.get("expires_at")),
+                    expires_at=parse_go_time(m.get("expires_at")),
                     context_length=_int(m["context_length"]) if m.get("context_length") is not None else None,
                     details=MappingProxyType(dict(m.get("details") or {})),
                 )
@@ -261,7 +261,7 @@ def _int(value: Any) -> int:
     return int(value)
 
 
-def _time(value: Any) -> datetime | None:
+def parse_go_time(value: Any) -> datetime | None:
     """Go's RFC 3339 time (up to 9 fractional digits) as an aware datetime; None when absent."""
     if value in (None, ""):
         return None

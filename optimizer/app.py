@@ -1,0 +1,297 @@
+"""The optimizer's HTTP face: the Alertmanager webhook, the JSON API, /metrics and /healthz.
+
+Handlers do no slow work: the webhook validates, queues and answers 202 at once; the read endpoints share
+one cluster poll per `state_max_age` seconds. Every answer, errors included, is JSON (except /metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from exporter import catalog
+from exporter.config import Config, PriorityModel, model_key
+from exporter.observe import Observer
+from exporter.state import ClusterState
+from optimizer import decide, render, webhook
+from optimizer.auth import Authenticator
+from optimizer.jobs import JobQueue, Metrics, Remediator, log, log_event
+from optimizer.webhook import PayloadError
+
+EXTENSION = "gpu_router"
+
+
+@dataclasses.dataclass
+class Services:
+    """What the handlers use; `app.extensions["gpu_router"]`."""
+
+    config: Config
+    observer: Observer
+    queue: JobQueue
+    metrics: Metrics
+    auth: Authenticator
+    states: StateCache
+
+
+class StateCache:
+    """The latest poll, shared by concurrent readers; at most one poll per `max_age` seconds."""
+
+    def __init__(self, observer: Observer, max_age: float = 1.0) -> None:
+        self.observer = observer
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._state: ClusterState | None = None
+        self._at = 0.0
+
+    def get(self) -> ClusterState:
+        with self._lock:
+            if self._state is None or time.monotonic() - self._at >= self.max_age:
+                self._state = self.observer.poll()
+                self._at = time.monotonic()
+            return self._state
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, with a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(
+    config: Config,
+    *,
+    observer: Observer | None = None,
+    queue: JobQueue | None = None,
+    metrics: Metrics | None = None,
+    auth: Authenticator | None = None,
+    state_max_age: float = 1.0,
+) -> Flask:
+    """The Flask application. Without a `queue`, one backed by a `Remediator` is made and started (its
+    worker threads are daemons; stop them with ``app.extensions["gpu_router"].queue.stop()``)."""
+    observer = observer or Observer(config)
+    metrics = metrics or (queue.metrics if queue is not None else Metrics())
+    if queue is None:
+        queue = JobQueue(config, Remediator(config, observer, dry_run=not config.auto_optimize), metrics=metrics)
+        queue.start()
+    services = Services(
+        config=config,
+        observer=observer,
+        queue=queue,
+        metrics=metrics,
+        auth=auth or Authenticator(config.optimizer.webhook_auth),
+        states=StateCache(observer, state_max_age),
+    )
+    app = Flask("gpu_router.optimizer")
+    app.config["MAX_CONTENT_LENGTH"] = webhook.MAX_BODY
+    app.json.sort_keys = False
+    app.extensions[EXTENSION] = services
+    _routes(app, services)
+    _errors(app)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+def _routes(app: Flask, s: Services) -> None:
+    config = s.config
+
+    @app.get("/")
+    def index() -> Any:
+        # Placeholder until the status page lands: what this service serves.
+        return {
+            "service": "gpu-router optimizer",
+            "endpoints": [
+                "POST /webhook",
+                "GET /api/v1/status",
+                "GET /api/v1/route?model=",
+                "GET /api/v1/check?model=",
+                "GET /api/v1/models",
+                "POST /api/v1/optimize",
+                "GET /api/v1/actions",
+                "GET /metrics",
+                "GET /healthz",
+            ],
+        }
+
+    @app.post("/webhook")
+    def receive() -> Any:
+        if not s.auth.allows(request.headers.get("Authorization")):
+            s.metrics.webhooks.labels(outcome="unauthorized").inc()
+            log_event(logging.WARNING, "webhook", outcome="unauthorized", remote=request.remote_addr)
+            return _unauthorized(s.auth)
+        try:
+            payload = webhook.parse(_body())
+        except PayloadError as exc:
+            s.metrics.webhooks.labels(outcome="invalid").inc()
+            log_event(logging.WARNING, "webhook", outcome="invalid", reason=str(exc))
+            raise ApiError(400, str(exc)) from None
+        triage = webhook.triage(payload, config)
+        queued = []
+        for wanted in triage.wanted:
+            sub = s.queue.submit(wanted.model, wanted.node, source="webhook")
+            queued.append({"alertname": wanted.alertname, **_submission(sub)})
+        ignored = [dataclasses.asdict(i) for i in triage.ignored]
+        outcome = "accepted" if queued else "ignored"
+        s.metrics.webhooks.labels(outcome=outcome).inc()
+        for item in triage.ignored:
+            log_event(
+                logging.INFO,
+                "webhook.ignored",
+                alertname=item.alertname,
+                model=item.model,
+                node=item.node,
+                reason=item.reason,
+            )
+        log_event(
+            logging.INFO,
+            "webhook",
+            outcome=outcome,
+            queued=len(queued),
+            ignored=len(ignored),
+            truncated=triage.truncated or None,
+        )
+        body = {"queued": queued, "ignored": ignored, "auto_optimize": config.auto_optimize}
+        if triage.truncated:
+            body["truncated_alerts"] = triage.truncated
+        return body, 202
+
+    @app.get("/api/v1/status")
+    def status() -> Any:
+        return render.status_json(s.states.get(), time.time())
+
+    @app.get("/api/v1/route")
+    def route() -> Any:
+        state, model = _model_query(s)
+        return render.route_json(decide.route(state, model, time.time()), decide.need_of(state, model))
+
+    @app.get("/api/v1/check")
+    def check() -> Any:
+        state, model = _model_query(s)
+        return render.check_json(decide.check(state, model, time.time()))
+
+    @app.get("/api/v1/models")
+    def models() -> Any:
+        return {"models": render.model_rows(s.states.get())}
+
+    @app.post("/api/v1/optimize")
+    def optimize() -> Any:
+        if not s.auth.allows(request.headers.get("Authorization")):
+            log_event(logging.WARNING, "optimize", outcome="unauthorized", remote=request.remote_addr)
+            return _unauthorized(s.auth)
+        dry_run, wanted = _optimize_request(config)
+        if dry_run:
+            plan = decide.restrict(decide.plan(s.states.get(), now=time.time()), [p.name for p in wanted])
+            return {"dry_run": True, "plan": render.plan_json(plan)}
+        if not config.auto_optimize:
+            raise ApiError(409, "auto_optimize is false (monitor only): ask with dry_run, or enable it")
+        queued = [_submission(s.queue.submit(p.name, source="api")) for p in wanted]
+        log_event(logging.INFO, "optimize", outcome="queued", models=",".join(q["model"] for q in queued))
+        return {"dry_run": False, "queued": queued}, 202
+
+    @app.get("/api/v1/actions")
+    def actions() -> Any:
+        return {
+            "actions": [dataclasses.asdict(a) for a in s.queue.actions()],
+            "jobs": s.queue.jobs(),
+            "cooldowns": s.queue.cooldowns(),
+        }
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        return {"status": "ok", "auto_optimize": config.auto_optimize, "queue_depth": s.queue.depth}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(s.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _errors(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Any:
+        return {"error": str(exc)}, exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        response = exc.get_response()
+        response.data = json.dumps({"error": f"{exc.name}: {exc.description}"})
+        response.content_type = "application/json"
+        return response
+
+    @app.errorhandler(Exception)
+    def crash(exc: Exception) -> Any:
+        log.exception("event=http.error path=%s", request.path)
+        return {"error": f"internal error: {type(exc).__name__}"}, 500
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+def _body() -> bytes:
+    """The request body, within webhook.MAX_BODY."""
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise PayloadError(f"body too large: {request.content_length} bytes, the limit is {webhook.MAX_BODY}") from None
+
+
+def _unauthorized(auth: Authenticator) -> Any:
+    return {"error": "unauthorized: missing or wrong credentials"}, 401, {"WWW-Authenticate": auth.challenge}
+
+
+def _model_query(s: Services) -> tuple[ClusterState, str]:
+    model = request.args.get("model", "").strip()
+    if not model:
+        raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
+    state = s.states.get()
+    key = model_key(model)
+    if key not in state.known_models() and catalog.find(key) is None:
+        shown = webhook.clip(model)
+        raise ApiError(404, f"unknown model {shown!r}: not installed on any node, not in the catalog")
+    return state, model
+
+
+def _optimize_request(config: Config) -> tuple[bool, list[PriorityModel]]:
+    """(dry_run, the priority models asked for) from the body of POST /api/v1/optimize."""
+    try:
+        raw = _body()
+        data = json.loads(raw) if raw.strip() else {}
+    except PayloadError as exc:
+        raise ApiError(400, str(exc)) from None
+    except (ValueError, RecursionError):
+        raise ApiError(400, 'invalid JSON: expected {"dry_run": true, "models": [...]}') from None
+    if not isinstance(data, dict):
+        raise ApiError(400, 'expected a JSON object like {"dry_run": true, "models": [...]}')
+    unknown = sorted(set(data) - {"dry_run", "models"})
+    if unknown:
+        raise ApiError(400, f"unknown field {webhook.clip(unknown[0])!r} (known: dry_run, models)")
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise ApiError(400, "dry_run: expected true or false")
+    names = data.get("models")
+    if names is None:
+        return dry_run, list(config.priority_models)
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ApiError(400, "models: expected a list of model names")
+    wanted = []
+    for name in names:
+        priority = config.priority(name)
+        if priority is None:
+            raise ApiError(404, f"{webhook.clip(name)!r} is not a configured priority model")
+        if priority not in wanted:
+            wanted.append(priority)
+    return dry_run, wanted
+
+
+def _submission(sub: Any) -> dict[str, Any]:
+    return {"model": sub.model, "node": sub.node, "state": sub.state, "retry_in": sub.retry_in}

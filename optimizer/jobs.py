@@ -1,0 +1,456 @@
+"""The optimizer's work queue: at most one job per model, run in the background, failures contained.
+
+A notification for a model that is already queued or being fixed joins that job. A job (`Remediator`)
+re-reads the cluster, plans for every priority model and executes the part of the plan that serves its own.
+After a failed attempt the model cools down (cooldown_seconds, doubling up to cooldown_max_seconds): a job
+submitted meanwhile waits for the end of the cooldown. Every outcome lands in the actions history, the log
+and the metrics; nothing a job raises leaves its worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from exporter.config import Config, PriorityModel, model_key
+from exporter.observe import Observer
+from exporter.ollama import OllamaClient, OllamaError
+from exporter.state import ClusterState
+from optimizer import decide, execute
+
+log = logging.getLogger("gpu_router.optimizer")
+
+HISTORY = 200  # actions kept for /api/v1/actions
+ACTIONS = ("load", "unload", "evict")
+WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
+REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@]+")
+
+
+def log_event(level: int, event: str, **fields: object) -> None:
+    """One log line `event=NAME key=value ...`; values with spaces or odd characters are JSON-quoted."""
+    if not log.isEnabledFor(level):
+        return
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={text if _PLAIN.fullmatch(text) else json.dumps(text)}")
+    log.log(level, " ".join(parts))
+
+
+class Metrics:
+    """The optimizer's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.webhooks = Counter(
+            "gpu_router_optimizer_webhooks", "Webhook notifications by outcome", ["outcome"], registry=r
+        )
+        self.actions = Counter(
+            "gpu_router_optimizer_actions", "Actions on Ollama nodes by result", ["action", "result"], registry=r
+        )
+        self.remediation = Histogram(
+            "gpu_router_optimizer_remediation_seconds",
+            "Alert received or problem seen until the model is verified on GPU",
+            buckets=REMEDIATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("gpu_router_optimizer_queue_depth", "Jobs queued or running", registry=r)
+        self.last_reconcile = Gauge(
+            "gpu_router_optimizer_last_reconcile_timestamp_seconds",
+            "Unix time of the last reconcile pass",
+            registry=r,
+        )
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhooks.labels(outcome=outcome)
+        for action in ACTIONS:
+            for result in ("success", "failure"):
+                self.actions.labels(action=action, result=result)
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    """One entry of the actions history. `step` is load/unload/evict, or plan/job for a job's own outcome;
+    `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
+    dry-run (auto_optimize: false) or unplaced (the plan found no node for the model)."""
+
+    time: float  # Unix seconds when it started
+    model: str
+    node: str | None
+    step: str
+    outcome: str
+    duration: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job did. `fixed`: it put the model on GPU and verified it there."""
+
+    ok: bool
+    fixed: bool = False
+    actions: tuple[ActionRecord, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The answer to a submit: `state` is queued (a new job), joined (an existing one) or cooldown (a new job
+    that waits `retry_in` seconds, the rest of the model's cooldown)."""
+
+    model: str
+    node: str | None
+    state: str
+    retry_in: float | None = None
+
+
+@dataclass
+class Job:
+    """The work for one model: every notification for it while it waits or runs joins it."""
+
+    model: str
+    received: float  # clock time of the first notification: remediation time counts from here
+    not_before: float
+    nodes: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    running: bool = False
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "state": "running" if self.running else "queued",
+            "nodes": list(self.nodes),
+            "sources": list(self.sources),
+            "waiting_seconds": round(max(0.0, now - self.received), 3),
+            "starts_in": round(max(0.0, self.not_before - now), 3) if not self.running else 0.0,
+        }
+
+
+RunJob = Callable[[Job], JobResult]
+
+
+class JobQueue:
+    """Jobs keyed by model, run by `workers` threads; never two jobs for one model at a time."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_job: RunJob,
+        *,
+        metrics: Metrics | None = None,
+        workers: int | None = None,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.run_job = run_job
+        self.metrics = metrics or Metrics()
+        self.stopping = stop or threading.Event()
+        self.clock = clock
+        self.wall = wall
+        self._workers = workers or max(1, min(8, len(config.priority_models)))
+        self._threads: list[threading.Thread] = []
+        self._cond = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._failures: dict[str, int] = {}
+        self._cool_until: dict[str, float] = {}
+        self._history: deque[ActionRecord] = deque(maxlen=HISTORY)
+        self.metrics.queue_depth.set_function(lambda: self.depth)
+
+    # ------------------------------------------------------------------------------------------ control
+
+    def start(self) -> JobQueue:
+        for i in range(self._workers):
+            thread = threading.Thread(target=self._work, name=f"optimizer-job-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Take no new job, drop queued ones, wait up to `timeout` for running ones; True when all ended."""
+        self.stopping.set()
+        with self._cond:
+            dropped = [m for m, job in self._jobs.items() if not job.running]
+            for model in dropped:
+                del self._jobs[model]
+            self._cond.notify_all()
+        for model in dropped:
+            log_event(logging.INFO, "job.dropped", model=model, outcome="stopping")
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def wake(self) -> None:
+        """Make idle workers look at the queue again (after the injected clock moved)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def submit(self, model: str, node: str | None = None, *, source: str = "webhook") -> Submission:
+        """Queue a job for `model`, or join the one already queued or running."""
+        key = model_key(model)
+        now = self.clock()
+        with self._cond:
+            job = self._jobs.get(key)
+            if job is not None:
+                state = "joined"
+            else:
+                until = self._cool_until.get(key, 0.0)
+                job = self._jobs[key] = Job(model=key, received=now, not_before=max(now, until))
+                state = "cooldown" if until > now else "queued"
+                self._cond.notify()
+            if node is not None and node not in job.nodes:
+                job.nodes.append(node)
+            if source not in job.sources:
+                job.sources.append(source)
+            retry_in = job.not_before - now if job.not_before > now and not job.running else None
+        level = logging.DEBUG if state == "joined" else logging.INFO  # duplicates are routine: keep them quiet
+        log_event(level, "job.submit", model=key, node=node, source=source, outcome=state)
+        return Submission(model=key, node=node, state=state, retry_in=retry_in)
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    @property
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._jobs)
+
+    def jobs(self) -> list[dict[str, object]]:
+        now = self.clock()
+        with self._cond:
+            return [job.snapshot(now) for job in self._jobs.values()]
+
+    def actions(self) -> list[ActionRecord]:
+        """The last HISTORY actions, oldest first."""
+        with self._cond:
+            return list(self._history)
+
+    def cooldowns(self) -> dict[str, float]:
+        """Seconds of cooldown left per model that has one."""
+        now = self.clock()
+        with self._cond:
+            return {m: round(until - now, 3) for m, until in self._cool_until.items() if until > now}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is queued or running; False when `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs, timeout)
+
+    # ------------------------------------------------------------------------------------------ workers
+
+    def _work(self) -> None:
+        while (job := self._take()) is not None:
+            result = self._run(job)
+            self._finish(job, result)
+
+    def _take(self) -> Job | None:
+        with self._cond:
+            while not self.stopping.is_set():
+                now = self.clock()
+                waiting = [j for j in self._jobs.values() if not j.running]
+                ready = next((j for j in waiting if j.not_before <= now), None)
+                if ready is not None:
+                    ready.running = True
+                    return ready
+                soonest = min((j.not_before - now for j in waiting), default=None)
+                self._cond.wait(None if soonest is None else min(soonest, 1.0))
+        return None
+
+    def _run(self, job: Job) -> JobResult:
+        started, wall = self.clock(), self.wall()
+        log_event(logging.INFO, "job.start", model=job.model, node=",".join(job.nodes) or None)
+        try:
+            return self.run_job(job)
+        except Exception as exc:  # a job must never take its worker down
+            log.exception("event=job.crash model=%s", job.model)
+            detail = f"{type(exc).__name__}: {exc}"
+            record = ActionRecord(wall, job.model, None, "job", "failure", self.clock() - started, detail)
+            return JobResult(ok=False, actions=(record,), detail=detail)
+
+    def _finish(self, job: Job, result: JobResult) -> None:
+        now = self.clock()
+        for record in result.actions:
+            if record.step in ACTIONS and record.outcome in ("success", "failure"):
+                self.metrics.actions.labels(action=record.step, result=record.outcome).inc()
+            level = logging.WARNING if record.outcome in ("failure", "unplaced") else logging.INFO
+            log_event(
+                level,
+                "action",
+                model=record.model,
+                node=record.node,
+                action=record.step,
+                outcome=record.outcome,
+                duration=record.duration,
+                detail=record.detail or None,
+            )
+        if result.fixed:
+            self.metrics.remediation.observe(max(0.0, now - job.received))
+        with self._cond:
+            self._history.extend(result.actions)
+            if result.ok:
+                self._failures.pop(job.model, None)
+                self._cool_until.pop(job.model, None)
+                wait = None
+            else:
+                failures = self._failures[job.model] = self._failures.get(job.model, 0) + 1
+                opt = self.config.optimizer
+                wait = min(opt.cooldown_seconds * 2 ** (failures - 1), opt.cooldown_max_seconds)
+                self._cool_until[job.model] = now + wait
+            del self._jobs[job.model]
+            self._cond.notify_all()
+        log_event(
+            logging.INFO if result.ok else logging.WARNING,
+            "job.done",
+            model=job.model,
+            outcome="success" if result.ok else "failure",
+            fixed=result.fixed,
+            cooldown=wait,
+            detail=result.detail or None,
+        )
+
+
+class _Guarded:
+    """A node's client that refuses every call once the service is stopping, so that an execution in flight
+    takes no new step: its next read fails, and the executor never removes a CPU copy unverified."""
+
+    def __init__(self, client: OllamaClient, stopping: threading.Event) -> None:
+        self._client = client
+        self._stopping = stopping
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._stopping.is_set():
+                raise OllamaError("refused", "not sent: the optimizer is stopping")
+            return method(*args, **kwargs)
+
+        return call
+
+
+class Remediator:
+    """The real job: re-read the cluster, plan for all priority models (so that one model never takes the
+    room a higher one needs), execute the steps that serve the job's model.
+
+    Jobs for different models run at once only on disjoint nodes: a job reserves every node its plan
+    touches (at most `max_loads_per_node` jobs per node), and a job whose plan needs a node that is taken
+    waits for a release and then re-reads the cluster, so no plan is acted on from a state that another job
+    was changing. With `dry_run` (auto_optimize: false) the plan is recorded, never executed.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        observer: Observer,
+        *,
+        dry_run: bool = False,
+        stop: threading.Event | None = None,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.observer = observer
+        self.dry_run = dry_run
+        self.stopping = stop or threading.Event()
+        self.wall = wall
+        self.clock = clock
+        self._clients = {name: _Guarded(c, self.stopping) for name, c in observer.clients.items()}
+        self._cond = threading.Condition()
+        self._reserved: dict[str, int] = {}
+        self._generation = 0
+
+    def __call__(self, job: Job) -> JobResult:
+        priority = self.config.priority(job.model)
+        if priority is None:
+            return JobResult(ok=True, detail="not a configured priority model")
+        reserved = self._reserve(priority)
+        if reserved is None:
+            return JobResult(ok=True, detail="abandoned: the service is stopping")
+        state, plan, nodes = reserved
+        try:
+            offset = self.wall() - self.clock()
+            execution = execute.execute(
+                plan,
+                state,
+                self._clients,  # type: ignore[arg-type]
+                load_timeout=self.config.optimizer.load_timeout,
+                dry_run=self.dry_run,
+                clock=self.clock,
+                wall=self.wall,
+            )
+        finally:
+            self._release(nodes)
+        return self._result(job.model, plan, execution, offset)
+
+    def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, decide.Plan, list[str]] | None:
+        """Poll and plan until the plan's nodes can be reserved; None when the service stops first."""
+        limit = self.config.optimizer.max_loads_per_node
+        while not self.stopping.is_set():
+            with self._cond:
+                generation = self._generation
+            state = self.observer.poll()
+            plan = decide.restrict(decide.plan(state, now=self.wall()), [priority.name])
+            nodes = sorted({step.node for step in plan.steps})
+            with self._cond:
+                if generation == self._generation and all(self._reserved.get(n, 0) < limit for n in nodes):
+                    for node in nodes:
+                        self._reserved[node] = self._reserved.get(node, 0) + 1
+                    return state, plan, nodes
+                self._cond.wait_for(lambda g=generation: self._generation != g or self.stopping.is_set(), timeout=30.0)
+        return None
+
+    def _release(self, nodes: list[str]) -> None:
+        with self._cond:
+            for node in nodes:
+                self._reserved[node] -= 1
+            self._generation += 1
+            self._cond.notify_all()
+
+    def _result(self, model: str, plan: decide.Plan, execution: execute.Execution, offset: float) -> JobResult:
+        now = self.wall()
+        if execution.dry_run:
+            records = [ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason) for s in plan.steps]
+        else:
+            records = [
+                ActionRecord(
+                    time=o.started + offset,
+                    model=o.step.model,
+                    node=o.step.node,
+                    step=o.step.action,
+                    outcome=self._outcome(o),
+                    duration=o.duration,
+                    detail=o.detail,
+                )
+                for o in execution.outcomes
+            ]
+        unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
+        records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]
+        fixed = not execution.dry_run and any(
+            o.verified and model_key(o.step.serves) == model for o in execution.outcomes
+        )
+        return JobResult(
+            ok=execution.ok and not unplaced,
+            fixed=fixed,
+            actions=tuple(records),
+            detail="; ".join([o.detail for o in execution.failed] + unplaced),
+        )
+
+    def _outcome(self, outcome: execute.Outcome) -> str:
+        if outcome.ok:
+            return "success"
+        if self.stopping.is_set():
+            return "abandoned"
+        return "skipped" if outcome.skipped else "failure"

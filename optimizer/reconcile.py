@@ -1,0 +1,95 @@
+"""The reconcile loop: every `check_interval` seconds, queue a job for each priority model not fully on GPU.
+
+It heals the cluster when Alertmanager is down or a notification was lost. With `auto_optimize: false` it
+only computes the plan and logs it (monitor mode); nothing is executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from exporter.config import Config
+from exporter.observe import Observer
+from optimizer import decide
+from optimizer.jobs import JobQueue, Metrics, log, log_event
+
+MIN_INTERVAL = 0.05  # seconds; a check_interval of 0 must not spin
+
+
+class Reconciler:
+    """Runs `run_once` now and then every `interval` seconds in a thread of its own until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        observer: Observer,
+        queue: JobQueue,
+        *,
+        metrics: Metrics,
+        interval: float | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.observer = observer
+        self.queue = queue
+        self.metrics = metrics
+        self.interval = max(MIN_INTERVAL, config.check_interval if interval is None else interval)
+        self.wall = wall
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> list[str]:
+        """One pass: the priority models not fully on GPU (queued, or only planned in monitor mode)."""
+        state = self.observer.poll()
+        missing = [p for p in self.config.priority_models if not state.on_gpu(p.name)]
+        if self.config.auto_optimize:
+            for priority in missing:
+                self.queue.submit(priority.name, source="reconcile")
+        elif missing:
+            plan = decide.plan(state, now=self.wall())  # the whole picture: only missing models get steps
+            for step in plan.steps:
+                log_event(
+                    logging.INFO,
+                    "reconcile.plan",
+                    model=step.model,
+                    node=step.node,
+                    action=step.action,
+                    outcome="not executed (auto_optimize: false)",
+                    reason=step.reason,
+                )
+            for model, why in plan.unplaced:
+                log_event(logging.WARNING, "reconcile.plan", model=model, outcome="unplaced", reason=why)
+        self.metrics.last_reconcile.set(self.wall())
+        names = [p.name for p in missing]
+        log_event(logging.INFO, "reconcile", outcome="ok", not_on_gpu=",".join(names) or "none")
+        return names
+
+    def start(self) -> Reconciler:
+        if not self.config.auto_optimize:
+            log_event(
+                logging.WARNING,
+                "reconcile.mode",
+                outcome="monitor only: auto_optimize is false, plans are logged and never executed",
+            )
+        self._thread = threading.Thread(target=self._loop, name="optimizer-reconcile", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop after the pass in progress; True when the thread ended within `timeout`."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a bad pass must not end the loop
+                log.exception("event=reconcile outcome=failure")
+            self._stop.wait(self.interval)

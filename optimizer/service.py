@@ -1,0 +1,230 @@
+"""`gpu-router optimizer`: the webhook, the JSON API, the job workers and the reconcile loop in one process.
+
+Served by waitress (threads). SIGTERM or SIGINT stops it within a few seconds: no new request, job or step
+is taken and no further call goes to a node; a load already sent finishes on its node, and the CPU copy it
+was to replace stays (a copy is only ever removed after its replacement is verified on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging.handlers import QueueHandler, QueueListener
+from typing import Any
+
+from flask import Flask
+from waitress import wasyncore
+from waitress.server import create_server
+
+from exporter.config import Config, find_config, load_config
+from exporter.observe import Observer
+from optimizer import webhook
+from optimizer.app import create_app
+from optimizer.auth import Authenticator
+from optimizer.jobs import JobQueue, Metrics, Remediator, RunJob, log_event
+from optimizer.reconcile import Reconciler
+
+DEFAULT_LISTEN = "127.0.0.1:9878"
+THREADS = 16  # waitress request threads; handlers never block on Ollama except the cached reads
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_LISTEN,
+        help=f"address to serve on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen without webhook credentials (optimizer.webhook_auth)",
+    )
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` → (host, port); raises ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen: expected HOST:PORT like {DEFAULT_LISTEN}, got {text!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class OptimizerHandle:
+    """A running optimizer: `url` to reach it, `stop()` to end every thread it started."""
+
+    url: str
+    app: Flask
+    queue: JobQueue
+    reconciler: Reconciler | None
+    _server: Any
+    _thread: threading.Thread
+    _serving: threading.Event
+    _close: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking requests, jobs and steps; wait up to `timeout` for the work in flight. Idempotent."""
+        if not self._serving.is_set():
+            return
+        self.queue.stopping.set()  # from now on no call goes to a node
+        if self.reconciler is not None:
+            self.reconciler.stop(timeout)
+        self._serving.clear()
+        self._server.pull_trigger()  # wakes the loop, which sees the flag and returns
+        self._thread.join(timeout)
+        self._server.task_dispatcher.shutdown(timeout=timeout)
+        wasyncore.close_all(self._server._map)  # the listening socket, open connections, the trigger
+        if not self.queue.stop(timeout):
+            log_event(logging.WARNING, "stop", outcome="a job was still running; abandoned")
+        for close in self._close:
+            close()
+        self._close.clear()
+
+
+def start_optimizer(
+    config: Config,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    auth: Authenticator | None = None,
+    observer: Observer | None = None,
+    run_job: RunJob | None = None,
+    reconcile: bool = True,
+    threads: int = THREADS,
+    state_max_age: float = 1.0,
+) -> OptimizerHandle:
+    """Serve the optimizer in background threads (port 0 = any free port) and return its handle."""
+    stop = threading.Event()
+    owned = observer is None
+    observer = observer or Observer(config)
+    metrics = Metrics()
+    job = run_job or Remediator(config, observer, dry_run=not config.auto_optimize, stop=stop)
+    queue = JobQueue(config, job, metrics=metrics, stop=stop).start()
+    app = create_app(config, observer=observer, queue=queue, metrics=metrics, auth=auth, state_max_age=state_max_age)
+    server = create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        ident="gpu-router-optimizer",
+        # waitress buffers a body before the app sees it: cap that well above the app's own JSON-answered limit
+        max_request_body_size=4 * webhook.MAX_BODY,
+    )
+    serving = threading.Event()
+    serving.set()
+    thread = threading.Thread(target=_serve, args=(server, serving), name="optimizer-http", daemon=True)
+    thread.start()
+    reconciler = None
+    if reconcile:
+        reconciler = Reconciler(config, observer, queue, metrics=metrics).start()
+    shown = f"[{host}]" if ":" in host else host
+    handle = OptimizerHandle(
+        url=f"http://{shown}:{server.effective_port}",
+        app=app,
+        queue=queue,
+        reconciler=reconciler,
+        _server=server,
+        _thread=thread,
+        _serving=serving,
+    )
+    if owned:
+        handle._close.append(observer.close)
+    return handle
+
+
+def _serve(server: Any, serving: threading.Event) -> None:
+    """waitress's I/O loop, one pass at a time while `serving` is set. Its sockets are closed by `stop` once
+    this thread has ended (closing them from inside the loop would race with threads pulling its trigger)."""
+    adj = server.adj
+    while serving.is_set():
+        wasyncore.loop(timeout=adj.asyncore_loop_timeout, use_poll=adj.asyncore_use_poll, map=server._map, count=1)
+
+
+def setup_logging(level: str) -> QueueListener:
+    """One line per event on stderr: `time=... level=... event=... key=value ...`.
+
+    Lines are written by a thread of their own: a request thread that waited on the log's file would hand
+    the interpreter lock to waitress's busy I/O loop and wait for it back, which under a burst of
+    notifications multiplies the answer time. The caller stops the returned listener to flush the log.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine("time=%(asctime)s level=%(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.handlers[:] = [QueueHandler(records)]
+    root.setLevel(level)
+    # waitress warns once per request queued behind busy threads; a burst of notifications is routine here.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    listener = QueueListener(records, handler)
+    listener.start()
+    return listener
+
+
+class _OneLine(logging.Formatter):
+    """Tracebacks and multi-line messages folded into the event's one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"gpu-router optimizer: {exc}", file=sys.stderr)
+        return 2
+    auth = Authenticator(config.optimizer.webhook_auth)
+    if not auth.enabled and not is_loopback(host) and not args.insecure:
+        print(
+            f"gpu-router optimizer: refusing to listen on {host}: no webhook credentials are configured "
+            "(optimizer.webhook_auth), so anyone who reaches it could make it load and unload models; "
+            "configure a bearer token or basic auth, listen on 127.0.0.1, or pass --insecure",
+            file=sys.stderr,
+        )
+        return 2
+    listener = setup_logging(config.log_level)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            handle = start_optimizer(config, host, port, auth=auth)
+        except OSError as exc:
+            print(f"gpu-router optimizer: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        log_event(
+            logging.INFO,
+            "listening",
+            url=handle.url,
+            auto_optimize=config.auto_optimize,
+            auth=auth.scheme or "none",
+            check_interval=config.check_interval,
+        )
+        while not stop.wait(0.5):
+            pass
+        log_event(logging.INFO, "stopping", outcome="signal received")
+        handle.stop()
+        log_event(logging.INFO, "stopped", outcome="ok")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        listener.stop()

@@ -21,7 +21,7 @@ from exporter import catalog
 from exporter.config import Config, PriorityModel, model_key
 from exporter.observe import Observer
 from exporter.state import ClusterState
-from optimizer import decide, render, webhook
+from optimizer import decide, render, statuspage, webhook
 from optimizer.auth import Authenticator
 from optimizer.jobs import JobQueue, Metrics, Remediator, log, log_event
 from optimizer.webhook import PayloadError
@@ -108,21 +108,9 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/")
     def index() -> Any:
-        # Placeholder until the status page lands: what this service serves.
-        return {
-            "service": "gpu-router optimizer",
-            "endpoints": [
-                "POST /webhook",
-                "GET /api/v1/status",
-                "GET /api/v1/route?model=",
-                "GET /api/v1/check?model=",
-                "GET /api/v1/models",
-                "POST /api/v1/optimize",
-                "GET /api/v1/actions",
-                "GET /metrics",
-                "GET /healthz",
-            ],
-        }
+        status = render.status_json(s.states.get(), time.time())
+        actions = [dataclasses.asdict(a) for a in s.queue.actions()]
+        return Response(statuspage.render(status, actions), mimetype="text/html")
 
     @app.post("/webhook")
     def receive() -> Any:

@@ -124,7 +124,7 @@ def _fit_matrix(nodes: list[Mapping[str, Any]]) -> str:
             if fit is None:
                 tds.append('<td class="muted">not installed</td>')
                 continue
-            mark, css = ("✅", "ok") if fit["fits"] else ("❌", "bad")
+            mark, css = ("✓", "ok") if fit["fits"] else ("✗", "bad")
             tds.append(
                 f'<td class="fit {css}" data-node="{_attr(node["name"])}" data-model="{_attr(model)}" '
                 f'data-fits="{int(bool(fit["fits"]))}" title="{_attr(fit["reason"])}">{mark} {escape(fit["kind"])}</td>'
@@ -159,7 +159,7 @@ def render(
     priority_rows = "".join(
         f'<tr class="priority" data-model="{_attr(p["model"])}" data-on-gpu="{int(bool(p["on_gpu"]))}">'
         f'<td class="num">{p["rank"]}</td><td>{escape(p["model"])}</td>'
-        + ('<td class="ok">✅ on GPU</td></tr>' if p["on_gpu"] else '<td class="bad">❌ not fully on GPU</td></tr>')
+        + ('<td class="ok">✓ on GPU</td></tr>' if p["on_gpu"] else '<td class="bad">✗ not fully on GPU</td></tr>')
         for p in status.get("priority_models", [])
     )
     loaded = _loaded_rows(nodes)

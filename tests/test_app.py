@@ -393,7 +393,10 @@ def test_healthz_metrics_and_index(client):
         "gpu_router_optimizer_last_reconcile_timestamp_seconds",
     ):
         assert name in text
-    assert "/webhook" in json.dumps(client.get("/").get_json())
+    index = client.get("/")
+    assert (
+        index.status_code == 200 and index.mimetype == "text/html" and "Priority models" in index.get_data(as_text=True)
+    )
 
 
 def test_unknown_routes_and_methods_answer_json(client):

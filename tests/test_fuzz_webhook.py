@@ -221,7 +221,9 @@ headers = st.fixed_dictionaries(
 
 def check_answer(answer, path: str) -> None:
     assert answer.status_code < 500, (path, answer.status_code, answer.get_data()[:200])
-    if path != "/metrics":
+    if path == "/" and answer.status_code == 200:
+        assert answer.mimetype == "text/html"  # the status page
+    elif path != "/metrics":
         assert answer.is_json, (path, answer.status_code)
         assert isinstance(answer.get_json(), dict)
 

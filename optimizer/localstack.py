@@ -26,7 +26,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 5.0, what: str = "the condition", interval: float = 0.02
+) -> Any:
     """Poll `condition` until it returns something truthy; raise TimeoutError naming `what` otherwise."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None

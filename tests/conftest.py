@@ -17,3 +17,33 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def alert(name: str = "GPURouterPriorityModelOnCPU", status: str = "firing", **labels: str) -> dict:
+    """One alert as Alertmanager 0.25 sends it in a webhook notification."""
+    return {
+        "status": status,
+        "labels": {"alertname": name, "severity": "critical", **labels},
+        "annotations": {"summary": "A priority model runs on CPU."},
+        "startsAt": "2026-11-26T20:12:01.544808118Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://127.0.0.1:9090/graph",
+        "fingerprint": "c7a56ec958c85754",
+    }
+
+
+def payload(*alerts: dict, status: str | None = None) -> dict:
+    """A whole webhook notification (version 4), shaped like one captured from a real Alertmanager."""
+    first = alerts[0]["labels"] if alerts else {}
+    return {
+        "receiver": "optimizer",
+        "status": status or (alerts[0]["status"] if alerts else "firing"),
+        "alerts": list(alerts),
+        "groupLabels": {"alertname": str(first.get("alertname", ""))},
+        "commonLabels": {k: v for k, v in first.items() if isinstance(v, str)},
+        "commonAnnotations": {"summary": "A priority model runs on CPU."},
+        "externalURL": "http://127.0.0.1:9093",
+        "version": "4",
+        "groupKey": '{}:{alertname="GPURouterPriorityModelOnCPU"}',
+        "truncatedAlerts": 0,
+    }

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 
 import pytest
+from conftest import alert, payload
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -106,33 +107,6 @@ def client(parts) -> FlaskClient:
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def alert(name: str = "GPURouterPriorityModelOnCPU", status: str = "firing", **labels: str) -> dict:
-    return {
-        "status": status,
-        "labels": {"alertname": name, "severity": "critical", **labels},
-        "annotations": {"summary": "s"},
-        "startsAt": "2026-11-26T20:12:01.544808118Z",
-        "endsAt": "0001-01-01T00:00:00Z",
-        "generatorURL": "http://prom:9090/graph",
-        "fingerprint": "c7a56ec958c85754",
-    }
-
-
-def payload(*alerts: dict) -> dict:
-    return {
-        "receiver": "optimizer",
-        "status": "firing",
-        "alerts": list(alerts),
-        "groupLabels": {},
-        "commonLabels": {},
-        "commonAnnotations": {},
-        "externalURL": "http://am:9093",
-        "version": "4",
-        "groupKey": "{}:{}",
-        "truncatedAlerts": 0,
-    }
 
 
 def metric(app: Flask, name: str, **labels: str) -> float | None:

@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from exporter.config import parse_config
 from optimizer.jobs import HISTORY, ActionRecord, Job, JobQueue, JobResult, Metrics
+from optimizer.localstack import wait_for
 
 CONFIG = parse_config(
     {
@@ -19,13 +20,6 @@ CONFIG = parse_config(
         "optimizer": {"cooldown_seconds": 10, "cooldown_max_seconds": 35},
     }
 )
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 class Clock:

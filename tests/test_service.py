@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +20,14 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import alert
+from conftest import payload as notification
 
 from exporter.config import Config, parse_config
 from exporter.observe import Observer
 from optimizer import service
 from optimizer.jobs import JobQueue, JobResult
+from optimizer.localstack import wait_for
 from optimizer.reconcile import Reconciler
 from optimizer.service import OptimizerHandle, is_loopback, parse_listen, start_optimizer
 from simulator.run import Fleet, fleet_from_dict
@@ -34,13 +37,6 @@ TOKEN = "svc-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LLAMA = "llama3.1:8b"  # 5816 MiB in the simulator: fits the 8 GiB node's usable 6553 MiB
 SMALL = "llama3.2:3b"  # 3156 MiB: fits beside nothing priority on that node once llama3.1 is there
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def fleet_spec(cpu_models: list[str], *, preload_on: str = "cpu-node", load_speed: int | str = 0) -> dict:
@@ -82,34 +78,6 @@ def running(
             yield fleet, handle, config
         finally:
             handle.stop()
-
-
-def alert(name: str = "GPURouterPriorityModelOnCPU", status: str = "firing", **labels: str) -> dict:
-    return {
-        "status": status,
-        "labels": {"alertname": name, "severity": "critical", **labels},
-        "annotations": {"summary": "A priority model runs on CPU."},
-        "startsAt": "2026-11-26T20:12:01.544808118Z",
-        "endsAt": "0001-01-01T00:00:00Z",
-        "generatorURL": "http://127.0.0.1:9090/graph",
-        "fingerprint": "c7a56ec958c85754",
-    }
-
-
-def notification(*alerts: dict) -> dict:
-    first = alerts[0]["labels"]
-    return {
-        "receiver": "optimizer",
-        "status": alerts[0]["status"],
-        "alerts": list(alerts),
-        "groupLabels": {"alertname": first["alertname"]},
-        "commonLabels": first,
-        "commonAnnotations": {},
-        "externalURL": "http://127.0.0.1:9093",
-        "version": "4",
-        "groupKey": '{}:{alertname="GPURouterPriorityModelOnCPU"}',
-        "truncatedAlerts": 0,
-    }
 
 
 def loaded(fleet: Fleet, node: str) -> dict[str, tuple[int, int]]:

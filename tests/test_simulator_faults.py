@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import requests
 
 from exporter.units import GIB, MIB
+from optimizer.localstack import wait_for
 from simulator.faults import check_fault
 from simulator.run import Fleet, fleet_from_dict
 
@@ -57,16 +57,6 @@ def load(url: str, model: str, **extra: object) -> dict:
 
 def ps(url: str) -> list[dict]:
     return requests.get(f"{url}/api/ps", timeout=5).json()["models"]
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def test_nodes_list_and_state(fleet):

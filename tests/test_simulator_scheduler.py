@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import requests
@@ -12,6 +11,7 @@ import requests
 from exporter.catalog import find
 from exporter.estimate import cpu_bytes
 from exporter.units import GIB
+from optimizer.localstack import wait_for
 from simulator.fleet import GpuSpec
 from simulator.gotypes import FOREVER
 from simulator.options import RunnerOptions, merge_options
@@ -34,16 +34,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def make(

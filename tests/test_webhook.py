@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+from conftest import alert, payload
 
 from exporter.config import parse_config
 from optimizer import webhook
@@ -21,36 +22,6 @@ CONFIG = parse_config(
         "priority_models": ["mxbai-embed-large", "llama3.1:latest"],
     }
 )
-
-
-def alert(name: str = "GPURouterPriorityModelOnCPU", status: str = "firing", **labels: str) -> dict:
-    """One alert as Alertmanager 0.25 sends it."""
-    return {
-        "status": status,
-        "labels": {"alertname": name, "severity": "critical", **labels},
-        "annotations": {"summary": "A priority model runs on CPU."},
-        "startsAt": "2026-11-26T20:12:01.544808118Z",
-        "endsAt": "0001-01-01T00:00:00Z",
-        "generatorURL": "http://prom:9090/graph",
-        "fingerprint": "c7a56ec958c85754",
-    }
-
-
-def payload(*alerts: dict, status: str = "firing") -> dict:
-    """A whole notification, shaped like the one captured from a real Alertmanager (reference §4.1)."""
-    first = alerts[0]["labels"] if alerts else {}
-    return {
-        "receiver": "optimizer",
-        "status": status,
-        "alerts": list(alerts),
-        "groupLabels": {"alertname": first.get("alertname", "")},
-        "commonLabels": dict(first),
-        "commonAnnotations": {"summary": "A priority model runs on CPU."},
-        "externalURL": "http://vm:19093",
-        "version": "4",
-        "groupKey": '{}:{alertname="GPURouterPriorityModelOnCPU"}',
-        "truncatedAlerts": 0,
-    }
 
 
 def body(data: object) -> bytes:

@@ -1,0 +1,226 @@
+"""Prometheus metrics for the cluster: a custom collector that polls every node on each scrape.
+
+Every scrape builds new metric families from a fresh `ClusterState` (no gauges kept between scrapes), so a
+model that unloads or a node that disappears leaves no stale series. Names, labels and meanings are
+DESIGN.md's "Metrics" table. Choices where the table leaves room:
+
+- capacity `none` (a CPU node) is a known capacity of 0 bytes: total, usable and free are 0 and every
+  `fits` is 0 there; capacity `unknown` gives no total/usable/used/free/fits series for the node;
+- used and free VRAM, and `fits_free`, need a node that answered: a down node keeps its total, usable and
+  `fits` (facts of its hardware) but has no used/free series and `fits_free` 0 (nothing loads there now);
+- fits are counted as `optimizer.decide` counts them (`NodeRoom`): a node with several GPUs fits a model on
+  its largest GPU, or split over all its GPUs with Ollama's reserve once more per extra GPU; free VRAM is the
+  node's usable − used, and a partly offloaded copy's own VRAM counts as free for that model (its reload
+  reuses it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from exporter.config import model_key
+from exporter.need import RESERVE
+from exporter.observe import Observer
+from exporter.state import ClusterState, NodeState
+
+# name → (labels, HELP). The order is the order of the scrape.
+METRICS: dict[str, tuple[tuple[str, ...], str]] = {
+    "gpu_router_node_up": (("node",), "1 if the node's Ollama API answered this poll"),
+    "gpu_router_node_info": (("node", "url", "version", "gpu_source"), "always 1"),
+    "gpu_router_node_poll_duration_seconds": (("node",), "time this node's poll took"),
+    "gpu_router_node_vram_total_bytes": (("node",), "GPU memory of the node (absent when unknown)"),
+    "gpu_router_node_vram_usable_bytes": (("node",), "total × vram_safety_margin"),
+    "gpu_router_node_vram_used_bytes": (("node",), "VRAM in use"),
+    "gpu_router_node_vram_free_bytes": (("node",), "usable − used, not below 0"),
+    "gpu_router_gpu_memory_total_bytes": (("node", "gpu", "name"), "per GPU, where known: total memory"),
+    "gpu_router_gpu_memory_used_bytes": (("node", "gpu", "name"), "per GPU, where known: memory in use"),
+    "gpu_router_model_loaded_bytes": (("node", "model"), "/api/ps size"),
+    "gpu_router_model_vram_bytes": (("node", "model"), "/api/ps size_vram"),
+    "gpu_router_model_gpu_ratio": (("node", "model"), "size_vram / size (1 = all on GPU, 0 = CPU)"),
+    "gpu_router_model_context_tokens": (("node", "model"), "/api/ps context_length, where reported"),
+    "gpu_router_model_expiry_timestamp_seconds": (("node", "model"), "/api/ps expires_at"),
+    "gpu_router_model_installed": (("node", "model"), "1 for each model in /api/tags"),
+    "gpu_router_model_required_bytes": (("model", "source"), "VRAM the model needs fully on GPU"),
+    "gpu_router_model_fits": (
+        ("node", "model"),
+        "1 if required ≤ usable VRAM of the node (known capacity only)",
+    ),
+    "gpu_router_model_fits_free": (
+        ("node", "model"),
+        "1 if it fits in free VRAM now, or is already fully on GPU there",
+    ),
+    "gpu_router_model_priority": (("model",), "rank of a configured priority model (1 = first)"),
+    "gpu_router_model_on_gpu": (
+        ("model",),
+        "1 if fully on GPU on at least one node (every priority and loaded model)",
+    ),
+    "gpu_router_exporter_build_info": (("version",), "always 1"),
+    "gpu_router_collect_duration_seconds": ((), "time the whole poll took"),
+}
+
+
+def exporter_version() -> str:
+    """The installed package's version."""
+    try:
+        return metadata.version("ollama-gpu-router")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+# ------------------------------------------------------------------------------------------------ fits
+
+
+@dataclass(frozen=True)
+class NodeRoom:
+    """What a node of known capacity can take, counted as `optimizer.decide` counts it: a model fits on the
+    node's largest GPU, or split over all its GPUs, each extra GPU holding Ollama's reserve once more."""
+
+    usable: int  # total × vram_safety_margin
+    largest: int  # usable bytes of the largest GPU
+    gpus: int
+    free: int  # usable − used (negative when more than usable is in use)
+    up: bool
+    on_gpu: frozenset[str]  # models fully on GPU here
+    partial: Mapping[str, int]  # model → size_vram of a copy partly on GPU (its reload reuses that VRAM)
+
+    @classmethod
+    def of(cls, node: NodeState) -> NodeRoom | None:
+        """The node's room, or None when its capacity is unknown."""
+        if not node.capacity.known:
+            return None
+        usable = node.vram_usable or 0
+        return cls(
+            usable=usable,
+            largest=max((int(g.total * node.margin) for g in node.capacity.gpus), default=0),
+            gpus=len(node.capacity.gpus),
+            free=usable - node.vram_used,
+            up=node.up,
+            on_gpu=frozenset(model_key(m.name) for m in node.loaded if m.fully_on_gpu),
+            partial={model_key(m.name): m.size_vram for m in node.loaded if not m.fully_on_gpu},
+        )
+
+    def takes(self, need: int) -> int:
+        """Bytes a model needing `need` takes here: more when it has to be split over the GPUs."""
+        return need if need <= self.largest or self.gpus <= 1 else need + RESERVE * (self.gpus - 1)
+
+    def fits(self, need: int) -> bool:
+        """The model fits the node's usable VRAM."""
+        return self.gpus > 0 and self.takes(need) <= self.usable
+
+    def fits_free(self, model: str, need: int) -> bool:
+        """The model fits the free VRAM now, or is fully on GPU there already; never on a node that is down."""
+        key = model_key(model)
+        if not self.up or not self.gpus:
+            return False
+        return key in self.on_gpu or self.takes(need) <= self.free + self.partial.get(key, 0)
+
+
+# --------------------------------------------------------------------------------------------- families
+
+
+class _Families:
+    """Metric families under construction; a label set already added is not added twice."""
+
+    def __init__(self) -> None:
+        self.families = {name: GaugeMetricFamily(name, text, labels=labels) for name, (labels, text) in METRICS.items()}
+        self._seen: set[tuple[str, tuple[str, ...]]] = set()
+
+    def add(self, name: str, labels: Sequence[str], value: float) -> None:
+        key = (name, tuple(labels))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.families[name].add_metric(list(labels), float(value))
+
+
+def cluster_families(state: ClusterState, version: str, collect_seconds: float) -> list[Metric]:
+    """Every metric family for one poll (pure: the same state always gives the same families)."""
+    out = _Families()
+    for node in state.nodes:
+        _node_metrics(out, node)
+    installed: set[str] = set()
+    loaded: set[str] = set()
+    for node in state.nodes:
+        installed.update(model_key(m.name) for m in node.installed)
+        loaded.update(model_key(m.name) for m in node.loaded)
+    for need in sorted(state.needs.values(), key=lambda n: n.model):
+        out.add("gpu_router_model_required_bytes", (need.model, need.source), need.bytes)
+    priorities = [model_key(p.name) for p in state.config.priority_models]
+    rooms = [(node.name, room) for node in state.nodes if (room := NodeRoom.of(node)) is not None]
+    for model in sorted(installed | set(priorities)):
+        need = state.need(model)
+        if need is None:
+            continue
+        for name, room in rooms:
+            out.add("gpu_router_model_fits", (name, model), room.fits(need.bytes))
+            out.add("gpu_router_model_fits_free", (name, model), room.fits_free(model, need.bytes))
+    for rank, model in enumerate(priorities, start=1):
+        out.add("gpu_router_model_priority", (model,), rank)
+    for model in [*priorities, *sorted(loaded)]:
+        out.add("gpu_router_model_on_gpu", (model,), state.on_gpu(model))
+    out.add("gpu_router_exporter_build_info", (version,), 1)
+    out.add("gpu_router_collect_duration_seconds", (), collect_seconds)
+    return list(out.families.values())
+
+
+def _node_metrics(out: _Families, node: NodeState) -> None:
+    name = node.name
+    capacity = node.capacity
+    out.add("gpu_router_node_up", (name,), node.up)
+    source = capacity.source if capacity.known else "unknown"
+    out.add("gpu_router_node_info", (name, node.config.url, node.version or "", source), 1)
+    out.add("gpu_router_node_poll_duration_seconds", (name,), node.poll_seconds)
+    if node.vram_total is not None and node.vram_usable is not None:
+        out.add("gpu_router_node_vram_total_bytes", (name,), node.vram_total)
+        out.add("gpu_router_node_vram_usable_bytes", (name,), node.vram_usable)
+        if node.up and node.vram_free is not None:
+            out.add("gpu_router_node_vram_used_bytes", (name,), node.vram_used)
+            out.add("gpu_router_node_vram_free_bytes", (name,), node.vram_free)
+    for gpu in capacity.gpus:
+        labels = (name, str(gpu.index), gpu.name)
+        out.add("gpu_router_gpu_memory_total_bytes", labels, gpu.total)
+        if gpu.used is not None:
+            out.add("gpu_router_gpu_memory_used_bytes", labels, gpu.used)
+    for m in node.loaded:
+        labels = (name, model_key(m.name))
+        out.add("gpu_router_model_loaded_bytes", labels, m.size)
+        out.add("gpu_router_model_vram_bytes", labels, m.size_vram)
+        out.add("gpu_router_model_gpu_ratio", labels, m.gpu_ratio)
+        if m.context_length is not None:
+            out.add("gpu_router_model_context_tokens", labels, m.context_length)
+        if m.expires_at is not None:
+            out.add("gpu_router_model_expiry_timestamp_seconds", labels, m.expires_at.timestamp())
+    for m in node.installed:
+        out.add("gpu_router_model_installed", (name, model_key(m.name)), 1)
+
+
+# -------------------------------------------------------------------------------------------- collector
+
+
+class ClusterCollector(Collector):
+    """Polls the cluster through `observer` on every `collect()` and yields fresh families."""
+
+    def __init__(self, observer: Observer, version: str | None = None) -> None:
+        self.observer = observer
+        self.version = version or exporter_version()
+
+    def describe(self) -> list[Metric]:
+        """Nothing: registering must not poll the cluster."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.monotonic()
+        state = self.observer.poll()
+        yield from cluster_families(state, self.version, time.monotonic() - started)
+
+
+def cluster_registry(observer: Observer, version: str | None = None) -> CollectorRegistry:
+    """A private registry holding only the cluster collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(observer, version))
+    return registry

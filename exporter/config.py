@@ -474,9 +474,7 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
     cooldown_max = _positive(r, raw.get("cooldown_max_seconds", 900.0), "optimizer.cooldown_max_seconds")
     if cooldown_max < cooldown:
         raise r.fail("optimizer.cooldown_max_seconds", f"expected ≥ cooldown_seconds ({cooldown:g})")
-    loads = r.number(
-        raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, integer=True
-    )
+    loads = r.number(raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, integer=True)
     return OptimizerSettings(
         cooldown_seconds=cooldown,
         cooldown_max_seconds=cooldown_max,
@@ -518,6 +516,5 @@ def find_config(explicit: str | Path | None) -> Path:
         if candidate.exists():
             return candidate
     raise ConfigError(
-        "no configuration: give --config PATH, or create ./gpu_router_config.yaml "
-        "or /etc/gpu-router/config.yaml"
+        "no configuration: give --config PATH, or create ./gpu_router_config.yaml or /etc/gpu-router/config.yaml"
     )

@@ -94,6 +94,7 @@ def create_app(
     app = Flask("gpu_router.optimizer")
     app.config["MAX_CONTENT_LENGTH"] = webhook.MAX_BODY
     app.json.sort_keys = False
+    app.url_map.merge_slashes = app.url_map.strict_slashes = False  # no HTML redirects: "//x" is a JSON 404
     app.extensions[EXTENSION] = services
     _routes(app, services)
     _errors(app)

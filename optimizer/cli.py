@@ -42,9 +42,7 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
         help="configuration file (default ./gpu_router_config.yaml, then /etc/gpu-router/config.yaml)",
         **unset,
     )
-    common.add_argument(
-        "--json", action="store_true", help="print one JSON document instead of text", **unset
-    )
+    common.add_argument("--json", action="store_true", help="print one JSON document instead of text", **unset)
     return common
 
 
@@ -54,9 +52,7 @@ def _decision_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name == "optimize":
         mode = parser.add_mutually_exclusive_group()
         mode.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-        mode.add_argument(
-            "--apply", action="store_true", help="act even when the config says auto_optimize: false"
-        )
+        mode.add_argument("--apply", action="store_true", help="act even when the config says auto_optimize: false")
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:

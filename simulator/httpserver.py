@@ -81,6 +81,7 @@ App = Callable[[Request], Response]
 
 
 class _Handler(BaseHTTPRequestHandler):
+    disable_nagle_algorithm = True  # like Go's net/http (Ollama): no 40 ms delayed-ACK stall between header and body
     protocol_version = "HTTP/1.1"
     server: _Server
 

@@ -416,3 +416,11 @@ def test_auth_object_can_be_injected():
         assert client.post("/webhook", json=payload(), headers={"Authorization": "Bearer other"}).status_code == 202
     finally:
         assert queue.stop(5)
+
+
+@pytest.mark.parametrize("path", ["//api/v1/status", "/api//v1/status", "/nowhere/"])
+def test_no_html_redirects_doubled_slashes_get_a_json_404(path: str) -> None:
+    client = create_app(parse_config({"nodes": ["http://127.0.0.1:9"]})).test_client()
+    answer = client.get(path)
+    assert answer.status_code == 404 and answer.is_json and "error" in answer.get_json()
+    assert client.get("//").mimetype == "text/html"  # the status page, not a redirect to it

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import requests
 
 from exporter.config import Config, parse_config
-from exporter.observe import Observer, PoolSession, node_session
+from exporter.observe import Observer, node_session
 from exporter.ollama import OllamaClient, OllamaError
 from simulator.run import Fleet, fleet_from_dict
 
@@ -186,9 +184,9 @@ MODELS_AS_LISTED = ["llama3.1:8b", "mxbai-embed-large:latest", "all-minilm:lates
 # ------------------------------------------------------------------------------------------- transport
 
 
-def test_pool_session_errors_are_classified_like_requests(fleet: Fleet) -> None:
+def test_node_session_errors_are_classified(fleet: Fleet) -> None:
     def kind(url: str, timeout: float = 1.0) -> str:
-        client = OllamaClient(url, connect_timeout=timeout, read_timeout=timeout, session=PoolSession(url))  # type: ignore[arg-type]
+        client = OllamaClient(url, connect_timeout=timeout, read_timeout=timeout, session=node_session(url))
         try:
             client.ps()
         except OllamaError as exc:
@@ -204,9 +202,9 @@ def test_pool_session_errors_are_classified_like_requests(fleet: Fleet) -> None:
     assert kind(fleet.urls["error"]) == "server_error"
 
 
-def test_pool_session_posts_json(fleet: Fleet) -> None:
+def test_node_session_posts_json(fleet: Fleet) -> None:
     url = fleet.urls["good"]
-    client = OllamaClient(url, session=PoolSession(url))  # type: ignore[arg-type]
+    client = OllamaClient(url, session=node_session(url))
     try:
         assert client.show("llama3.1:8b").model_info["general.architecture"] == "llama"
         with pytest.raises(OllamaError) as raised:
@@ -218,44 +216,9 @@ def test_pool_session_posts_json(fleet: Fleet) -> None:
         client.close()
 
 
-def test_pool_session_replaces_a_connection_the_node_closed() -> None:
-    """A server that answers one request per connection, then hangs up without saying so."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[int] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while True:
-            conn, _ = listener.accept()
-            if stop.is_set():
-                conn.close()
-                return
-            accepted.append(1)
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    session = PoolSession(url)
-    try:
-        for _ in range(3):
-            assert session.request("GET", f"{url}/api/version", timeout=(1, 1)).json() == {}
-        assert len(accepted) == 3
-    finally:
-        session.close()
-        stop.set()
-        socket.create_connection(listener.getsockname()).close()  # wakes the accept
-        thread.join(5)
-        listener.close()
-    assert not thread.is_alive()
-
-
-def test_node_session_uses_requests_for_https_and_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert isinstance(node_session("http://10.1.2.3:11434"), PoolSession)
-    assert isinstance(node_session("https://ollama.example:443"), requests.Session)
-    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    assert isinstance(node_session("http://10.1.2.3:11434"), requests.Session)
+def test_node_session_honours_proxies_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert node_session("http://127.0.0.1:11434").trust_env is False  # looked up once: none applies
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    assert node_session("http://127.0.0.1:11434").trust_env is True  # requests keeps applying it

@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import requests
@@ -134,7 +133,11 @@ def test_chromium_renders_it_and_its_figures_match_the_api(optimizer: OptimizerH
 
     loaded = {(r["node"], r["model"]): r for r in page.found["loaded"]}
     expected = {(n["name"], m["model"]): m for n in status["nodes"] for m in n["loaded"]}
-    assert loaded.keys() == expected.keys() == {("gpu-small", "mxbai-embed-large:latest"), ("gpu-large", "llama3.1:latest")}
+    assert (
+        loaded.keys()
+        == expected.keys()
+        == {("gpu-small", "mxbai-embed-large:latest"), ("gpu-large", "llama3.1:latest")}
+    )
     for key, m in expected.items():
         assert float(loaded[key]["ratio"]) == m["gpu_ratio"] and int(loaded[key]["vram"]) == m["size_vram_bytes"]
     assert 0 < float(loaded[("gpu-large", "llama3.1:latest")]["ratio"]) < 1  # num_gpu 20: partly on CPU

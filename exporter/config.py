@@ -15,9 +15,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from exporter.units import parse_size
+from exporter.yamlfile import read_yaml
 
 DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
 GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "none")
@@ -491,21 +490,12 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
 def load_config(path: str | Path) -> Config:
     """Read and validate a configuration file; raises ConfigError with a one-line message."""
     path = Path(path)
-    source = path.name
+    source = path.name if path.exists() else str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
-    return parse_config(data, source)
+        data = read_yaml(path, source)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return parse_config(data, path.name)
 
 
 def find_config(explicit: str | Path | None) -> Path:

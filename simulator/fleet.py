@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 from exporter import catalog
 from exporter.units import GIB, parse_size
+from exporter.yamlfile import read_yaml
 from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
@@ -243,17 +242,7 @@ def fleet_from_dict(data: object, source: str = "<fleet>") -> FleetSpec:
 def load_fleet(path: str | Path) -> FleetSpec:
     """Read and check a fleet file; ValueError naming the file (and key path) on any problem."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{source}: invalid YAML: {problem}{where}") from None
+    data = read_yaml(path, source)
     if data is None:
         raise ValueError(f"{source}: empty file: expected a mapping with 'nodes'")
     return fleet_from_dict(data, source)

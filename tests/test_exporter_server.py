@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import Config, parse_config
 from exporter.ollama import OllamaClient
 from exporter.server import ExporterServer, limit_malloc_arenas, parse_listen, start_exporter
+from optimizer.localstack import wait_for
 from simulator.run import Fleet, fleet_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,16 +99,6 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 
 def series(samples: Samples, name: str) -> set[frozenset[tuple[str, str]]]:
     return set(samples.get(name, {}))
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 # ------------------------------------------------------------------------------------------ the figures

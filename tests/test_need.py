@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 import pytest
+from test_estimate import COLUMN_C, EMBEDDERS
 
 from exporter import catalog, estimate
 from exporter.config import parse_config
@@ -14,21 +15,7 @@ from exporter.state import UNKNOWN, NodeState
 from exporter.units import GIB, MIB
 
 # reference/ollama-api.md §7 column C (num_ctx 4096 × parallel 1) and the embedding table (capped context).
-REFERENCE = {
-    "all-minilm:latest": 528_797_696,
-    "nomic-embed-text:latest": 791_006_208,
-    "mxbai-embed-large:latest": 1_183_850_496,
-    "qwen2.5-coder:0.5b": 1_247_371_520,
-    "qwen2.5-coder:1.5b": 1_925_233_152,
-    "qwen2.5-coder:3b": 2_923_020_288,
-    "qwen2.5-coder:7b": 5_560_907_776,
-    "llama3.2:1b": 2_293_295_104,
-    "llama3.2:3b": 3_310_184_448,
-    "llama3.1:8b": 6_099_560_448,
-    "llama3.1:70b": 44_916_131_840,
-    "codellama:7b": 6_869_432_832,
-    "codellama:13b": 11_755_865_728,
-}
+REFERENCE = COLUMN_C | {name: size for name, (_, _, size) in EMBEDDERS.items()}
 # §5.5: llama3.1:8b fully on one GPU at num_ctx × 1.
 WORKED = {2048: 5_783_412_736, 4096: 6_099_560_448, 8192: 6_930_032_640}
 

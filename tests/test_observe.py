@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +12,7 @@ import pytest
 from exporter.config import Config, parse_config
 from exporter.observe import Observer, node_session
 from exporter.ollama import OllamaClient, OllamaError
+from optimizer.localstack import wait_for
 from simulator.run import Fleet, fleet_from_dict
 
 DEADLINE = 0.6
@@ -58,16 +59,6 @@ def config_for(urls: dict[str, str], timeout: float = DEADLINE) -> Config:
             "request_timeout": timeout,
         }
     )
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def test_bad_nodes_are_down_only_themselves_and_the_poll_keeps_its_deadline(fleet: Fleet) -> None:

@@ -364,7 +364,7 @@ def test_fleet_file_errors_name_the_file_and_key(tmp_path, text, message):
 
 
 def test_missing_fleet_file(tmp_path):
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match=r"missing\.yaml: no such file"):
         load_fleet(tmp_path / "missing.yaml")
 
 

@@ -164,7 +164,12 @@ def _verdict(node: NodeState, key: str, need: ModelNeed | None, priority: frozen
         kind, why = ("cpu", "Node has no GPU (running here on CPU)") if copy else ("no_gpu", "Node has no GPU")
         return Verdict(name, False, kind, why, None, None, None)
     if gpu is None:
+        reason = node.capacity.reason
         why = f"GPU capacity unknown: set vram or gpus for node {name}, or gpu_source"
+        if "set vram" in reason:  # the capacity source already names the fix
+            why = f"GPU capacity unknown: {reason}"
+        elif reason:
+            why += f" ({reason})"
         return Verdict(name, False, "capacity_unknown", why, None, None, None)
     if need is None:
         why = "VRAM need unknown: set model_sizes for it"

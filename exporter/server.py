@@ -35,12 +35,12 @@ log = logging.getLogger("gpu_router.exporter")
 StartResponse = Callable[..., Any]
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 in brackets) → (host, port); raises argparse.ArgumentTypeError naming the problem."""
+def parse_listen(text: str, default: str = DEFAULT_LISTEN) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 in brackets) → (host, port); raises ValueError naming the problem and an example."""
     host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT like {DEFAULT_LISTEN}, got {text!r}")
+        raise ValueError(f"--listen: expected HOST:PORT like {default}, got {text!r}")
     return host, int(port)
 
 
@@ -48,8 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        type=parse_listen,
-        default=parse_listen(DEFAULT_LISTEN),
+        default=DEFAULT_LISTEN,
         help=f"address to serve /metrics on (default {DEFAULT_LISTEN})",
     )
 
@@ -169,10 +168,14 @@ def limit_malloc_arenas(count: int = 2) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"gpu-router exporter: {exc}", file=sys.stderr)
+        return 2
     config = load_config(find_config(args.config))
     limit_malloc_arenas()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = args.listen
     try:
         server, thread = start_exporter(config, host, port)
     except OSError as exc:

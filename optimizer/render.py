@@ -13,7 +13,7 @@ from exporter import catalog
 from exporter.config import model_key
 from exporter.ollama import LoadedModel
 from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.units import GIB, mb
+from exporter.units import GIB, format_mb, mb
 from optimizer.decide import CheckResult, Plan, Route, Step, Verdict, check, is_busy, need_of
 from optimizer.execute import Execution, Outcome
 
@@ -23,10 +23,6 @@ FOREVER = 20 * 365 * 86400  # `ollama ps` shows "Forever" past this
 
 def _size(num_bytes: int | None) -> str:
     return "?" if num_bytes is None else f"{mb(num_bytes)} MB"
-
-
-def _gb(num_bytes: int) -> str:
-    return f"{mb(num_bytes)} MB ({num_bytes / GIB:.2f} GB)"
 
 
 def _mark(ok: bool) -> str:
@@ -267,7 +263,7 @@ def route_text(r: Route, state: ClusterState) -> list[str]:
 def _need_text(need: ModelNeed | None) -> str:
     if need is None:
         return "unknown (not installed anywhere, not in the catalog; set model_sizes)"
-    return f"{_gb(need.bytes)}, {need.source} at {need.num_ctx} tokens of context"
+    return f"{format_mb(need.bytes)}, {need.source} at {need.num_ctx} tokens of context"
 
 
 def check_text(c: CheckResult) -> list[str]:

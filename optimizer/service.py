@@ -25,6 +25,7 @@ from waitress.server import create_server
 
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
+from exporter.server import parse_listen
 from optimizer import webhook
 from optimizer.app import create_app
 from optimizer.auth import Authenticator
@@ -47,15 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a non-loopback --listen without webhook credentials (optimizer.webhook_auth)",
     )
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPv6]:PORT` → (host, port); raises ValueError naming the problem."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen: expected HOST:PORT like {DEFAULT_LISTEN}, got {text!r}")
-    return host, int(port)
 
 
 def is_loopback(host: str) -> bool:
@@ -186,12 +178,12 @@ class _OneLine(logging.Formatter):
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config(find_config(args.config))
     try:
-        host, port = parse_listen(args.listen)
+        host, port = parse_listen(args.listen, DEFAULT_LISTEN)
     except ValueError as exc:
         print(f"gpu-router optimizer: {exc}", file=sys.stderr)
         return 2
+    config = load_config(find_config(args.config))
     auth = Authenticator(config.optimizer.webhook_auth)
     if not auth.enabled and not is_loopback(host) and not args.insecure:
         print(

@@ -187,9 +187,19 @@ class ModelSpec:
     tensors: tuple[dict, ...] = field(repr=False)  # as /api/show lists them; treat as read-only
     _info: dict = field(repr=False, compare=False)
 
-    def model_info(self) -> dict:
-        """GGUF metadata as `/api/show` `model_info` (arrays emptied, as without `verbose`)."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._info.items()}
+    def model_info(self, verbose: bool = False) -> dict:
+        """GGUF metadata as `/api/show` `model_info`: arrays longer than 5 elements (the tokenizer's) come back
+        as `[]` unless `verbose`; with it, synthetic arrays of the vocabulary's length stand in for them."""
+        info = {k: (list(v) if isinstance(v, list) else v) for k, v in self._info.items()}
+        if verbose:
+            vocab = self.arch.vocab_size
+            info["tokenizer.ggml.tokens"] = [f"<t{i}>" for i in range(vocab)]
+            info["tokenizer.ggml.token_type"] = [1] * vocab
+            if "tokenizer.ggml.merges" in info:
+                info["tokenizer.ggml.merges"] = [f"<t{i}> <t{i + 1}>" for i in range(vocab - 256)]
+            else:
+                info["tokenizer.ggml.scores"] = [0.0] * vocab
+        return info
 
 
 def _spec(

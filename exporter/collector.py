@@ -8,31 +8,34 @@ DESIGN.md's "Metrics" table. Choices where the table leaves room:
   `fits` is 0 there; capacity `unknown` gives no total/usable/used/free/fits series for the node;
 - used and free VRAM, and `fits_free`, need a node that answered: a down node keeps its total, usable and
   `fits` (facts of its hardware) but has no used/free series and `fits_free` 0 (nothing loads there now);
-- fits are counted as `optimizer.decide` counts them (`NodeRoom`): a node with several GPUs fits a model on
-  its largest GPU, or split over all its GPUs with Ollama's reserve once more per extra GPU; free VRAM is the
-  node's usable − used, and a partly offloaded copy's own VRAM counts as free for that model (its reload
-  reuses it).
+- what a model needs is per node (`gpu_router_model_required_bytes{node}`): the context it gets there and
+  the node's Ollama era decide it;
+- fits are counted as `optimizer.decide` counts them (`exporter.room.Room`, the rules of each node's Ollama);
+  a partly offloaded copy's own VRAM counts as free for that model (its reload reuses it).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.config import model_key
-from exporter.need import RESERVE
 from exporter.observe import Observer
-from exporter.state import ClusterState, NodeState
+from exporter.room import Room
+from exporter.state import ClusterState, ModelNeed, NodeState
 
 # name → (labels, HELP). The order is the order of the scrape.
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "gpu_router_node_up": (("node",), "1 if the node's Ollama API answered this poll"),
-    "gpu_router_node_info": (("node", "url", "version", "gpu_source"), "always 1"),
+    "gpu_router_node_info": (("node", "url", "version", "era", "gpu_source"), "always 1"),
+    "gpu_router_node_default_context_tokens": (
+        ("node",),
+        "the context a model gets on the node when nothing else sets one",
+    ),
     "gpu_router_node_poll_duration_seconds": (("node",), "time this node's poll took"),
     "gpu_router_node_vram_total_bytes": (("node",), "GPU memory of the node (absent when unknown)"),
     "gpu_router_node_vram_usable_bytes": (("node",), "total × vram_safety_margin"),
@@ -46,7 +49,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "gpu_router_model_context_tokens": (("node", "model"), "/api/ps context_length, where reported"),
     "gpu_router_model_expiry_timestamp_seconds": (("node", "model"), "/api/ps expires_at"),
     "gpu_router_model_installed": (("node", "model"), "1 for each model in /api/tags"),
-    "gpu_router_model_required_bytes": (("model", "source"), "VRAM the model needs fully on GPU"),
+    "gpu_router_model_required_bytes": (
+        ("node", "model", "source"),
+        "VRAM the model needs fully on GPU on that node, at the context it would get there",
+    ),
     "gpu_router_model_fits": (
         ("node", "model"),
         "1 if required ≤ usable VRAM of the node (known capacity only)",
@@ -76,49 +82,16 @@ def exporter_version() -> str:
 # ------------------------------------------------------------------------------------------------ fits
 
 
-@dataclass(frozen=True)
-class NodeRoom:
-    """What a node of known capacity can take, counted as `optimizer.decide` counts it: a model fits on the
-    node's largest GPU, or split over all its GPUs, each extra GPU holding Ollama's reserve once more."""
-
-    usable: int  # total × vram_safety_margin
-    largest: int  # usable bytes of the largest GPU
-    gpus: int
-    free: int  # usable − used (negative when more than usable is in use)
-    up: bool
-    on_gpu: frozenset[str]  # models fully on GPU here
-    partial: Mapping[str, int]  # model → size_vram of a copy partly on GPU (its reload reuses that VRAM)
-
-    @classmethod
-    def of(cls, node: NodeState) -> NodeRoom | None:
-        """The node's room, or None when its capacity is unknown."""
-        if not node.capacity.known:
-            return None
-        usable = node.vram_usable or 0
-        return cls(
-            usable=usable,
-            largest=max((int(g.total * node.margin) for g in node.capacity.gpus), default=0),
-            gpus=len(node.capacity.gpus),
-            free=usable - node.vram_used,
-            up=node.up,
-            on_gpu=frozenset(model_key(m.name) for m in node.loaded if m.fully_on_gpu),
-            partial={model_key(m.name): m.size_vram for m in node.loaded if not m.fully_on_gpu},
-        )
-
-    def takes(self, need: int) -> int:
-        """Bytes a model needing `need` takes here: more when it has to be split over the GPUs."""
-        return need if need <= self.largest or self.gpus <= 1 else need + RESERVE * (self.gpus - 1)
-
-    def fits(self, need: int) -> bool:
-        """The model fits the node's usable VRAM."""
-        return self.gpus > 0 and self.takes(need) <= self.usable
-
-    def fits_free(self, model: str, need: int) -> bool:
-        """The model fits the free VRAM now, or is fully on GPU there already; never on a node that is down."""
-        key = model_key(model)
-        if not self.up or not self.gpus:
-            return False
-        return key in self.on_gpu or self.takes(need) <= self.free + self.partial.get(key, 0)
+def fits_free(node: NodeState, room: Room, need: ModelNeed) -> bool:
+    """The model fits the node's free VRAM now (its own partial copy's VRAM counting as free), or is fully on
+    GPU there already; never on a node that is down."""
+    if not node.up:
+        return False
+    copy = node.loaded_model(need.model)
+    if copy is not None and copy.fully_on_gpu:
+        return True
+    others = any(model_key(m.name) != need.model for m in node.loaded)
+    return room.fits_free(need, freed=copy.size_vram if copy is not None else 0, others=others)
 
 
 # --------------------------------------------------------------------------------------------- families
@@ -148,17 +121,22 @@ def cluster_families(state: ClusterState, version: str, collect_seconds: float) 
     for node in state.nodes:
         installed.update(model_key(m.name) for m in node.installed)
         loaded.update(model_key(m.name) for m in node.loaded)
-    for need in sorted(state.needs.values(), key=lambda n: n.model):
-        out.add("gpu_router_model_required_bytes", (need.model, need.source), need.bytes)
     priorities = [model_key(p.name) for p in state.config.priority_models]
-    rooms = [(node.name, room) for node in state.nodes if (room := NodeRoom.of(node)) is not None]
-    for model in sorted(installed | set(priorities)):
-        need = state.need(model)
-        if need is None:
-            continue
-        for name, room in rooms:
-            out.add("gpu_router_model_fits", (name, model), room.fits(need.bytes))
-            out.add("gpu_router_model_fits_free", (name, model), room.fits_free(model, need.bytes))
+    models = installed | set(priorities)
+    for node in state.nodes:
+        room = Room.of(node)
+        for model in sorted(models | {model_key(m.name) for m in node.loaded}):
+            need = state.need(model, node.name)
+            if need is None:
+                continue
+            if room is not None and not room.has_gpu:  # a CPU node: nothing goes on a GPU there
+                out.add("gpu_router_model_fits", (node.name, model), 0)
+                out.add("gpu_router_model_fits_free", (node.name, model), 0)
+                continue
+            out.add("gpu_router_model_required_bytes", (node.name, model, need.source), need.bytes)
+            if room is not None and model in models:
+                out.add("gpu_router_model_fits", (node.name, model), room.fits(need))
+                out.add("gpu_router_model_fits_free", (node.name, model), fits_free(node, room, need))
     for rank, model in enumerate(priorities, start=1):
         out.add("gpu_router_model_priority", (model,), rank)
     for model in [*priorities, *sorted(loaded)]:
@@ -173,7 +151,8 @@ def _node_metrics(out: _Families, node: NodeState) -> None:
     capacity = node.capacity
     out.add("gpu_router_node_up", (name,), node.up)
     source = capacity.source if capacity.known else "unknown"
-    out.add("gpu_router_node_info", (name, node.config.url, node.version or "", source), 1)
+    out.add("gpu_router_node_info", (name, node.config.url, node.version or "", node.era, source), 1)
+    out.add("gpu_router_node_default_context_tokens", (name,), node.default_context[0])
     out.add("gpu_router_node_poll_duration_seconds", (name,), node.poll_seconds)
     if node.vram_total is not None and node.vram_usable is not None:
         out.add("gpu_router_node_vram_total_bytes", (name,), node.vram_total)

@@ -46,7 +46,8 @@ class NodeConfig:
     gpus: tuple[GpuSpec, ...] = ()
     gpu_source: str = "auto"
     maintenance: bool = False
-    context_length: int = 4096  # the node's OLLAMA_CONTEXT_LENGTH
+    context_length: int | None = None  # the node's OLLAMA_CONTEXT_LENGTH; None = not set (the era's default)
+    num_parallel: int = 1  # the node's OLLAMA_NUM_PARALLEL
     prometheus_match: str | None = None  # PromQL label matcher for gpu_source: prometheus
 
     @property
@@ -278,7 +279,17 @@ _TOP = (
     "prometheus",
     "optimizer",
 )
-_NODE = ("name", "url", "vram", "gpus", "gpu_source", "maintenance", "context_length", "prometheus_match")
+_NODE = (
+    "name",
+    "url",
+    "vram",
+    "gpus",
+    "gpu_source",
+    "maintenance",
+    "context_length",
+    "num_parallel",
+    "prometheus_match",
+)
 _GPU = ("name", "vram")
 _PRIORITY = ("name", "num_ctx", "keep_alive")
 _PROMETHEUS = ("url", "template", "total_query", "used_query", "max_age")
@@ -375,7 +386,10 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
     source = r.choice(raw.get("gpu_source", "auto"), _join(path, "gpu_source"), GPU_SOURCES)
     if source == "static" and vram is None and not gpus:
         raise r.fail(_join(path, "gpu_source"), "static needs vram or gpus on the node")
-    ctx = r.number(raw.get("context_length", 4096), _join(path, "context_length"), minimum=1, integer=True)
+    ctx = raw.get("context_length")
+    if ctx is not None:
+        ctx = int(r.number(ctx, _join(path, "context_length"), minimum=1, integer=True))
+    parallel = r.number(raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, integer=True)
     match = raw.get("prometheus_match")
     return NodeConfig(
         name=r.string(raw["name"], _join(path, "name")) if "name" in raw else _default_name(url),
@@ -384,7 +398,8 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         gpus=gpus,
         gpu_source=source,
         maintenance=r.boolean(raw.get("maintenance", False), _join(path, "maintenance")),
-        context_length=int(ctx),
+        context_length=ctx,
+        num_parallel=int(parallel),
         prometheus_match=r.string(match, _join(path, "prometheus_match")) if match is not None else None,
     )
 

@@ -78,7 +78,11 @@ class Arch:
     context_length: int  # trained context
     layer_bytes: tuple[int, ...]  # W_i: bytes of all blk.i.* tensors
     output_bytes: int  # OUT: output_norm + output.weight, or token_embd when tied
-    embedding: bool  # has <arch>.pooling_type: always parallel 1
+    embedding: bool  # has <arch>.pooling_type: always parallel 1, no output layer
+    causal: bool = True  # <arch>.attention.causal; non-causal encoders keep no KV cache in llama-server
+    feed_forward_length: int = 0  # <arch>.feed_forward_length (0 when absent)
+    input_bytes: int = 0  # tensors outside the blocks and the output layer (token_embd, ...): host memory
+    tied_output: bool = False  # no output.weight: the output layer reuses token_embd
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,8 @@ def arch_from_show(show: Mapping, disk_size: int | None = None) -> Arch:
         layer_bytes=(),
         output_bytes=0,
         embedding=f"{arch}.pooling_type" in info,
+        causal=info.get(f"{arch}.attention.causal", True) is not False,
+        feed_forward_length=key("feed_forward_length", 0, _head_max),
     )
     tensors = show.get("tensors")
     return _from_tensors(a, tensors) if tensors else _from_disk(a, info, disk_size)
@@ -307,7 +313,15 @@ def _from_tensors(a: Arch, tensors: Sequence[Mapping]) -> Arch:
     if not vocab:
         raise ValueError("vocabulary size unknown: no tokenizer.ggml.tokens, vocab_size or token_embd")
     out = groups.get("output_norm", 0) + groups.get("output", groups.get("token_embd", 0))
-    return replace(a, vocab_size=vocab, layer_bytes=tuple(layers), output_bytes=out)
+    host = sum(size for group, size in groups.items() if group not in ("output", "output_norm"))
+    return replace(
+        a,
+        vocab_size=vocab,
+        layer_bytes=tuple(layers),
+        output_bytes=out,
+        input_bytes=host,
+        tied_output="output" not in groups,
+    )
 
 
 def _from_disk(a: Arch, info: Mapping, disk_size: int | None) -> Arch:
@@ -331,7 +345,9 @@ def _from_disk(a: Arch, info: Mapping, disk_size: int | None) -> Arch:
         tied = params - a.block_count * per_layer - e < 1.5 * vocab * e
     norm = 0 if a.architecture in ("bert", "nomic-bert") else 4 * e
     out = norm + tensor_bytes(out_type, (e, vocab))
-    rest = disk_size - out - (0 if tied else tensor_bytes(base, (e, vocab)))
+    embd = tensor_bytes(out_type if tied else base, (e, vocab))
+    rest = disk_size - out - (0 if tied else embd)
     if rest <= 0:
         raise ValueError(f"disk size {disk_size} is too small for the model's output layer")
-    return replace(a, layer_bytes=(rest // a.block_count,) * a.block_count, output_bytes=out)
+    layers = (rest // a.block_count,) * a.block_count
+    return replace(a, layer_bytes=layers, output_bytes=out, input_bytes=embd, tied_output=tied)

@@ -1,8 +1,15 @@
-"""How much VRAM a model needs fully on GPU: a ladder of sources, best first.
+"""How much VRAM a model takes fully on GPU on each node: a ladder of sources, best first.
 
-observed (what /api/ps reported for it at that context, fully on GPU) > estimated (Ollama's classic memory
-estimate from /api/show metadata) > configured (`model_sizes`) > disk (/api/tags size + KV cache + reserve)
-> catalog (the built-in models' architecture).
+Per node, because the context a model gets and the way memory is counted depend on the node's Ollama
+(reference/ollama-current.md §1, §4): the context is the priority model's `num_ctx`, else its Modelfile's,
+else the node's default (`NodeState.default_context`), clamped to the trained context; the figure follows the
+node's era — classic: Ollama's own estimate (reserve included); layout: the estimate without the reserve;
+llama-server: the footprint llama-server allocates (what `/api/ps` then measures), with Ollama's admission
+prediction beside it.
+
+The ladder: observed (what `/api/ps` reported for the model fully on GPU in that era, at that context and
+parallelism) > estimated (the era's figure from /api/show metadata) > configured (`model_sizes`) > disk
+(/api/tags size + KV cache + the era's extras) > catalog (the built-in models' architecture).
 """
 
 from __future__ import annotations
@@ -11,58 +18,105 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from exporter import catalog, estimate
+from exporter import catalog, eras, estimate, llamaserver
 from exporter.config import Config, model_key
 from exporter.ollama import ShowInfo
 from exporter.state import ModelNeed, NodeState
 from exporter.units import MIB
 
-RESERVE = 457 * MIB  # Ollama's per-GPU reserve (CUDA/ROCm), counted in a classic-era `size`
+RESERVE = estimate.RESERVE  # Ollama's per-GPU reserve (CUDA/ROCm), counted in a classic-era `size`
+COMPUTE_ALLOWANCE = 256 * MIB  # llama-server's compute buffer where no metadata tells it (disk rung)
+
+ObservedKey = tuple[str, int | None, int]  # (era, context per sequence, parallel)
 
 
 @dataclass(frozen=True)
 class Facts:
     """What is known about one model, gathered across the cluster."""
 
-    observed: Mapping[int | None, int]  # context_length → size seen fully on GPU
+    observed: Mapping[ObservedKey, int]  # size seen fully on GPU
     show: ShowInfo | None = None
     disk_size: int | None = None
     configured: int | None = None
     num_ctx: int | None = None  # the priority model's configured context
 
 
-def context_for(facts: Facts, model: str, default_ctx: int) -> int:
-    """The context a model is loaded with: configured > Modelfile > the nodes' default."""
+@dataclass(frozen=True)
+class Sizing:
+    """How a node sizes models: its era, the default context and where that came from, its parallelism."""
+
+    node: str | None
+    era: str
+    default_ctx: int
+    default_source: str
+    parallel: int = 1
+
+    @classmethod
+    def of(cls, node: NodeState) -> Sizing:
+        ctx, source = node.default_context
+        return cls(node.name, node.era, ctx, source, node.config.num_parallel)
+
+
+def context_for(facts: Facts, model: str, default_ctx: int, default_source: str = "") -> tuple[int, str]:
+    """(the context a model is loaded with, why): configured > Modelfile > the node's default."""
     if facts.num_ctx:
-        return facts.num_ctx
+        return facts.num_ctx, "priority model num_ctx"
     if facts.show is not None and facts.show.num_ctx:
-        return facts.show.num_ctx
+        return facts.show.num_ctx, "Modelfile num_ctx"
     spec = catalog.find(model)
     if facts.show is None and spec is not None and spec.default_num_ctx:
-        return spec.default_num_ctx
-    return default_ctx
+        return spec.default_num_ctx, "Modelfile num_ctx"
+    return default_ctx, default_source or "node default"
 
 
-def model_need(model: str, facts: Facts, default_ctx: int) -> ModelNeed | None:
-    """The best figure the ladder has for `model`, or None when no rung knows it."""
-    ctx = context_for(facts, model, default_ctx)
+def _era_bytes(arch: estimate.Arch, era: str, ctx: int, parallel: int) -> int:
+    """The era's figure for a model fully on one GPU."""
+    if era == eras.LLAMA_SERVER:
+        return llamaserver.footprint(arch, ctx, parallel)
+    full = estimate.full_gpu_bytes(arch, ctx, parallel)
+    return full - RESERVE if era == eras.LAYOUT else full
+
+
+def model_need(model: str, facts: Facts, sizing: Sizing) -> ModelNeed | None:
+    """The best figure the ladder has for `model` on the node `sizing` describes, or None when no rung knows."""
+    ctx, why = context_for(facts, model, sizing.default_ctx, sizing.default_source)
     arch = _arch(facts)
     spec = catalog.find(model)
     cap = arch if arch is not None else (spec.arch if spec is not None else None)
+    parallel = 1 if cap is not None and cap.embedding else sizing.parallel
     if cap is not None:
         ctx = estimate.effective_ctx(cap, ctx)
-    if ctx in facts.observed:
-        return ModelNeed(model, facts.observed[ctx], "observed", ctx)
+    admission = None
+    if cap is not None and sizing.era == eras.LLAMA_SERVER:
+        file_bytes = facts.disk_size or (spec.tags_size if spec is not None else None)
+        if file_bytes:
+            admission = llamaserver.admission(cap, file_bytes, ctx, parallel)
+
+    def need(size: int, source: str) -> ModelNeed:
+        return ModelNeed(model, size, source, ctx, sizing.node, sizing.era, parallel, why, admission)
+
+    observed = facts.observed.get((sizing.era, ctx, parallel))
+    if observed is not None:
+        return need(observed, "observed")
     if arch is not None:
-        return ModelNeed(model, estimate.full_gpu_bytes(arch, ctx), "estimated", ctx)
+        return need(_era_bytes(arch, sizing.era, ctx, parallel), "estimated")
     if facts.configured is not None:
-        return ModelNeed(model, facts.configured, "configured", ctx)
+        return need(facts.configured, "configured")
     if facts.disk_size is not None:
-        kv = estimate.kv_bytes(cap, ctx) if cap is not None else 0
-        return ModelNeed(model, facts.disk_size + kv + RESERVE, "disk", ctx)
+        return need(facts.disk_size + _disk_extra(cap, sizing.era, ctx, parallel), "disk")
     if spec is not None:
-        return ModelNeed(model, estimate.full_gpu_bytes(spec.arch, ctx), "catalog", ctx)
+        return need(_era_bytes(spec.arch, sizing.era, ctx, parallel), "catalog")
     return None
+
+
+def _disk_extra(cap: estimate.Arch | None, era: str, ctx: int, parallel: int) -> int:
+    """What a loaded model takes beyond its file: KV cache (where the architecture is known) and the era's
+    reserve or compute buffer."""
+    if era == eras.LLAMA_SERVER:
+        kv = cap.block_count * llamaserver.kv_layer_bytes(cap, ctx * parallel) if cap is not None else 0
+        return kv + COMPUTE_ALLOWANCE
+    kv = estimate.kv_bytes(cap, ctx * parallel) if cap is not None else 0
+    return kv + (RESERVE if era == eras.CLASSIC else 0)
 
 
 def _arch(facts: Facts) -> estimate.Arch | None:
@@ -74,31 +128,31 @@ def _arch(facts: Facts) -> estimate.Arch | None:
         return None
 
 
-def default_context(config: Config) -> int:
-    """The context assumed where nothing else says: the largest node default (the cautious choice)."""
-    return max(n.context_length for n in config.nodes)
-
-
 class NeedLedger:
     """Remembers, across polls, the sizes seen on GPU and /api/show per digest (a digest never changes)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._observed: dict[str, dict[int | None, int]] = {}
+        self._observed: dict[str, dict[ObservedKey, int]] = {}
         self._shows: dict[str, ShowInfo] = {}
         self._lock = threading.Lock()
 
     def record(self, nodes: Iterable[NodeState]) -> None:
-        """Remember the size of every copy that is fully on GPU."""
+        """Remember the size of every copy that is fully on GPU, keyed by its node's era, context and parallel."""
         with self._lock:
             for node in nodes:
                 for m in node.loaded:
                     if m.fully_on_gpu:
-                        self._observed.setdefault(model_key(m.name), {})[m.context_length] = m.size
+                        parallel = 1 if _is_embedding(m.name, self._show_of(m.digest)) else node.config.num_parallel
+                        key = (node.era, m.context_length, parallel)
+                        self._observed.setdefault(model_key(m.name), {})[key] = m.size
 
     def add_show(self, digest: str, show: ShowInfo) -> None:
         with self._lock:
             self._shows[digest] = show
+
+    def _show_of(self, digest: str) -> ShowInfo | None:
+        return self._shows.get(digest) if digest else None
 
     def missing_shows(self, nodes: Iterable[NodeState]) -> dict[str, tuple[NodeState, str]]:
         """Digests installed on an up node whose /api/show is not cached yet → (node, model) to ask."""
@@ -112,9 +166,22 @@ class NeedLedger:
                         missing[m.digest] = (node, m.name)
         return missing
 
-    def needs(self, nodes: Iterable[NodeState]) -> tuple[dict[str, ModelNeed], frozenset[str]]:
-        """The need of every known model, and the set of embedding models."""
+    def needs(self, nodes: Iterable[NodeState]) -> tuple[dict[tuple[str, str], ModelNeed], frozenset[str]]:
+        """What every known model takes on every node, and the set of embedding models."""
         nodes = list(nodes)
+        facts = self._facts(nodes)
+        needs: dict[tuple[str, str], ModelNeed] = {}
+        for node in nodes:
+            sizing = Sizing.of(node)
+            for name, known in facts.items():
+                need = model_need(name, known, sizing)
+                if need is not None:
+                    needs[(node.name, name)] = need
+        with self._lock:
+            embedding = {name for name, known in facts.items() if _is_embedding(name, known.show)}
+        return needs, frozenset(embedding)
+
+    def _facts(self, nodes: list[NodeState]) -> dict[str, Facts]:
         disk: dict[str, int] = {}
         digests: dict[str, str] = {}
         for node in nodes:
@@ -127,26 +194,18 @@ class NeedLedger:
                     digests.setdefault(model_key(m.name), m.digest)
         names = set(disk) | set(self.config.model_sizes) | {model_key(p.name) for p in self.config.priority_models}
         names.update(model_key(m.name) for node in nodes for m in node.loaded)
-        default_ctx = default_context(self.config)
-        needs: dict[str, ModelNeed] = {}
-        embedding: set[str] = set()
+        facts: dict[str, Facts] = {}
         with self._lock:
             for name in sorted(names):
-                show = self._shows.get(digests.get(name, ""))
                 priority = self.config.priority(name)
-                facts = Facts(
+                facts[name] = Facts(
                     observed=dict(self._observed.get(name, {})),
-                    show=show,
+                    show=self._shows.get(digests.get(name, "")),
                     disk_size=disk.get(name),
                     configured=self.config.model_sizes.get(name),
                     num_ctx=priority.num_ctx if priority else None,
                 )
-                need = model_need(name, facts, default_ctx)
-                if need is not None:
-                    needs[name] = need
-                if _is_embedding(name, show):
-                    embedding.add(name)
-        return needs, frozenset(embedding)
+        return facts
 
     def layers(self, nodes: Iterable[NodeState]) -> dict[str, int]:
         """Each installed model's layer count (blocks + output), from /api/show or the catalog."""

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from exporter import eras
 from exporter.config import Config, NodeConfig, model_key
+from exporter.llamaserver import Admission
 from exporter.ollama import InstalledModel, LoadedModel
 
 
@@ -31,6 +33,7 @@ class Capacity:
     source: str
     gpus: tuple[GpuInfo, ...] = ()
     reason: str = ""
+    default_context: int | None = None  # the server's vram-based default context, where the source states it
 
     @property
     def known(self) -> bool:
@@ -71,6 +74,18 @@ class NodeState:
         return self.config.name
 
     @property
+    def era(self) -> str:
+        """The Ollama era of the node's version (the newest when unknown)."""
+        return eras.era_of(self.version)
+
+    @property
+    def default_context(self) -> tuple[int, str]:
+        """(the context a model gets here when nothing else sets one, where that figure comes from)."""
+        if not self.config.context_length and self.capacity.default_context:
+            return self.capacity.default_context, f"{self.capacity.source} log"
+        return eras.default_context(self.version, self.config.context_length, self.vram_total)
+
+    @property
     def vram_total(self) -> int | None:
         return self.capacity.total
 
@@ -101,12 +116,23 @@ class NodeState:
 
 @dataclass(frozen=True)
 class ModelNeed:
-    """The VRAM a model needs fully on GPU at `num_ctx`, and which rung of the ladder gave it."""
+    """The VRAM a model takes fully on GPU on one node, at the context it gets there, by that node's era.
+
+    `bytes` is what the copy occupies (classic: Ollama's estimate; llama-server: the footprint `/api/ps` will
+    report); `source` the rung of the ladder that gave it (observed, estimated, configured, disk, catalog).
+    On a llama-server node `admission` holds Ollama's own prediction, which decides whether Ollama evicts
+    another model to start this one.
+    """
 
     model: str
     bytes: int
-    source: str  # observed, estimated, configured, disk, catalog
-    num_ctx: int
+    source: str
+    num_ctx: int  # context per sequence on that node
+    node: str | None = None
+    era: str = eras.CLASSIC
+    parallel: int = 1
+    context_source: str = ""  # configured (the priority model), modelfile, or how the node's default was found
+    admission: Admission | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +142,7 @@ class ClusterState:
     config: Config
     taken_at: float
     nodes: tuple[NodeState, ...]
-    needs: Mapping[str, ModelNeed] = field(default_factory=lambda: MappingProxyType({}))
+    needs: Mapping[tuple[str, str], ModelNeed] = field(default_factory=lambda: MappingProxyType({}))  # (node, model)
     embedding: frozenset[str] = frozenset()  # models whose /api/show lists the `embedding` capability
     layers: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # block_count + 1 (output)
     duration: float = 0.0
@@ -124,8 +150,14 @@ class ClusterState:
     def node(self, name: str) -> NodeState | None:
         return next((n for n in self.nodes if n.name == name), None)
 
-    def need(self, model: str) -> ModelNeed | None:
-        return self.needs.get(model_key(model))
+    def need(self, model: str, node: str) -> ModelNeed | None:
+        """What `model` takes fully on GPU on `node`, where the ladder knows it."""
+        return self.needs.get((node, model_key(model)))
+
+    def needs_of(self, model: str) -> dict[str, ModelNeed]:
+        """Node → what `model` takes there, for every node where it is known."""
+        key = model_key(model)
+        return {node: need for (node, m), need in self.needs.items() if m == key}
 
     def is_embedding(self, model: str) -> bool:
         return model_key(model) in self.embedding

@@ -162,7 +162,7 @@ def _routes(app: Flask, s: Services) -> None:
     @app.get("/api/v1/route")
     def route() -> Any:
         state, model = _model_query(s)
-        return render.route_json(decide.route(state, model, time.time()), decide.need_of(state, model))
+        return render.route_json(decide.route(state, model, time.time()))
 
     @app.get("/api/v1/check")
     def check() -> Any:

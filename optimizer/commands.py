@@ -27,7 +27,7 @@ from exporter.config import Config, find_config, load_config, model_key
 from exporter.observe import Observer
 from exporter.state import ClusterState
 from optimizer import render
-from optimizer.decide import Step, check, need_of, plan, route
+from optimizer.decide import Step, check, plan, route
 from optimizer.execute import execute
 
 
@@ -80,7 +80,7 @@ def _route(args: argparse.Namespace, state: ClusterState, now: float, _: Observe
     if _readable(state) and not _known(state, args.model):
         return _unknown_model(state, args.model)
     result = route(state, args.model, now)
-    document = {"command": "route", **render.route_json(result, need_of(state, args.model))}
+    document = {"command": "route", **render.route_json(result)}
     _emit(args, document, render.route_text(result, state))
     return 0 if result.node is not None else 1
 
@@ -95,7 +95,7 @@ def _check(args: argparse.Namespace, state: ClusterState, now: float, _: Observe
 
 def _models(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
     rows = render.model_rows(state)
-    _emit(args, {"command": "models", "models": rows}, render.models_text(rows))
+    _emit(args, {"command": "models", "models": rows}, render.models_text(state, rows))
     return 0 if _readable(state) else 1
 
 

@@ -6,20 +6,24 @@ one finishes (reference/ollama-api.md §4.2), so a listed model whose `expires_a
 a request (or stopping after an unload): it is busy and is never evicted. `now` is this host's clock, so a
 node whose clock runs far behind makes its models look busy (never evicted): the safe side.
 
-Multi-GPU nodes: a model fits a node when it fits on its largest GPU, or split over all its GPUs, which
-costs Ollama's per-GPU reserve once more for every extra GPU. Free VRAM = usable − used
-(`NodeState.vram_free`); room is counted per node.
+What a model takes, and what fits, is judged per node by the rules of the Ollama it runs (`exporter.room`):
+the need comes from the node's own ladder answer (its era, the context the model gets there), and on a
+llama-server node a model must also leave llama.cpp's fit margin free and, beside other loaded models, pass
+Ollama's 80 % admission test — or Ollama would evict something the plan did not choose. Room is counted
+per node.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from exporter import eras
 from exporter.config import PriorityModel, model_key
-from exporter.need import RESERVE, Facts, default_context, model_need
+from exporter.need import Facts, Sizing, model_need
 from exporter.ollama import LoadedModel
+from exporter.room import Room, per_gpu_extra
 from exporter.state import ClusterState, ModelNeed, NodeState
 from exporter.units import mb
 
@@ -46,9 +50,9 @@ def eviction_order(loaded: LoadedModel) -> tuple[float, str]:
     return (expires, model_key(loaded.name))
 
 
-def need_of(state: ClusterState, model: str) -> ModelNeed | None:
-    """The model's VRAM need: the state's ladder, else the configured size or the catalog."""
-    found = state.need(model)
+def need_of(state: ClusterState, model: str, node: NodeState) -> ModelNeed | None:
+    """What the model takes on `node`: the state's ladder, else the configured size or the catalog."""
+    found = state.need(model, node.name)
     if found is not None:
         return found
     key = model_key(model)
@@ -58,7 +62,7 @@ def need_of(state: ClusterState, model: str) -> ModelNeed | None:
         configured=state.config.model_sizes.get(key),
         num_ctx=priority.num_ctx if priority else None,
     )
-    return model_need(key, facts, default_context(state.config))
+    return model_need(key, facts, Sizing.of(node))
 
 
 def _priority_keys(state: ClusterState) -> frozenset[str]:
@@ -74,8 +78,9 @@ class Verdict:
 
     kind: loaded_on_gpu | fits_free | fits_after_eviction (these fit) | cpu (running here on a node with no
     GPU) | no_gpu | capacity_unknown | size_unknown | too_large | not_enough_free | down | maintenance |
-    not_installed. `need` is what the model takes on this node (split surcharge included); `in_place` is
-    set when it only fits by reloading its own CPU/partial copy here.
+    not_installed. `need` is what the model takes on this node (split surcharge included); `sizing` the
+    ladder's answer behind it (source, context, era); `in_place` is set when it only fits by reloading its own
+    CPU/partial copy here.
     """
 
     node: str
@@ -87,6 +92,7 @@ class Verdict:
     free: int | None
     evict: tuple[str, ...] = ()
     in_place: bool = False
+    sizing: ModelNeed | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,6 @@ class CheckResult:
     """Every node's verdict for one model, and the one-line result."""
 
     model: str
-    need: ModelNeed | None
     verdicts: tuple[Verdict, ...]
     result: str
 
@@ -103,24 +108,21 @@ class CheckResult:
         """The verdicts that fit, best first (route's order)."""
         return tuple(sorted((v for v in self.verdicts if v.fits), key=_preference))
 
+    @property
+    def needs(self) -> dict[str, ModelNeed]:
+        """Node → what the model takes there, where known."""
+        return {v.node: v.sizing for v in self.verdicts if v.sizing is not None}
+
 
 def _preference(v: Verdict) -> tuple[int, bool, int, str]:
     return (_RANK[v.kind], v.in_place, -(v.free or 0), v.node)
 
 
-@dataclass(frozen=True)
-class _Room:
-    """A GPU node's VRAM as the decisions see it."""
-
-    usable: int
-    free: int  # usable − used, negative when Ollama already uses more than the margin allows
-    victims: tuple[LoadedModel, ...]  # idle, non-priority: evictable, in eviction order
-    largest: int  # usable VRAM of the largest GPU
-    gpus: int
-
-    def need(self, need: int) -> int:
-        """Bytes the model takes here: as is on one GPU, plus the reserve per extra GPU when split."""
-        return need if need <= self.largest or self.gpus <= 1 else need + RESERVE * (self.gpus - 1)
+def victims_of(node: NodeState, priority: frozenset[str], now: float) -> list[LoadedModel]:
+    """The models Ollama may be asked to unload here: idle and not a priority model, in eviction order."""
+    return sorted(
+        (m for m in node.loaded if model_key(m.name) not in priority and not is_busy(m, now)), key=eviction_order
+    )
 
 
 def _has_gpu(node: NodeState) -> bool | None:
@@ -130,22 +132,21 @@ def _has_gpu(node: NodeState) -> bool | None:
     return node.capacity.source != "none" and bool(node.vram_total)
 
 
-def _room(node: NodeState, priority: frozenset[str], now: float) -> _Room:
-    victims = sorted(
-        (m for m in node.loaded if model_key(m.name) not in priority and not is_busy(m, now)),
-        key=eviction_order,
-    )
-    gpus = node.capacity.gpus
-    return _Room(
-        usable=node.vram_usable or 0,
-        free=(node.vram_usable or 0) - node.vram_used,
-        victims=tuple(victims),
-        largest=max((int(g.total * node.margin) for g in gpus), default=0),
-        gpus=len(gpus),
-    )
+def sizing_text(need: ModelNeed) -> str:
+    """`5024 MB at 4096 tokens (llama-server, estimated)`: a need with the context and era behind it."""
+    return f"{mb(need.bytes)}MB at {need.num_ctx} tokens ({eras.LABELS[need.era]}, {need.source})"
 
 
-def _verdict(node: NodeState, key: str, need: ModelNeed | None, priority: frozenset[str], now: float) -> Verdict:
+def _rules_text(room: Room, need: ModelNeed) -> str:
+    """What must stay free beside the model on this node's Ollama, for a sentence."""
+    extra = room.headroom(need.bytes)
+    if not extra:
+        return ""
+    what = "llama.cpp's fit margin" if room.era == eras.LLAMA_SERVER else "Ollama's reserve"
+    return f" + {mb(extra)}MB {what}"
+
+
+def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset[str], now: float) -> Verdict:
     name = node.name
     if not node.up:
         return Verdict(name, False, "down", f"Node down ({node.error or node.error_kind})", None, None, None)
@@ -156,9 +157,10 @@ def _verdict(node: NodeState, key: str, need: ModelNeed | None, priority: frozen
         why = "Model not installed here (the router never pulls)"
         return Verdict(name, False, "not_installed", why, None, None, None)
     usable, free = node.vram_usable, node.vram_free
+    need = need_of(state, key, node)
     if copy is not None and copy.fully_on_gpu:
         why = f"Already loaded fully on GPU ({mb(copy.size)}MB)"
-        return Verdict(name, True, "loaded_on_gpu", why, copy.size, usable, free)
+        return Verdict(name, True, "loaded_on_gpu", why, copy.size, usable, free, sizing=need)
     gpu = _has_gpu(node)
     if gpu is False:
         kind, why = ("cpu", "Node has no GPU (running here on CPU)") if copy else ("no_gpu", "Node has no GPU")
@@ -170,63 +172,90 @@ def _verdict(node: NodeState, key: str, need: ModelNeed | None, priority: frozen
             why = f"GPU capacity unknown: {reason}"
         elif reason:
             why += f" ({reason})"
-        return Verdict(name, False, "capacity_unknown", why, None, None, None)
+        return Verdict(name, False, "capacity_unknown", why, None, None, None, sizing=need)
     if need is None:
         why = "VRAM need unknown: set model_sizes for it"
         return Verdict(name, False, "size_unknown", why, None, usable, free)
-    room = _room(node, priority, now)
-    bytes_ = room.need(need.bytes)
+    room = Room.of(node)
+    assert room is not None  # capacity known
+    size = room.takes(need.bytes)
     reload = copy is not None and not is_busy(copy, now)
+    own = copy.size_vram if reload and copy is not None else 0
     here = ""
     if copy is not None:
         here = f" (loaded here {copy.gpu_ratio:.0%} on GPU, "
         here += "reload in place)" if reload else "busy: cannot reload now)"
-    if bytes_ > room.usable:
-        why = f"Model too large ({mb(bytes_)}MB > {mb(room.usable)}MB usable VRAM){here}"
-        return Verdict(name, False, "too_large", why, bytes_, usable, free)
+    needed = f"{mb(size)}MB{_rules_text(room, need)}"
+
+    def verdict(fits: bool, kind: str, why: str, evict: tuple[str, ...] = ()) -> Verdict:
+        return Verdict(name, fits, kind, why, size, usable, free, evict, reload and fits, need)
+
+    if not room.fits(need):
+        if size > room.usable:
+            why = f"Model too large ({mb(size)}MB > {mb(room.usable)}MB usable VRAM){here}"
+        else:
+            why = f"Model too large ({needed} > {mb(room.total)}MB of GPU memory){here}"
+        return verdict(False, "too_large", why)
     if copy is not None and not reload:
-        why = f"Not enough free VRAM now{here}"
-        return Verdict(name, False, "not_enough_free", why, bytes_, usable, free)
-    room_now = room.free + (copy.size_vram if copy is not None else 0)
-    if bytes_ <= room_now:
+        return verdict(False, "not_enough_free", f"Not enough free VRAM now{here}")
+    others = [m for m in node.loaded if model_key(m.name) != key]
+    room_now = room.usable - room.used + own
+    if room.fits_free(need, freed=own, others=bool(others)):
         why = f"Fits in {mb(room.usable)}MB VRAM ({mb(max(0, room_now))}MB free){here}"
-        return Verdict(name, True, "fits_free", why, bytes_, usable, free, in_place=reload)
-    evict, freed = _victims((v for v in room.victims if model_key(v.name) != key), bytes_ - room_now)
-    if freed >= bytes_ - room_now:
+        return verdict(True, "fits_free", why)
+    evict, freed = _evictions(room, need, own, others, victims_of(node, priority, now))
+    if evict is not None:
         why = (
             f"Fits in {mb(room.usable)}MB VRAM after evicting idle {', '.join(evict)} "
             f"({mb(room_now + freed)}MB free){here}"
         )
-        return Verdict(name, True, "fits_after_eviction", why, bytes_, usable, free, evict, reload)
-    held = sorted(model_key(m.name) for m in node.loaded if m not in room.victims and model_key(m.name) != key)
-    why = f"Not enough free VRAM ({mb(bytes_)}MB needed, {mb(max(0, room_now))}MB free"
-    if evict:
-        why += f", {mb(max(0, room_now + freed))}MB after evicting every idle model"
+        return verdict(True, "fits_after_eviction", why, evict)
+    idle = [v for v in victims_of(node, priority, now) if model_key(v.name) != key]
+    held = sorted(model_key(m.name) for m in others if m not in idle)
+    why = _shortfall(room, need, own, bool(others), room_now)
+    if idle:
+        why += f", {mb(max(0, room_now + sum(v.size_vram for v in idle)))}MB after evicting every idle model"
     if held:
         why += f"; held by priority or busy models: {', '.join(held)}"
     why += f"){here}"
-    return Verdict(name, False, "not_enough_free", why, bytes_, usable, free)
+    return verdict(False, "not_enough_free", why)
 
 
-def _victims(candidates: Iterable[LoadedModel], shortfall: int) -> tuple[tuple[str, ...], int]:
-    """The shortest-lived idle models whose VRAM covers `shortfall` (all of them when it is not enough)."""
+def _shortfall(room: Room, need: ModelNeed, own: int, others: bool, usable_free: int) -> str:
+    """Why a model does not fit what is free now, by the rule it breaks (the sentence is left open)."""
+    size = room.takes(need.bytes)
+    rule = room.short_of(need, freed=own, others=others)
+    free = room.real_free(own)
+    if rule == "memory":
+        return f"Not enough free GPU memory ({mb(size)}MB{_rules_text(room, need)} needed, {mb(free)}MB free"
+    if rule == "admission" and need.admission is not None:
+        predicted = mb(need.admission.predicted(free))
+        return f"Ollama would evict a model first (it predicts {predicted}MB, more than 80% of the {mb(free)}MB free"
+    return f"Not enough free VRAM ({mb(size)}MB needed, {mb(max(0, usable_free))}MB free"
+
+
+def _evictions(
+    room: Room, need: ModelNeed, own: int, others: Sequence[LoadedModel], victims: Sequence[LoadedModel]
+) -> tuple[tuple[str, ...] | None, int]:
+    """The shortest-lived idle models whose unloading lets the model in by the node's rules (room and, on
+    llama-server, Ollama's admission test beside whatever stays loaded): (names, bytes freed), or None."""
+    candidates = [v for v in victims if v in others]
     names: list[str] = []
     freed = 0
     for victim in candidates:
-        if freed >= shortfall:
-            break
         names.append(model_key(victim.name))
         freed += victim.size_vram
-    return tuple(names), freed
+        if room.fits_free(need, freed=own + freed, others=len(others) > len(names)):
+            return tuple(names), freed
+    return None, freed
 
 
 def check(state: ClusterState, model: str, now: float) -> CheckResult:
     """Per node: can it hold `model` fully on GPU, and why (not)."""
     key = model_key(model)
-    need = need_of(state, key)
     priority = _priority_keys(state)
-    verdicts = tuple(_verdict(node, key, need, priority, now) for node in state.nodes)
-    return CheckResult(model=key, need=need, verdicts=verdicts, result=_result(verdicts))
+    verdicts = tuple(_verdict(state, node, key, priority, now) for node in state.nodes)
+    return CheckResult(model=key, verdicts=verdicts, result=_result(verdicts))
 
 
 def _result(verdicts: Sequence[Verdict]) -> str:
@@ -348,10 +377,34 @@ class _Bin:
 
     name: str
     node: NodeState
-    room: _Room
-    cap: int  # free + every idle non-priority model's VRAM: the most a plan can use here (may be < 0)
+    room: Room
+    victims: tuple[LoadedModel, ...]  # idle, non-priority: evictable, in eviction order
+    free: int  # what a plan may use without evicting (the operator's and Ollama's limits; may be < 0)
+    cap: int  # free + every victim's VRAM: the most a plan can use here
     installed: frozenset[str]
     loaded: dict[str, LoadedModel]
+    index: int  # its position in the plan's list of bins
+
+    def admits(self, members: Sequence[_Item]) -> bool:
+        """On a llama-server node: every planned load, in priority order and with every victim evicted, passes
+        Ollama's admission test against what is free at that moment (so Ollama evicts nothing on its own)."""
+        if self.room.era != eras.LLAMA_SERVER:
+            return True
+        b = self.index
+        gone = sum(v.size_vram for v in self.victims)
+        free = self.room.total - self.room.used + gone
+        staying = len(self.loaded) - len(self.victims)
+        for item in members:
+            own = self.loaded.get(item.key)
+            if own is not None:  # a reload in place: Ollama unloads the old runner first
+                free += own.size_vram
+                staying -= 1
+            admission = item.needs[b].admission
+            if staying > 0 and admission is not None and not admission.admits(free):
+                return False
+            free -= item.needs[b].bytes
+            staying += 1
+        return True
 
 
 @dataclass
@@ -360,9 +413,9 @@ class _Item:
 
     key: str
     model: PriorityModel
-    need: int
     sizes: dict[int, int]
     own: frozenset[int]  # bins where it reloads its own CPU/partial copy
+    needs: dict[int, ModelNeed]  # bin → what the model takes there
 
 
 class _Packer:
@@ -380,16 +433,28 @@ class _Packer:
     def _key(self, item: _Item, b: int, load: Sequence[int]) -> tuple[bool, bool, int, str]:
         bin_ = self.bins[b]
         after = load[b] + item.sizes[b]
-        return (after > bin_.room.free, b in item.own, -(bin_.room.free - load[b]), bin_.name)
+        return (after > bin_.free, b in item.own, -(bin_.free - load[b]), bin_.name)
 
-    def _best(self, item: _Item, load: Sequence[int]) -> int | None:
-        fitting = [b for b, size in item.sizes.items() if load[b] + size <= self.bins[b].cap]
+    def _members(self, b: int, assign: Mapping[int, int], extra: int | None = None) -> list[_Item]:
+        """The items assigned to bin `b` (plus `extra`), in priority order."""
+        indexes = sorted({i for i, bb in assign.items() if bb == b} | ({extra} if extra is not None else set()))
+        return [self.items[i] for i in indexes]
+
+    def _admits(self, b: int, assign: Mapping[int, int], extra: int | None = None) -> bool:
+        bin_ = self.bins[b]
+        return bin_.room.era != eras.LLAMA_SERVER or bin_.admits(self._members(b, assign, extra))
+
+    def _best(self, index: int, load: Sequence[int], assign: Mapping[int, int]) -> int | None:
+        item = self.items[index]
+        fitting = [
+            b for b, size in item.sizes.items() if load[b] + size <= self.bins[b].cap and self._admits(b, assign, index)
+        ]
         return min(fitting, key=lambda b: self._key(item, b, load)) if fitting else None
 
     def add(self, item: _Item) -> bool:
         index = len(self.items)
         self.items.append(item)
-        best = self._best(item, self.load)
+        best = self._best(index, self.load, self.assign)
         if best is None:
             best_assign = self._search(index)
             if best_assign is None:
@@ -424,7 +489,8 @@ class _Packer:
 
         def dfs(k: int, spare: int) -> bool:
             if k == len(order):
-                return True
+                whole = {**{i: b for i, b in self.assign.items() if i not in chosen}, **chosen}
+                return all(self._admits(b, whole) for b in set(chosen.values()))
             self.budget -= 1
             if self.budget <= 0 or rest[k] > spare:
                 return False
@@ -471,7 +537,8 @@ class _Packer:
         for i, b in sorted(self.assign.items()):
             item = self.items[i]
             self.load[b] -= item.sizes[b]
-            best = self._best(item, self.load)
+            del self.assign[i]
+            best = self._best(i, self.load, self.assign)
             if best is None or self._key(item, best, self.load) >= self._key(item, b, self.load):
                 best = b
             self.assign[i] = best
@@ -495,13 +562,16 @@ def plan(
     priority = _priority_keys(state) | {model_key(p.name) for p in wanted}
     live = [n for n in state.nodes if n.up and not n.config.maintenance]
     targets = [n for n in live if _has_gpu(n)]
-    bins = []
+    bins: list[_Bin] = []
     for node in targets:
-        room = _room(node, priority, now)
-        cap = room.free + sum(v.size_vram for v in room.victims)
+        room = Room.of(node)
+        assert room is not None  # a node with a GPU has a known capacity
+        victims = tuple(victims_of(node, priority, now))
+        free = min(room.usable - room.used, room.total - room.used - per_gpu_extra(room.era))
+        cap = free + sum(v.size_vram for v in victims)
         installed = frozenset(model_key(m.name) for m in node.installed)
         loaded = {model_key(m.name): m for m in node.loaded}
-        bins.append(_Bin(node.name, node, room, cap, installed, loaded))
+        bins.append(_Bin(node.name, node, room, victims, free, cap, installed, loaded, len(bins)))
     copies: dict[str, list[tuple[NodeState, LoadedModel]]] = {}
     for node in live:
         for m in node.loaded:
@@ -522,6 +592,13 @@ def plan(
             unplaced.append((key, f"no room left after higher-priority models ({why})"))
     packer.improve()
     return Plan(tuple(_steps(packer, copies, state.layers)), tuple(unplaced), tuple(already))
+
+
+def _load_reason(item: _Item, b: int, copy: LoadedModel | None) -> str:
+    why = f"put {item.key} on GPU ({sizing_text(item.needs[b])})"
+    if copy is not None:
+        why += f", reloading its {copy.gpu_ratio:.0%}-on-GPU copy in place with every layer on GPU"
+    return why
 
 
 def restrict(full: Plan, models: Iterable[str]) -> Plan:
@@ -551,17 +628,18 @@ def _unique(models: Iterable[PriorityModel]) -> list[PriorityModel]:
 def _item(
     state: ClusterState, key: str, pm: PriorityModel, bins: Sequence[_Bin], now: float
 ) -> tuple[_Item | None, str]:
-    """The model's size on every bin that could hold it, or None and why none can."""
-    need = need_of(state, key)
-    if need is None:
-        return None, "VRAM need unknown: not installed anywhere and not in the catalog; set model_sizes"
+    """What the model takes on every bin that could hold it, or None and why none can."""
     sizes: dict[int, int] = {}
+    needs: dict[int, ModelNeed] = {}
     own: set[int] = set()
     for b, bin_ in enumerate(bins):
         copy = bin_.loaded.get(key)
         if copy is None and key not in bin_.installed:
             continue
-        size = bin_.room.need(need.bytes)
+        need = need_of(state, key, bin_.node)
+        if need is None or not bin_.room.fits(need):
+            continue
+        size = bin_.room.takes(need.bytes)
         if copy is not None:
             if is_busy(copy, now):
                 continue
@@ -569,39 +647,54 @@ def _item(
             own.add(b)
         if size <= bin_.cap:
             sizes[b] = size
+            needs[b] = need
     if sizes:
-        return _Item(key, pm, need.bytes, sizes, frozenset(own)), ", ".join(bins[b].name for b in sorted(sizes))
+        return _Item(key, pm, sizes, frozenset(own), needs), ", ".join(bins[b].name for b in sorted(sizes))
     reasons = [f"{v.node}: {v.reason}" for v in check(state, key, now).verdicts]
     return None, "no node can hold it on GPU: " + "; ".join(reasons)
+
+
+def _refused(bin_: _Bin, need: ModelNeed, others: int, free: int) -> bool:
+    """True when, with `others` models staying loaded and `free` bytes free, Ollama would evict before loading."""
+    admitted = others == 0 or need.admission is None or need.admission.admits(free)
+    return bin_.room.era == eras.LLAMA_SERVER and not admitted
 
 
 def _steps(
     packer: _Packer, copies: dict[str, list[tuple[NodeState, LoadedModel]]], layers: Mapping[str, int]
 ) -> list[Step]:
-    """Evictions (per node, in priority order of the loads that need them), the load, then copy removals."""
+    """Evictions (per node, in priority order of the loads that need them: enough for the room and, on a
+    llama-server node, for Ollama's admission test), the load, then copy removals."""
     spent = {b: 0 for b in range(len(packer.bins))}
     freed = {b: 0 for b in range(len(packer.bins))}
-    victims = {b: list(bin_.room.victims) for b, bin_ in enumerate(packer.bins)}
+    free = {b: bin_.room.total - bin_.room.used for b, bin_ in enumerate(packer.bins)}  # Ollama's view
+    staying = {b: len(bin_.loaded) for b, bin_ in enumerate(packer.bins)}
+    victims = {b: list(bin_.victims) for b, bin_ in enumerate(packer.bins)}
     steps: list[Step] = []
     for i, b in sorted(packer.assign.items()):
         item, bin_ = packer.items[i], packer.bins[b]
-        size = item.sizes[b]
-        num_gpu = None
-        if b in item.own:  # Ollama itself swaps the runner when num_gpu changes: no unload of ours first
-            num_gpu = layers.get(item.key, ALL_LAYERS)
-        while spent[b] + size > bin_.room.free + freed[b] and victims[b]:
+        size, need = item.sizes[b], item.needs[b]
+        copy = bin_.loaded.get(item.key) if b in item.own else None
+        own = copy.size_vram if copy is not None else 0
+        others = staying[b] - (1 if copy is not None else 0)
+        while victims[b] and (spent[b] + size > bin_.free + freed[b] or _refused(bin_, need, others, free[b] + own)):
             victim = victims[b].pop(0)
             freed[b] += victim.size_vram
+            free[b] += victim.size_vram
+            staying[b] -= 1
+            others -= 1
             why = f"make room for {item.key} (idle, {mb(victim.size_vram)}MB)"
             steps.append(Step("evict", model_key(victim.name), bin_.name, why, for_model=item.key))
         spent[b] += size
-        why = f"put {item.key} on GPU ({mb(item.need)}MB)"
-        if num_gpu is not None:
-            why += f", reloading its {bin_.loaded[item.key].gpu_ratio:.0%}-on-GPU copy in place with every layer on GPU"
-        steps.append(Step("load", item.key, bin_.name, why, item.model.num_ctx, item.model.keep_alive, num_gpu=num_gpu))
-        for node, copy in copies.get(item.key, ()):
+        free[b] += own - need.bytes
+        staying[b] += 0 if copy is not None else 1
+        # a reload in place asks for every layer (Ollama swaps the runner itself: no unload of ours first)
+        num_gpu = layers.get(item.key, ALL_LAYERS) if copy is not None else None
+        load = Step("load", item.key, bin_.name, _load_reason(item, b, copy), item.model.num_ctx, item.model.keep_alive)
+        steps.append(replace(load, num_gpu=num_gpu))
+        for node, other in copies.get(item.key, ()):
             if node.name == bin_.name:
                 continue
-            why = f"remove the {copy.gpu_ratio:.0%}-on-GPU copy once {item.key} is verified on {bin_.name}"
+            why = f"remove the {other.gpu_ratio:.0%}-on-GPU copy once {item.key} is verified on {bin_.name}"
             steps.append(Step("unload", item.key, node.name, why))
     return steps

@@ -230,40 +230,77 @@ class _Runner:
         return f"unloaded {step.model} from {step.node} ({mb(copy.size_vram)} MB of VRAM freed)"
 
     def _load(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
+        """Load and verify. A reload in place asks for every layer (`num_gpu`), and once more with one layer
+        more when the copy stays partial: Ollama keeps a runner whose options match the request, so a copy an
+        earlier forced load left partial only moves when the value differs. If the forced load fails (on
+        llama-server: out of memory, after Ollama already stopped the old runner) the model is loaded again
+        the way Ollama places it by itself, so it stays served."""
         key = model_key(step.model)
         copy = loaded.get(key)
         if copy is not None and step.num_gpu is None:
             raise _Failed(f"{step.model} is loaded on {step.node} {copy.gpu_ratio:.0%} on GPU; not reloaded")
-        deadline = self.clock() + self.load_timeout
-        client = self.clients[step.node]
-        embedding = self.state.is_embedding(step.model)
-        try:
-            client.load(
-                step.model,
-                num_ctx=step.num_ctx,
-                keep_alive=step.keep_alive,
-                num_gpu=step.num_gpu,
-                embedding=embedding,
-                timeout=self.load_timeout,
-            )
-        except OllamaError as exc:
-            raise _Failed(f"load failed: {exc}{self._undo(step)}") from None
-        self._event("progress", step, "loaded; verifying on /api/ps")
-        settle_until: float | None = None
-        while True:
-            copy = self._ps(step.node).get(key)
+        attempts = [None] if step.num_gpu is None else [step.num_gpu, step.num_gpu + 1]
+        for attempt, num_gpu in enumerate(attempts, start=1):
+            try:
+                self._request_load(step, num_gpu)
+            except OllamaError as exc:
+                restored = self._restore(step) if num_gpu is not None else ""
+                raise _Failed(f"load failed: {exc}{restored or self._undo(step)}") from None
+            copy = self._verify(step)
             if copy is not None and copy.fully_on_gpu:
                 return f"{step.model} now on GPU on {step.node} ({mb(copy.size)} MB, 100% GPU)"
-            now = self.clock()
-            if copy is not None and settle_until is None:
-                settle_until = min(deadline, now + self.settle)
-            if now >= (settle_until if settle_until is not None else deadline):
+            if copy is None or attempt == len(attempts):
                 break
-            self.sleep(self.poll)
+            self._event("progress", step, f"still {copy.gpu_ratio:.0%} on GPU; asking again with num_gpu {num_gpu + 1}")
         if copy is None:
             raise _Failed(f"{step.model} not listed on {step.node} within {self.load_timeout:g}s")
         landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {mb(copy.size)} MB)"
         raise _Failed(landed + self._undo(step))
+
+    def _request_load(self, step: Step, num_gpu: int | None) -> None:
+        self.clients[step.node].load(
+            step.model,
+            num_ctx=step.num_ctx,
+            keep_alive=step.keep_alive,
+            num_gpu=num_gpu,
+            embedding=self.state.is_embedding(step.model),
+            timeout=self.load_timeout,
+        )
+
+    def _verify(self, step: Step) -> LoadedModel | None:
+        """The copy once it is fully on GPU, or as it settled (None: never listed)."""
+        self._event("progress", step, "loaded; verifying on /api/ps")
+        key = model_key(step.model)
+        deadline = self.clock() + self.load_timeout
+        settle_until: float | None = None
+        while True:
+            copy = self._ps(step.node).get(key)
+            if copy is not None and copy.fully_on_gpu:
+                return copy
+            now = self.clock()
+            if copy is not None and settle_until is None:
+                settle_until = min(deadline, now + self.settle)
+            if now >= (settle_until if settle_until is not None else deadline):
+                return copy
+            self.sleep(self.poll)
+
+    def _restore(self, step: Step) -> str:
+        """After a failed reload in place: when the model is now loaded nowhere, load it the way Ollama places
+        it by itself (llama.cpp's fit, or the classic estimate), so it is served again."""
+        key = model_key(step.model)
+        if key in self._ps(step.node):
+            return "; the copy was kept"
+        others = [n.name for n, _ in self.state.placements(key) if n.name != step.node]
+        if any(name in self.clients and self._serves(name, key) for name in others):
+            return ""
+        try:
+            self._request_load(step, None)
+        except OllamaError as exc:
+            return f"; could not load it again: {exc}"
+        copy = self._ps(step.node).get(key)
+        if copy is None:
+            return "; loaded again, but not listed"
+        return f"; loaded again {copy.gpu_ratio:.0%} on GPU so that it stays served"
 
     def _undo(self, step: Step) -> str:
         """Unload a copy that did not land on GPU, unless it is the only one serving the model."""

@@ -9,12 +9,12 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from exporter import catalog
+from exporter import catalog, eras
 from exporter.config import model_key
 from exporter.ollama import LoadedModel
 from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.units import GIB, format_mb, mb
-from optimizer.decide import CheckResult, Plan, Route, Step, Verdict, check, is_busy, need_of
+from exporter.units import GIB, mb
+from optimizer.decide import CheckResult, Plan, Route, Step, Verdict, check, is_busy, need_of, sizing_text
 from optimizer.execute import Execution, Outcome
 
 RULE = "=" * 70
@@ -57,14 +57,48 @@ def _processor(node: NodeState) -> str:
 
 
 def need_json(need: ModelNeed | None) -> dict[str, Any] | None:
+    """What a model takes fully on GPU on one node, and what that figure rests on."""
     if need is None:
         return None
-    return {"bytes": need.bytes, "mb": mb(need.bytes), "source": need.source, "num_ctx": need.num_ctx}
+    return {
+        "node": need.node,
+        "bytes": need.bytes,
+        "mb": mb(need.bytes),
+        "source": need.source,
+        "num_ctx": need.num_ctx,
+        "context_source": need.context_source,
+        "parallel": need.parallel,
+        "era": need.era,
+        "predicted_bytes": need.admission.predicted() if need.admission is not None else None,
+    }
+
+
+def needs_json(needs: dict[str, ModelNeed]) -> list[dict[str, Any]]:
+    return [need_json(n) for _, n in sorted(needs.items())]  # type: ignore[misc]
+
+
+def need_groups(needs: dict[str, ModelNeed]) -> list[tuple[ModelNeed, list[str]]]:
+    """Nodes that give the model the same figure, at the same context and by the same era, grouped."""
+    groups: dict[tuple[int, int, str, str], tuple[ModelNeed, list[str]]] = {}
+    for node, need in sorted(needs.items()):
+        groups.setdefault((need.bytes, need.num_ctx, need.era, need.source), (need, []))[1].append(node)
+    return sorted(groups.values(), key=lambda g: (g[0].bytes, g[1]))
+
+
+def needs_text(needs: dict[str, ModelNeed]) -> str:
+    """`5024 MB at 4096 tokens (llama-server, estimated) on gpu-small; 8636 MB at 32768 ... on gpu-24`."""
+    if not needs:
+        return "unknown (not installed anywhere, not in the catalog; set model_sizes)"
+    groups = need_groups(needs)
+    if len(groups) == 1:
+        return sizing_text(groups[0][0])
+    return "; ".join(f"{sizing_text(need)} on {', '.join(nodes)}" for need, nodes in groups)
 
 
 def verdict_json(v: Verdict) -> dict[str, Any]:
     return {
         "node": v.node,
+        "need": need_json(v.sizing),
         "fits": v.fits,
         "kind": v.kind,
         "reason": v.reason,
@@ -125,6 +159,10 @@ def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) 
         "up": node.up,
         "error": node.error,
         "version": node.version,
+        "era": node.era,
+        "default_context": node.default_context[0],
+        "default_context_source": node.default_context[1],
+        "num_parallel": node.config.num_parallel,
         "maintenance": node.config.maintenance,
         "gpu_source": node.capacity.source,
         "capacity_reason": node.capacity.reason or None,
@@ -140,10 +178,10 @@ def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) 
     }
 
 
-def route_json(r: Route, need: ModelNeed | None) -> dict[str, Any]:
+def route_json(r: Route) -> dict[str, Any]:
     return {
         "model": r.model,
-        "need": need_json(need),
+        "needs": needs_json({v.node: v.sizing for v in r.verdicts if v.sizing is not None}),
         "node": r.node,
         "processor": r.processor,
         "reason": r.reason,
@@ -154,7 +192,7 @@ def route_json(r: Route, need: ModelNeed | None) -> dict[str, Any]:
 def check_json(c: CheckResult) -> dict[str, Any]:
     return {
         "model": c.model,
-        "need": need_json(c.need),
+        "needs": needs_json(c.needs),
         "verdicts": [verdict_json(v) for v in c.verdicts],
         "result": c.result,
     }
@@ -212,7 +250,8 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
         return [f"Node: {where} - DOWN: {node.error or node.error_kind}"]
     kind = {"GPU": "GPU Node", "CPU": "CPU Node"}.get(_processor(node), "Node")
     head = f"{kind}: {where}, Ollama {node.version}" + (" [MAINTENANCE]" if node.config.maintenance else "")
-    lines = [head]
+    ctx, ctx_source = node.default_context
+    lines = [head, f"   Judged as: {eras.LABELS[node.era]} era; default context {ctx} tokens ({ctx_source})"]
     if _processor(node) == "GPU?":
         lines.append(f"   GPU capacity unknown: {node.capacity.reason}")
     elif _processor(node) == "CPU":
@@ -235,7 +274,8 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
     if _processor(node) == "GPU" and fits:
         lines.append("   Can fit these models:")
         for model, v in fits:
-            need = v.need if v.need is not None else getattr(need_of(state, model), "bytes", None)
+            sizing = v.sizing or need_of(state, model, node)
+            need = v.need if v.need is not None else getattr(sizing, "bytes", None)
             lines.append(f"      {_mark(v.fits)} {model} ({_size(need)}) - {v.reason}")
     return lines
 
@@ -244,9 +284,8 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
 
 
 def route_text(r: Route, state: ClusterState) -> list[str]:
-    need = need_of(state, r.model)
-    lines = [f"ROUTING DECISION FOR: {r.model}", RULE, f"Routing decision for: {r.model}"]
-    lines.append(f"   Model size: {_need_text(need)}")
+    lines = [f"ROUTING DECISION FOR: {r.model}", RULE]
+    lines.append(f"   Model size: {needs_text({v.node: v.sizing for v in r.verdicts if v.sizing is not None})}")
     lines.append("")
     for v in r.verdicts:
         node = state.node(v.node)
@@ -260,38 +299,41 @@ def route_text(r: Route, state: ClusterState) -> list[str]:
     return lines
 
 
-def _need_text(need: ModelNeed | None) -> str:
-    if need is None:
-        return "unknown (not installed anywhere, not in the catalog; set model_sizes)"
-    return f"{format_mb(need.bytes)}, {need.source} at {need.num_ctx} tokens of context"
-
-
 def check_text(c: CheckResult) -> list[str]:
-    lines = [f"CHECKING FIT FOR: {c.model}", RULE, f"Model size: {_need_text(c.need)}", "", "Node compatibility:"]
+    lines = [f"CHECKING FIT FOR: {c.model}", RULE, f"Model size: {needs_text(c.needs)}", "", "Node compatibility:"]
     lines += [f"   {_mark(v.fits)} {v.node}: {v.reason}" for v in c.verdicts]
     return [*lines, "", f"Result: {c.result}"]
+
+
+def model_needs(state: ClusterState, model: str) -> dict[str, ModelNeed]:
+    """What the model takes on every node that has (or may have) a GPU."""
+    needs = {}
+    for node in state.nodes:
+        if node.capacity.known and not node.vram_total:
+            continue  # a CPU node
+        need = need_of(state, model, node)
+        if need is not None:
+            needs[node.name] = need
+    return needs
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 
 def model_rows(state: ClusterState) -> list[dict[str, Any]]:
-    """Every known model (catalog, installed, loaded, configured) with its need, smallest first."""
+    """Every known model (catalog, installed, loaded, configured) with what it needs per node, smallest first."""
     names = set(state.known_models()) | {spec.name for spec in catalog.CATALOG}
     rows = []
     for name in names:
-        need = need_of(state, name)
-        priority = state.config.priority_rank(name)
+        needs = model_needs(state, name)
+        largest = max((n.bytes for n in needs.values()), default=None)
         rows.append(
             {
                 "model": name,
-                "need_bytes": need.bytes if need else None,
-                "need_mb": mb(need.bytes) if need else None,
-                "need_gb": round(need.bytes / GIB, 2) if need else None,
-                "source": need.source if need else None,
-                "num_ctx": need.num_ctx if need else None,
+                "need_bytes": largest,
+                "needs": needs_json(needs),
                 "in_catalog": catalog.find(name) is not None,
-                "priority_rank": priority,
+                "priority_rank": state.config.priority_rank(name),
                 "configured_size_bytes": state.config.model_sizes.get(name),
                 "installed_on": [n.name for n in state.nodes if n.installed_model(name)],
                 "loaded_on": [n.name for n in state.nodes if n.loaded_model(name)],
@@ -301,23 +343,31 @@ def model_rows(state: ClusterState) -> list[dict[str, Any]]:
     return rows
 
 
-def models_text(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["KNOWN MODELS DATABASE", RULE, "Model sizes (VRAM to run fully on GPU, at the context it loads with):"]
+def models_text(state: ClusterState, rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "KNOWN MODELS DATABASE",
+        RULE,
+        "Model sizes (VRAM to run fully on GPU, per node: at the context it gets there, by that node's Ollama):",
+    ]
     width = max(28, *(len(r["model"]) + 1 for r in rows))
     for r in rows:
-        if r["need_bytes"] is None:
-            size = f"{'?':>6} MB"
-            facts = ["size unknown: set model_sizes"]
-        else:
-            size = f"{r['need_mb']:>6} MB ({r['need_gb']:.2f} GB)"
-            facts = [f"{r['source']}, ctx {r['num_ctx']}"]
+        groups = need_groups(model_needs(state, r["model"]))
+        facts = []
         if r["priority_rank"]:
             facts.append(f"priority #{r['priority_rank']}")
         if r["installed_on"]:
             facts.append(f"installed on {', '.join(r['installed_on'])}")
         if r["loaded_on"]:
             facts.append(f"loaded on {', '.join(r['loaded_on'])}")
-        lines.append(f"   {r['model']:<{width}}{size}  {'; '.join(facts)}")
+        if not groups:
+            lines.append(f"   {r['model']:<{width}}{'?':>6} MB  size unknown: set model_sizes")
+        for i, (need, nodes) in enumerate(groups):
+            size = f"{mb(need.bytes):>6} MB ({need.bytes / GIB:.2f} GB)"
+            where = f"{eras.LABELS[need.era]}, {need.num_ctx} tokens, {need.source}"
+            if len(groups) > 1:
+                where += f" on {', '.join(nodes)}"
+            name = r["model"] if i == 0 else ""
+            lines.append(f"   {name:<{width}}{size}  {'; '.join([where, *facts] if i == 0 else [where])}")
     return lines
 
 
@@ -392,7 +442,7 @@ def report_models(state: ClusterState, p: Plan, now: float) -> list[dict[str, An
             {
                 "model": key,
                 "rank": rank,
-                "need": need_json(need_of(state, key)),
+                "needs": needs_json(model_needs(state, key)),
                 "placements": [
                     {"node": n.name, "gpu_ratio": round(m.gpu_ratio, 4), "until": _until(m, now)}
                     for n, m in state.placements(key)
@@ -410,8 +460,7 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     if not state.config.priority_models:
         lines.append("No priority models configured.")
     for row in report_models(state, p, now):
-        need = need_of(state, row["model"])
-        lines.append(f"{row['rank']}. {row['model']} ({_size(need.bytes if need else None)})")
+        lines.append(f"{row['rank']}. {row['model']} ({needs_text(model_needs(state, row['model']))})")
         where = ", ".join(f"{pl['node']} {_where(pl['gpu_ratio'])}, {pl['until']}" for pl in row["placements"])
         lines.append(f"   Where: {where or 'not loaded anywhere'}")
         lines.append("   Optimize would:")

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any
 
+from exporter.eras import LABELS as ERA_LABELS
 from exporter.units import GIB, mb
 
 _STYLE = """
@@ -54,6 +55,11 @@ def _node(node: Mapping[str, Any]) -> str:
         state += ", maintenance"
     title = f'<h3>{escape(node["name"])} <span class="{"ok" if node["up"] else "bad"}">{state}</span></h3>'
     lines = [f'<div class="muted">{escape(node["url"])} · Ollama {escape(node.get("version") or "?")}</div>']
+    if node.get("era"):
+        lines.append(
+            f'<div class="muted">{escape(ERA_LABELS.get(node["era"], node["era"]))} era · default context '
+            f"{node.get('default_context')} tokens ({escape(str(node.get('default_context_source') or ''))})</div>"
+        )
     source = node.get("gpu_source", "unknown")
     if total:
         used_pct = min(100.0, 100.0 * (used or 0) / total)
@@ -80,6 +86,8 @@ def _node(node: Mapping[str, Any]) -> str:
             ("node", node["name"]),
             ("up", int(bool(node["up"]))),
             ("source", source),
+            ("era", node.get("era")),
+            ("context", node.get("default_context")),
             ("total", total),
             ("usable", usable),
             ("used", used),
@@ -125,9 +133,13 @@ def _fit_matrix(nodes: list[Mapping[str, Any]]) -> str:
                 tds.append('<td class="muted">not installed</td>')
                 continue
             mark, css = ("✓", "ok") if fit["fits"] else ("✗", "bad")
+            need = fit.get("need") or {}
+            sizing = f"<br><small>{_mb(need['bytes'])} at {need['num_ctx']} tokens</small>" if need else ""
             tds.append(
                 f'<td class="fit {css}" data-node="{_attr(node["name"])}" data-model="{_attr(model)}" '
-                f'data-fits="{int(bool(fit["fits"]))}" title="{_attr(fit["reason"])}">{mark} {escape(fit["kind"])}</td>'
+                f'data-fits="{int(bool(fit["fits"]))}" data-need="{_attr(need.get("bytes"))}" '
+                f'data-ctx="{_attr(need.get("num_ctx"))}" title="{_attr(fit["reason"])}">'
+                f"{mark} {escape(fit['kind'])}{sizing}</td>"
             )
         rows.append(f"<tr><td>{escape(model)}</td>{''.join(tds)}</tr>")
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"

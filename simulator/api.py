@@ -10,8 +10,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from exporter import eras
 from exporter.catalog import ModelSpec
 from simulator import showinfo
+from simulator.fleet import display_name
 from simulator.gotypes import go_quote, go_time, json_error, parse_keep_alive
 from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response
 from simulator.options import merge_options, num_predict
@@ -192,7 +194,10 @@ class OllamaApi:
         started = time.monotonic()
         try:
             options = merge_options(
-                self.node.spec.context_length, installed.spec.default_num_ctx, body.get("options") or {}
+                self.node.spec.default_context,
+                installed.spec.default_num_ctx,
+                body.get("options") or {},
+                node_ctx_set=self.node.spec.context_length is not None,
             )
         except ValueError as exc:
             raise _Reject(error_response(500, str(exc))) from None
@@ -295,25 +300,31 @@ class OllamaApi:
         models = sorted(self.node.installed, key=lambda m: -int(m.modified_at))
         return json_response(
             200,
-            {
-                "models": [
-                    {
-                        "name": m.name,
-                        "model": m.name,
-                        "modified_at": go_time(m.modified_at),
-                        "size": m.spec.tags_size,
-                        "digest": m.spec.digest,
-                        "details": details(m.spec),
-                    }
-                    for m in models
-                ]
-            },
+            {"models": [self._tag(m) for m in models]},
         )
+
+    def _tag(self, m: Installed) -> dict:
+        """One /api/tags entry; v0.30+ adds the capabilities and the trained context and embedding length."""
+        entry = {
+            "name": m.name,
+            "model": m.name,
+            "modified_at": go_time(m.modified_at),
+            "size": m.spec.tags_size,
+            "digest": m.spec.digest,
+            "details": details(m.spec),
+        }
+        if self.node.version >= (0, 30, 0):
+            arch = m.spec.arch
+            entry["details"].update(context_length=arch.context_length, embedding_length=arch.embedding_length)
+            entry["capabilities"] = list(m.spec.capabilities)
+        return entry
 
     def _ps(self, request: Request) -> Response:
         with_context = self.node.version >= (0, 10, 0)
         models = []
         for view in self.node.scheduler.snapshot():
+            if view.loading and self.node.era == eras.LLAMA_SERVER:
+                continue  # listed once llama-server reports healthy
             entry = {
                 "name": view.name,
                 "model": view.name,
@@ -334,15 +345,20 @@ class OllamaApi:
         model = body.get("model") or body.get("name") or ""
         if not model:
             return error_response(400, "model is required")
-        installed = self._resolve(model, 404, f"model '{model}' not found")
+        shown = display_name(model) if self.node.era == eras.LLAMA_SERVER else model
+        installed = self._resolve(model, 404, f"model '{shown}' not found")
         spec = installed.spec
+        verbose = body.get("verbose") is True
+        info = spec.model_info(verbose=verbose)
+        if not verbose and self.node.era == eras.LLAMA_SERVER:  # v0.30+ drops the values of non-empty arrays
+            info = {k: (None if isinstance(v, list) and k.startswith("tokenizer.") else v) for k, v in info.items()}
         response = {
             "license": showinfo.license_text(spec),
             "modelfile": showinfo.modelfile(spec, installed.name),
             "parameters": showinfo.parameters(spec),
             "template": showinfo.template(spec),
             "details": details(spec),
-            "model_info": spec.model_info(),
+            "model_info": info,
             "tensors": list(spec.tensors),
             "capabilities": list(spec.capabilities),
             "modified_at": go_time(installed.modified_at),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from exporter import catalog
+from exporter import catalog, eras
 from exporter.units import GIB, parse_size
 from exporter.yamlfile import read_yaml
 from simulator.gotypes import parse_keep_alive
@@ -21,6 +21,7 @@ _NODE_KEYS = (
 _GPU_KEYS = ("name", "vram")
 PRELOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "main_gpu", "num_thread", "use_mmap")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CURRENT_VERSION = "0.32.15"  # the newest stable release when this was written (llama-server era)
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
 
 
@@ -46,12 +47,12 @@ class NodeSpec:
     gpus: tuple[GpuSpec, ...] = ()
     ram: int = 16 * GIB
     models: tuple[str, ...] = ()  # installed, as /api/tags names them ("x" → "x:latest")
-    version: str = "0.12.6"
+    version: str = CURRENT_VERSION
     latency_ms: int = 0
     load_speed: int = 0  # bytes of `size` per second; 0 = instant
     max_loaded_models: int = 0  # 0 = 3 × GPUs (3 without GPU)
     num_parallel: int = 1
-    context_length: int = 4096
+    context_length: int | None = None  # OLLAMA_CONTEXT_LENGTH; None = unset (the era's default)
     gpu_overhead: int = 0  # bytes per GPU
     keep_alive: float = 300.0  # seconds
     token_rate: float = 50.0  # tokens per second; 0 = instant
@@ -60,6 +61,13 @@ class NodeSpec:
     @property
     def max_loaded(self) -> int:
         return self.max_loaded_models or 3 * max(1, len(self.gpus))
+
+    @property
+    def default_context(self) -> int:
+        """The context a model gets when neither the request nor its Modelfile sets one: OLLAMA_CONTEXT_LENGTH,
+        else (v0.15.5+) the tier of the GPUs' total memory less OLLAMA_GPU_OVERHEAD each, else 4096."""
+        total = sum(max(0, g.vram - self.gpu_overhead) for g in self.gpus)
+        return eras.default_context(self.version, self.context_length, total)[0]
 
 
 @dataclass(frozen=True)
@@ -206,7 +214,11 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         load_speed=err.size(node.get("load_speed", 0), f"{path}.load_speed", plain_unit="B"),
         max_loaded_models=err.integer(node.get("max_loaded_models", 0), f"{path}.max_loaded_models"),
         num_parallel=err.integer(node.get("num_parallel", 1), f"{path}.num_parallel", minimum=1),
-        context_length=err.integer(node.get("context_length", 4096), f"{path}.context_length", minimum=1),
+        context_length=(
+            err.integer(node["context_length"], f"{path}.context_length", minimum=1)
+            if node.get("context_length") is not None
+            else None
+        ),
         gpu_overhead=err.size(node.get("gpu_overhead", 0), f"{path}.gpu_overhead", plain_unit="B"),
         keep_alive=_keep_alive(err, node.get("keep_alive", "5m"), f"{path}.keep_alive"),
         token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate"),

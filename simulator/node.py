@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from exporter import catalog
+from exporter import catalog, eras
 from exporter.catalog import ModelSpec
 from simulator.api import OllamaApi
 from simulator.faults import FAULTS, ONE_SHOT, check_fault
@@ -14,6 +14,7 @@ from simulator.fleet import NodeSpec, display_name
 from simulator.gotypes import go_time
 from simulator.httpserver import HttpServer
 from simulator.options import merge_options
+from simulator.placement import placer_for
 from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError
 
 
@@ -38,6 +39,7 @@ class SimNode:
         self.spec = spec
         self.clock = clock
         self.version = version_tuple(spec.version)
+        self.era = eras.era_of(spec.version)
         self.scheduler = Scheduler(
             spec.gpus,
             spec.ram,
@@ -46,6 +48,7 @@ class SimNode:
             gpu_overhead=spec.gpu_overhead,
             load_speed=spec.load_speed,
             keep_alive=spec.keep_alive,
+            placer=placer_for(spec.version, spec.gpu_overhead),
             clock=clock,
         )
         pulled = clock() - 86400.0
@@ -73,7 +76,12 @@ class SimNode:
         for preload in self.spec.preload:
             installed = self.resolve(preload.model)
             assert installed is not None  # checked with the fleet file
-            options = merge_options(self.spec.context_length, installed.spec.default_num_ctx, preload.options)
+            options = merge_options(
+                self.spec.default_context,
+                installed.spec.default_num_ctx,
+                preload.options,
+                node_ctx_set=self.spec.context_length is not None,
+            )
             request = LoadRequest(installed.name, installed.spec, options, preload.keep_alive)
             try:
                 runner = self.scheduler.acquire(request, instant=True)

@@ -1,9 +1,11 @@
-"""One node's model scheduler, after Ollama's server/sched.go in the classic era (v0.10–v0.12.10).
+"""One node's model scheduler, after Ollama's server/sched.go.
 
-Decisions are pure functions (`free_per_gpu`, `choose_placement`, `pick_victim`); `Scheduler` keeps the
-runners under one lock: loads are serialized, a new model must fit beside the loaded ones or idle runners are
-evicted (shortest keep_alive first), only the first model may spill to CPU, keep_alive expires lazily on
-every call (an expired idle runner is never reported), and in-flight requests hold a runner by refcount.
+Where a model goes is the era's `Placer` (simulator.placement: classic, layout or llama-server); decisions
+are pure functions (`free_per_gpu`, `pick_victim`); `Scheduler` keeps the runners under one lock: loads are
+serialized, a placer that needs room gets idle runners evicted (shortest keep_alive first), keep_alive expires
+lazily on every call (an expired idle runner is never reported), and in-flight requests hold a runner by
+refcount. In the llama-server era an out-of-memory start is retried as Ollama does (§2.5): with a smaller
+context when the context was automatic, else after evicting every other runner, else it fails with 500.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from exporter import eras
 from exporter.catalog import ModelSpec
-from exporter.estimate import Arch, Placement, effective_ctx, place
+from exporter.estimate import effective_ctx
+from exporter.units import MIB
 from simulator.fleet import GpuSpec
 from simulator.gotypes import human_bytes2
 from simulator.options import RunnerOptions
+from simulator.placement import Choice, ClassicPlacer, OutOfMemory, Placer
 
 Clock = Callable[[], float]
 _TICK = 0.05  # seconds between re-checks while waiting (expiry is lazy, so waits poll)
@@ -39,18 +44,23 @@ class LoadRequest:
     keep_alive: float | None  # seconds; None = not given (sticky, or the node default at load)
 
 
+OOM_STARTUP = (
+    "llama-server process has terminated: exit status 1: ggml_backend_cuda_buffer_type_alloc_buffer: "
+    "allocating {mib:.2f} MiB on device 0: cudaMalloc failed: out of memory"
+)
+
+
 class Runner:
     """A loaded (or loading) model. Mutable; every field is guarded by the scheduler's lock."""
 
-    def __init__(
-        self, request: LoadRequest, placement: Placement, gpus: Sequence[int], parallel: int, session: float
-    ) -> None:
+    def __init__(self, request: LoadRequest, choice: Choice, session: float) -> None:
         self.name = request.name
         self.spec = request.spec
         self.options = request.options
-        self.size = placement.size
-        self.size_vram = placement.size_vram
-        self.per_gpu = {g: used for g, used in zip(gpus, placement.per_gpu, strict=True) if used}
+        self.size = choice.size
+        self.size_vram = choice.size_vram
+        self.per_gpu = dict(choice.per_gpu)
+        self.layers = (choice.layers, choice.total_layers)
         self.context_length = effective_ctx(request.spec.arch, request.options.num_ctx)
         self.session = session
         self.expires_at: float | None = None  # set when the last request finishes
@@ -58,7 +68,7 @@ class Runner:
         self.loading = True
         self.alive = True
         self.evicting = False
-        self.slots = threading.Semaphore(parallel)
+        self.slots = threading.Semaphore(choice.parallel)
 
 
 @dataclass(frozen=True)
@@ -100,36 +110,6 @@ def free_per_gpu(totals: Sequence[int], runners: Sequence[Runner], hog: int = 0)
     return [max(0, t - u) for t, u in zip(totals, used_per_gpu(len(totals), runners, hog), strict=True)]
 
 
-@dataclass(frozen=True)
-class Choice:
-    placement: Placement
-    gpus: tuple[int, ...]  # indices the placement's per_gpu refers to
-    parallel: int
-
-
-def choose_placement(
-    arch: Arch, options: RunnerOptions, parallel: int, gpu_free: Sequence[int], overhead: int, first: bool
-) -> Choice | None:
-    """Where a load goes, or None when it must wait for an eviction.
-
-    No GPU or num_gpu 0: CPU. Otherwise one GPU that fits it (most free first), else all GPUs together;
-    a model that fits nowhere is loaded partially only when nothing else is loaded (`first`), parallel 1.
-    """
-    ctx = options.num_ctx
-    if not gpu_free or options.num_gpu == 0:
-        return Choice(place(arch, ctx, parallel), (), parallel)
-    order = tuple(sorted(range(len(gpu_free)), key=lambda g: -gpu_free[g]))
-    candidates = [(g,) for g in order] + ([order] if len(order) > 1 else [])
-    for gpus in candidates:
-        placement = place(arch, ctx, parallel, [gpu_free[g] for g in gpus], options.num_gpu, overhead)
-        wanted = placement.total_layers if options.num_gpu < 0 else min(options.num_gpu, placement.total_layers)
-        if placement.gpu_layers >= wanted:
-            return Choice(placement, gpus, parallel)
-    if first:
-        return Choice(place(arch, ctx, 1, [gpu_free[g] for g in order], options.num_gpu, overhead), order, 1)
-    return None
-
-
 def pick_victim(runners: Sequence[Runner]) -> Runner | None:
     """findRunnerToUnload: by keep_alive ascending (forever last), the first idle one, else the shortest."""
     ordered = sorted(runners, key=lambda r: r.session)
@@ -150,13 +130,14 @@ class Scheduler:
         gpu_overhead: int = 0,
         load_speed: int = 0,
         keep_alive: float = 300.0,
+        placer: Placer | None = None,
         clock: Clock = time.time,
     ) -> None:
         self._gpus = tuple(gpus)
+        self.placer = placer or ClassicPlacer(gpu_overhead)
         self._ram = ram
         self._max_loaded = max_loaded
         self._num_parallel = num_parallel
-        self._overhead = gpu_overhead
         self._load_speed = load_speed
         self._keep_alive = keep_alive
         self._clock = clock
@@ -180,7 +161,7 @@ class Scheduler:
                 self._check_open()
                 self._reap()
                 runner = self._find(request.spec)
-                if runner is not None and not runner.evicting and not runner.options.needs_reload(request.options):
+                if runner is not None and not runner.evicting and not self._reloads(runner, request):
                     if not runner.loading:
                         self._attach(runner, request.keep_alive)
                         return runner
@@ -292,6 +273,13 @@ class Scheduler:
 
     # -- internals (lock held)
 
+    def _reloads(self, runner: Runner, request: LoadRequest) -> bool:
+        if self.placer.era != eras.LLAMA_SERVER:
+            return runner.options.needs_reload(request.options)
+        trained = request.spec.arch.context_length
+        new = replace(request.options, num_ctx=min(request.options.num_ctx, trained))
+        return replace(runner.options, num_ctx=runner.context_length).needs_reload(new, measured=True)
+
     def _check_open(self) -> None:
         if self._closed.is_set():
             raise SchedulerError(503, "server shutting down")
@@ -330,16 +318,14 @@ class Scheduler:
         self._cond.wait(_TICK)
 
     def _fit(self, request: LoadRequest) -> Runner | None:
-        """A new runner where the model fits now, or None if something must be evicted first."""
-        arch = request.spec.arch
-        parallel = 1 if arch.embedding else self._num_parallel
+        """A new runner where the placer puts the model now, or None if something must be evicted first;
+        OutOfMemory from the placer passes through."""
         gpus = () if self._gpu_lost else self._gpus
         free = free_per_gpu([g.vram for g in gpus], self._runners, self._hog)
-        choice = choose_placement(arch, request.options, parallel, free, self._overhead, not self._runners)
+        choice = self.placer.place(request.spec, request.options, free, self._num_parallel, len(self._runners))
         if choice is None:
             return None
-        placement = choice.placement
-        system = placement.size - placement.size_vram
+        system = choice.size - choice.size_vram
         available = self._ram - sum(r.size - r.size_vram for r in self._runners)
         if system > available:
             if self._runners:
@@ -350,9 +336,23 @@ class Scheduler:
                 f"than is available ({human_bytes2(max(0, available))})",
             )
         session = self._keep_alive if request.keep_alive is None else request.keep_alive
-        return Runner(request, placement, choice.gpus, choice.parallel, session)
+        return Runner(request, choice, session)
+
+    def _out_of_memory(self, request: LoadRequest, failed: OutOfMemory, retried: set[str]) -> LoadRequest:
+        """Ollama's answer to an out-of-memory start (§2.5): one retry — with the next smaller context when the
+        context was automatic, and after evicting every other runner when any is loaded — else SchedulerError."""
+        options = request.options
+        smaller = 32768 if options.num_ctx > 32768 else 4096
+        shrink = options.auto_ctx and smaller < min(options.num_ctx, request.spec.arch.context_length)
+        if "once" in retried or not (shrink or self._runners):
+            raise SchedulerError(500, OOM_STARTUP.format(mib=failed.needed / MIB))
+        retried.add("once")
+        for runner in list(self._runners):
+            self._evict(runner)
+        return replace(request, options=replace(options, num_ctx=smaller)) if shrink else request
 
     def _load(self, request: LoadRequest, instant: bool) -> Runner:
+        retried: set[str] = set()
         with self._cond:
             while True:
                 self._check_open()
@@ -364,7 +364,14 @@ class Scheduler:
                 if len(self._runners) >= self._max_loaded:
                     self._evict(pick_victim(self._runners))  # type: ignore[arg-type]
                     continue
-                runner = self._fit(request)
+                if "once" in retried and self._runners:
+                    self._cond.wait(_TICK)  # evicting every other runner after an out-of-memory start
+                    continue
+                try:
+                    runner = self._fit(request)
+                except OutOfMemory as failed:
+                    request = self._out_of_memory(request, failed, retried)
+                    continue
                 if runner is not None:
                     break
                 self._evict(pick_victim(self._runners))  # type: ignore[arg-type]

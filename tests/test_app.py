@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 
@@ -64,8 +65,12 @@ def cluster(config: Config) -> ClusterState:
         NodeState(large, True, 0.8, capacity(8), installed=installed(llama.name, mxbai.name)),
     )
     needs = {
-        "llama3.1:latest": ModelNeed("llama3.1:latest", 5 * GIB, "configured", 4096),
-        "mxbai-embed-large:latest": ModelNeed("mxbai-embed-large:latest", 700 * MIB, "observed", 512),
+        (node.name, need.model): replace(need, node=node.name, era=node.era)
+        for node in nodes
+        for need in (
+            ModelNeed("llama3.1:latest", 5 * GIB, "configured", 4096),
+            ModelNeed("mxbai-embed-large:latest", 700 * MIB, "observed", 512),
+        )
     }
     return ClusterState(config, NOW, nodes, MappingProxyType(needs), frozenset({"mxbai-embed-large:latest"}))
 
@@ -227,7 +232,9 @@ def test_route_and_check_answer_for_a_known_model(client):
     verdicts = {v["node"]: v for v in check["verdicts"]}
     assert verdicts["gpu-large"]["fits"] is True
     assert verdicts["cpu-node"]["fits"] is False
-    assert check["need"]["bytes"] == 5 * GIB
+    needs = {n["node"]: n for n in check["needs"]}
+    assert needs["gpu-large"]["bytes"] == 5 * GIB and needs["gpu-large"]["source"] == "configured"
+    assert verdicts["gpu-large"]["need"] == needs["gpu-large"]
     assert check["result"].startswith("Fits on GPU: gpu-large")
 
 
@@ -243,7 +250,8 @@ def test_model_parameter_errors(client, path):
 def test_models_lists_needs_and_placements(client):
     models = {m["model"]: m for m in client.get("/api/v1/models").get_json()["models"]}
     llama = models["llama3.1:latest"]
-    assert (llama["priority_rank"], llama["need_bytes"], llama["source"]) == (2, 5 * GIB, "configured")
+    assert (llama["priority_rank"], llama["need_bytes"]) == (2, 5 * GIB)
+    assert {n["source"] for n in llama["needs"]} == {"configured"}
     assert llama["loaded_on"] == ["cpu-node"]
     assert llama["installed_on"] == ["cpu-node", "gpu-large"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 
@@ -14,12 +15,12 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.collector import (
     METRICS,
     ClusterCollector,
-    NodeRoom,
     cluster_families,
+    fits_free,
 )
 from exporter.config import Config, parse_config
-from exporter.need import RESERVE
 from exporter.ollama import InstalledModel, LoadedModel
+from exporter.room import Room
 from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
 from exporter.units import GIB, MIB
 
@@ -94,13 +95,19 @@ def demo_state(config: Config = CONFIG, *, with_mxbai: bool = True) -> ClusterSt
         node_state("mystery", capacity=Capacity("unknown", reason="no vram"), installed=installed("llama3.1:latest")),
         node_state("gone", up=False, error_kind="timeout", error="no answer"),
     )
-    needs = {
-        "llama3.1:latest": ModelNeed("llama3.1:latest", LLAMA_NEED, "estimated", 4096),
-        "mxbai-embed-large:latest": ModelNeed("mxbai-embed-large:latest", MXBAI_NEED, "observed", 512),
-        "qwen2.5-coder:1.5b": ModelNeed("qwen2.5-coder:1.5b", 1_925_233_152, "observed", 4096),
-        "all-minilm:latest": ModelNeed("all-minilm:latest", 528_797_696, "catalog", 512),
-    }
-    return ClusterState(config=config, taken_at=1e9, nodes=nodes, needs=MappingProxyType(needs), duration=0.3)
+    needs = per_node(
+        nodes,
+        ModelNeed("llama3.1:latest", LLAMA_NEED, "estimated", 4096),
+        ModelNeed("mxbai-embed-large:latest", MXBAI_NEED, "observed", 512),
+        ModelNeed("qwen2.5-coder:1.5b", 1_925_233_152, "observed", 4096),
+        ModelNeed("all-minilm:latest", 528_797_696, "catalog", 512),
+    )
+    return ClusterState(config=config, taken_at=1e9, nodes=nodes, needs=needs, duration=0.3)
+
+
+def per_node(nodes: tuple[NodeState, ...], *needs: ModelNeed) -> MappingProxyType:
+    """The same (classic-era) figure for each model on every node."""
+    return MappingProxyType({(n.name, need.model): replace(need, node=n.name) for n in nodes for need in needs})
 
 
 class FakeObserver:
@@ -138,51 +145,44 @@ def labelled(**labels: str) -> tuple[tuple[str, str], ...]:
 # -------------------------------------------------------------------------------------------------- fits
 
 
-def room(node: NodeState) -> NodeRoom:
-    found = NodeRoom.of(node)
+def room(node: NodeState) -> Room:
+    found = Room.of(node)
     assert found is not None
     return found
+
+
+def need(size: int, model: str = "x:latest") -> ModelNeed:
+    return ModelNeed(model, size, "configured", 4096)
 
 
 def test_fits_use_usable_vram_and_unknown_capacity_has_no_room() -> None:
     state = demo_state()
     small, cpu, large, mystery, gone = state.nodes
-    assert room(large).fits(LLAMA_NEED)  # 8 GiB × 0.8 = 6.4 GiB ≥ 5.68 GiB
-    assert not room(small).fits(LLAMA_NEED)
-    assert not room(cpu).fits(0) and not room(cpu).fits_free("x", 0) and room(cpu).usable == 0
-    assert NodeRoom.of(mystery) is None
-    assert room(gone).fits(LLAMA_NEED)  # capacity is a fact of the hardware
-    assert not room(gone).fits_free("llama3.1:latest", 1)  # but nothing loads there now
+    assert room(large).fits(need(LLAMA_NEED))  # 8 GiB × 0.8 = 6.4 GiB ≥ 5.68 GiB
+    assert not room(small).fits(need(LLAMA_NEED))
+    assert not room(cpu).fits(need(0)) and not room(cpu).fits_free(need(0)) and room(cpu).usable == 0
+    assert Room.of(mystery) is None
+    assert room(gone).fits(need(LLAMA_NEED))  # capacity is a fact of the hardware
+    assert not fits_free(gone, room(gone), need(1, "llama3.1:latest"))  # but nothing loads there now
 
 
 def test_fits_free_counts_used_vram_and_what_is_already_on_gpu() -> None:
     state = demo_state()
     small, _, large, _, _ = state.nodes
     assert large.vram_free == int(8 * GIB * 0.8) - 1_925_233_152
-    assert room(large).free == large.vram_free
-    assert not room(large).fits_free("llama3.1:latest", LLAMA_NEED)  # 4.4 GiB free < 5.68 GiB
-    assert room(large).fits_free("all-minilm:latest", 528_797_696)
-    assert room(large).fits_free("qwen2.5-coder:1.5b", 10**12)  # already fully on GPU there
-    assert not room(small).fits_free("llama3.1:latest", LLAMA_NEED)  # a partial copy is not "on GPU"
-
-
-def test_a_multi_gpu_node_fits_on_its_largest_gpu_or_split_over_all_with_a_reserve_each() -> None:
-    three = Capacity("static", (GpuInfo(0, "A", 8 * GIB), GpuInfo(1, "B", 4 * GIB), GpuInfo(2, "C", 4 * GIB)))
-    node = room(node_state("gpu-large", capacity=three))
-    largest, usable = int(8 * GIB * 0.8), int(16 * GIB * 0.8)
-    assert (node.largest, node.usable, node.gpus) == (largest, usable, 3)
-    assert node.takes(largest) == largest and node.fits(largest)  # on the largest GPU alone
-    assert node.takes(largest + 1) == largest + 1 + 2 * RESERVE  # split: two more reserves
-    assert node.fits(usable - 2 * RESERVE) and not node.fits(usable - 2 * RESERVE + 1)
-    assert node.fits_free("x:latest", usable - 2 * RESERVE)  # nothing loaded: all of it is free
+    assert room(large).usable - room(large).used == large.vram_free
+    assert not fits_free(large, room(large), need(LLAMA_NEED, "llama3.1:latest"))  # 4.4 GiB free < 5.68 GiB
+    assert fits_free(large, room(large), need(528_797_696, "all-minilm:latest"))
+    assert fits_free(large, room(large), need(10**12, "qwen2.5-coder:1.5b"))  # already fully on GPU there
+    assert not fits_free(small, room(small), need(LLAMA_NEED, "llama3.1:latest"))  # a partial copy is not on GPU
 
 
 def test_a_partly_offloaded_copy_counts_its_own_vram_as_free_for_itself() -> None:
     partial = loaded("codellama:7b", 14 * GIB, 6 * GIB)
-    node = room(node_state("gpu-large", loaded=(partial,)))
-    assert node.free == int(8 * GIB * 0.8) - 6 * GIB
-    assert node.fits_free("codellama:7b", int(8 * GIB * 0.8))  # reloading it reuses its 6 GiB
-    assert not node.fits_free("llama3.1:latest", LLAMA_NEED)  # another model does not get them
+    node = node_state("gpu-large", loaded=(partial,))
+    assert room(node).usable - room(node).used == int(8 * GIB * 0.8) - 6 * GIB
+    assert fits_free(node, room(node), need(int(8 * GIB * 0.8), "codellama:7b"))  # its reload reuses its 6 GiB
+    assert not fits_free(node, room(node), need(LLAMA_NEED, "llama3.1:latest"))  # another model does not get them
 
 
 # ----------------------------------------------------------------------------------------- the families
@@ -207,10 +207,32 @@ def test_node_metrics() -> None:
         for n in ("gpu-small", "cpu-node", "gpu-large", "mystery", "gone")
     }
     info = samples(registry, "gpu_router_node_info")
-    assert info[labelled(node="gpu-small", url="http://127.0.0.1:11501", version="0.12.10", gpu_source="static")] == 1
-    assert info[labelled(node="cpu-node", url="http://127.0.0.1:11502", version="0.12.10", gpu_source="none")] == 1
-    assert info[labelled(node="mystery", url="http://10.0.0.4:11434", version="0.12.10", gpu_source="unknown")] == 1
-    assert info[labelled(node="gone", url="http://127.0.0.1:11505", version="", gpu_source="static")] == 1
+    assert (
+        info[
+            labelled(
+                node="gpu-small", url="http://127.0.0.1:11501", version="0.12.10", era="classic", gpu_source="static"
+            )
+        ]
+        == 1
+    )
+    assert (
+        info[
+            labelled(node="cpu-node", url="http://127.0.0.1:11502", version="0.12.10", era="classic", gpu_source="none")
+        ]
+        == 1
+    )
+    assert (
+        info[
+            labelled(
+                node="mystery", url="http://10.0.0.4:11434", version="0.12.10", era="classic", gpu_source="unknown"
+            )
+        ]
+        == 1
+    )
+    assert (
+        info[labelled(node="gone", url="http://127.0.0.1:11505", version="", era="llama_server", gpu_source="static")]
+        == 1
+    )
     assert registry.get_sample_value("gpu_router_node_poll_duration_seconds", {"node": "gone"}) == 0.25
 
     total = samples(registry, "gpu_router_node_vram_total_bytes")
@@ -289,8 +311,9 @@ def test_installed_required_priority_and_on_gpu() -> None:
         ]
     }
     required = samples(registry, "gpu_router_model_required_bytes")
-    assert required[labelled(model="llama3.1:latest", source="estimated")] == LLAMA_NEED
-    assert required[labelled(model="mxbai-embed-large:latest", source="observed")] == MXBAI_NEED
+    assert required[labelled(node="gpu-large", model="llama3.1:latest", source="estimated")] == LLAMA_NEED
+    assert required[labelled(node="gpu-small", model="mxbai-embed-large:latest", source="observed")] == MXBAI_NEED
+    assert {dict(k)["node"] for k in required} == {"gpu-small", "gpu-large", "mystery", "gone"}  # not the CPU node
     assert samples(registry, "gpu_router_model_priority") == {
         labelled(model="mxbai-embed-large:latest"): 1,
         labelled(model="llama3.1:latest"): 2,

@@ -73,11 +73,11 @@ def test_example_1_status(tmp_path, capsys):
     assert code == 0
     assert out.startswith("INTELLIGENT GPU ROUTING STATUS\n" + "=" * 70)
     assert "GPU Node: gpu (" in out and "CPU Node: cpu (" in out
-    assert "   Total VRAM: 4096 MB\n   Usable VRAM: 3277 MB (80% safety)\n   Free VRAM: 2148 MB" in out
-    assert "✅ mxbai-embed-large:latest (1129 MB) - Already loaded fully on GPU" in out
-    # better than the guide: llama3.2:3b needs 3157 MB at 4096 tokens, more than the 2148 MB left
-    assert "❌ llama3.2:3b (3157 MB) - Not enough free VRAM (3157MB needed, 2148MB free" in out
-    assert "❌ llama3.1:latest (5817 MB) - Model too large (5817MB > 3277MB usable VRAM)" in out
+    assert "Judged as: llama-server era; default context 4096 tokens (vram tier)" in out
+    assert "   Total VRAM: 4096 MB\n   Usable VRAM: 3277 MB (80% safety)\n   Free VRAM: 2671 MB" in out
+    assert "✅ mxbai-embed-large:latest (606 MB) - Already loaded fully on GPU" in out
+    assert "✅ llama3.2:3b (2439 MB) - Fits in 3277MB VRAM (2671MB free)" in out  # 5.6 MiB more than it needs
+    assert "❌ llama3.1:latest (5024 MB) - Model too large (5024MB > 3277MB usable VRAM)" in out
 
 
 def test_example_2_route(tmp_path, capsys):
@@ -85,10 +85,10 @@ def test_example_2_route(tmp_path, capsys):
         code, out, _ = gpu_router(config, "route", "mxbai-embed-large", capsys=capsys)
     assert code == 0
     assert "ROUTING DECISION FOR: mxbai-embed-large:latest" in out
-    assert "Model size: 1129 MB (1.10 GB), observed at 512 tokens of context" in out
-    assert "✅ gpu (GPU): Already loaded fully on GPU (1129MB)" in out
+    assert "Model size: 606MB at 512 tokens (llama-server, observed)" in out
+    assert "✅ gpu (GPU): Already loaded fully on GPU (606MB)" in out
     assert "❌ cpu (CPU): Node has no GPU" in out
-    assert "Best choice: gpu (GPU)\n      Reason: Already loaded fully on GPU (1129MB)" in out
+    assert "Best choice: gpu (GPU)\n      Reason: Already loaded fully on GPU (606MB)" in out
 
 
 def test_example_2_route_to_free_vram(tmp_path, capsys):
@@ -102,8 +102,9 @@ def test_example_3_check_large_model(tmp_path, capsys):
     with cluster(tmp_path, GUIDE, []) as (_, config):
         code, out, _ = gpu_router(config, "check", "llama3.1:latest", capsys=capsys)
     assert code == 0
-    assert "CHECKING FIT FOR: llama3.1:latest" in out and "Model size: 5817 MB (5.68 GB)" in out
-    assert "❌ gpu: Model too large (5817MB > 3277MB usable VRAM)" in out
+    assert "CHECKING FIT FOR: llama3.1:latest" in out
+    assert "Model size: 5024MB at 4096 tokens (llama-server, estimated)" in out
+    assert "❌ gpu: Model too large (5024MB > 3277MB usable VRAM)" in out
     assert "❌ cpu: Node has no GPU" in out
     assert out.rstrip().endswith("Result: Model must run on CPU")
 
@@ -130,8 +131,8 @@ def test_example_5_models(tmp_path, capsys):
         assert name in rows
     assert "my-custom-model:latest" in rows
     by_name = {line.split()[0]: line for line in out.splitlines()[3:]}
-    assert "2500 MB (2.44 GB)  configured" in by_name["my-custom-model:latest"]
-    assert "1129 MB (1.10 GB)  observed, ctx 512; priority #1" in by_name["mxbai-embed-large:latest"]
+    assert "2500 MB (2.44 GB)  llama-server, 4096 tokens, configured" in by_name["my-custom-model:latest"]
+    assert "606 MB (0.59 GB)  llama-server, 512 tokens, observed; priority #1" in by_name["mxbai-embed-large:latest"]
     sizes = [int(line.split()[1]) for line in out.splitlines()[3:]]
     assert sizes == sorted(sizes)  # smallest first, like the guide's table
 
@@ -300,9 +301,12 @@ def test_report_shows_where_each_priority_model_is_and_what_optimize_would_do(tm
         before = counts(fleet)
         code, out, _ = gpu_router(config, "report", capsys=capsys)
         assert code == 0 and "INTELLIGENT GPU ROUTING STATUS" in out and "PRIORITY MODELS" in out
-        assert "1. mxbai-embed-large:latest (1129 MB)\n   Where: gpu-small CPU" in out
-        assert "load mxbai-embed-large:latest on GPU at gpu-small" in out  # llama3.1 needs all of gpu-large
-        assert "2. llama3.1:latest (5817 MB)\n   Where: not loaded anywhere" in out
+        assert (
+            "1. mxbai-embed-large:latest (606MB at 512 tokens (llama-server, estimated))\n   Where: gpu-small CPU"
+            in out
+        )
+        assert "load mxbai-embed-large:latest on GPU at gpu-large" in out  # current sizes: both fit gpu-large
+        assert "2. llama3.1:latest (5024MB at 4096 tokens (llama-server, estimated))\n   Where: not loaded" in out
         code, out, _ = gpu_router(config, "--json", "report", capsys=capsys)
         report = json.loads(out)
         assert [m["model"] for m in report["priority_models"]] == ["mxbai-embed-large:latest", "llama3.1:latest"]

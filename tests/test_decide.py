@@ -38,8 +38,11 @@ def node(
     return {"name": name, "gpus": gpus, "loaded": loaded, "installed": installed, "up": up, "mnt": maintenance}
 
 
-def build(nodes: list[dict], priority: list = (), needs: dict[str, int] | None = None) -> ClusterState:
-    """A state: gpus None = capacity unknown, () = no GPU; needs in MiB (source configured)."""
+def build(
+    nodes: list[dict], priority: list = (), needs: dict[str, int] | None = None, version: str = "0.12.6"
+) -> ClusterState:
+    """A state of classic-era nodes (unless `version` says otherwise): gpus None = capacity unknown, () = no
+    GPU; needs in MiB (source configured), the same on every node."""
     raw = {
         "nodes": [
             {"name": n["name"], "url": f"http://127.0.0.1:{11000 + i}", "maintenance": n["mnt"]}
@@ -68,10 +71,15 @@ def build(nodes: list[dict], priority: list = (), needs: dict[str, int] | None =
                 error=None if spec["up"] else "connection refused",
                 loaded=spec["loaded"] if spec["up"] else (),
                 installed=tuple(InstalledModel(_key(m), 1, "d" + m) for m in sorted(installed)) if spec["up"] else (),
+                version=version if spec["up"] else None,
             )
         )
-    needs = {_key(k): ModelNeed(_key(k), v * MIB, "configured", 4096) for k, v in (needs or {}).items()}
-    return ClusterState(config=config, taken_at=NOW, nodes=tuple(states), needs=MappingProxyType(needs))
+    per_node = {
+        (n.name, _key(k)): ModelNeed(_key(k), v * MIB, "configured", 4096, n.name, n.era)
+        for k, v in (needs or {}).items()
+        for n in states
+    }
+    return ClusterState(config=config, taken_at=NOW, nodes=tuple(states), needs=MappingProxyType(per_node))
 
 
 def _key(name: str) -> str:
@@ -196,7 +204,7 @@ def test_unknown_size_is_reported():
 def test_catalog_need_used_for_models_the_state_does_not_know():
     state = build([node("a", installed=("llama3.1",))])
     result = check(state, "llama3.1:latest", NOW)
-    assert result.need is not None and result.need.source == "catalog"
+    assert result.needs["a"].source == "catalog" and result.needs["a"].era == "classic"
     assert kinds(result) == {"a": "too_large"}
 
 

@@ -32,7 +32,7 @@ def test_demo_tells_the_story_and_exits_0() -> None:
     order = ["1. STATUS", "2. TROUBLE", "0% on GPU  ← on CPU", "3. THE OPTIMIZER NOTICES", "4. FINAL STATUS"]
     positions = [out.index(marker) for marker in order]
     assert positions == sorted(positions)
-    assert "[optimizer] load mxbai-embed-large:latest on gpu-small → success" in out
+    assert "[optimizer] load mxbai-embed-large:latest on gpu-large → success" in out  # room beside llama3.1
     assert "Result: mxbai-embed-large:latest is back fully on GPU ✅" in out
     assert "Optimizer status page  http://127.0.0.1:" in out
     assert took < 60

@@ -186,8 +186,9 @@ def test_shared_node_slots_are_used():
 # ------------------------------------------------------------------------------- against the simulator
 
 
-def _fleet(nodes: list[dict]) -> Fleet:
-    return Fleet(fleet_from_dict({"nodes": [{"port": 0, "load_speed": 0, **n} for n in nodes]}))
+def _fleet(nodes: list[dict], version: str = "0.12.6") -> Fleet:
+    """Simulated nodes of one era (classic by default: the figures below are Ollama's classic estimate)."""
+    return Fleet(fleet_from_dict({"nodes": [{"port": 0, "load_speed": 0, "version": version, **n} for n in nodes]}))
 
 
 def _config(fleet: Fleet, vram: dict[str, str], priority: list) -> object:

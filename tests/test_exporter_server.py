@@ -114,7 +114,10 @@ def test_every_figure_equals_what_the_nodes_report(fleet: Fleet, exporter: Expor
         name = node.name
         assert value(samples, "gpu_router_node_up", node=name) == 1
         source = "none" if name == "cpu-node" else "static"
-        assert value(samples, "gpu_router_node_info", node=name, url=node.url, version=version, gpu_source=source) == 1
+        info = {"node": name, "url": node.url, "version": version, "era": "llama_server", "gpu_source": source}
+        assert value(samples, "gpu_router_node_info", **info) == 1
+        context = 4096  # the demo's GPUs are under 23 GiB: the smallest VRAM tier
+        assert value(samples, "gpu_router_node_default_context_tokens", node=name) == context
         total = sum(g.vram for g in node.static_gpus or ())
         used = sum(m.size_vram for m in loaded)
         assert value(samples, "gpu_router_node_vram_total_bytes", node=name) == total
@@ -163,14 +166,18 @@ def test_cpu_partial_and_fits_as_the_issue_demands(exporter: ExporterServer, fle
     assert value(samples, "gpu_router_model_priority", model="mxbai-embed-large:latest") == 1
     assert value(samples, "gpu_router_model_priority", model="llama3.1:latest") == 2
     assert value(samples, "gpu_router_model_on_gpu", model="llama3.1:latest") == 0  # loaded nowhere
-    required = {dict(k)["model"]: dict(k)["source"] for k in series(samples, "gpu_router_model_required_bytes")}
-    assert required["llama3.1:latest"] in ("estimated", "disk")  # first scrape: /api/show may still be on its way
+    required = {
+        (dict(k)["node"], dict(k)["model"]): dict(k)["source"]
+        for k in series(samples, "gpu_router_model_required_bytes")
+    }
+    assert required[("gpu-large", "llama3.1:latest")] in ("estimated", "disk")  # /api/show may still be on its way
+    assert {node for node, _ in required} == {"gpu-small", "gpu-large"}  # not the CPU node
 
 
 def test_the_need_of_a_model_is_estimated_once_show_has_answered(exporter: ExporterServer) -> None:
-    wait_for(lambda: parse(scrape(exporter)[0]).get("gpu_router_model_required_bytes", {}).get(
-        frozenset({"model": "llama3.1:latest", "source": "estimated"}.items())
-    ) == 6_099_560_448)  # fmt: skip
+    labels = {"node": "gpu-large", "model": "llama3.1:latest", "source": "estimated"}
+    footprint = 5_268_026_368  # llama-server at 4096 tokens: blocks, output layer, KV cache, compute buffer
+    wait_for(lambda: value(parse(scrape(exporter)[0]), "gpu_router_model_required_bytes", **labels) == footprint)
 
 
 def test_promtool_accepts_a_real_scrape(exporter: ExporterServer) -> None:
@@ -204,13 +211,15 @@ def test_a_bad_node_is_down_alone_and_the_scrape_keeps_its_deadline(
             node="gpu-small",
             url=fleet.urls["gpu-small"],
             version="",
+            era="llama_server",
             gpu_source="static",
         )
         == 1
     )
     for name in samples:
-        if name.startswith("gpu_router_model_") and "fits" not in name:
+        if name.startswith("gpu_router_model_") and "fits" not in name and "required" not in name:
             assert all(dict(k).get("node") != "gpu-small" for k in samples[name]), name  # nothing stale
+    # what a model needs there and whether it fits are facts of the node's hardware: still published
     assert value(samples, "gpu_router_node_vram_used_bytes", node="gpu-small") is None
     assert value(samples, "gpu_router_node_vram_total_bytes", node="gpu-small") == 4 * 1024**3
     assert value(samples, "gpu_router_model_fits_free", node="gpu-small", model="all-minilm:latest") == 0

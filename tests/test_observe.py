@@ -160,13 +160,14 @@ def test_show_is_asked_once_per_digest_and_a_late_answer_is_kept() -> None:
         started = time.monotonic()
         first = observer.poll()
         assert time.monotonic() - started < 0.5 + 0.3  # did not wait for /api/show past the deadline
-        assert first.need("llama3.1:8b") is not None and first.need("llama3.1:8b").source == "disk"
+        node = first.nodes[0].name
+        assert first.need("llama3.1:8b", node) is not None and first.need("llama3.1:8b", node).source == "disk"
         assert sorted(asked) == sorted(MODELS_AS_LISTED)  # one per digest, though both nodes have them
         observer.poll()
         assert len(asked) == len(MODELS_AS_LISTED)  # still in flight: not asked twice
         release.set()
         wait_for(lambda: not observer.ledger.missing_shows(first.nodes))
-        assert observer.poll().need("llama3.1:8b").source == "estimated"
+        assert observer.poll().need("llama3.1:8b", node).source == "estimated"
 
 
 MODELS_AS_LISTED = ["llama3.1:8b", "mxbai-embed-large:latest", "all-minilm:latest", "qwen2.5-coder:1.5b"]

@@ -76,9 +76,12 @@ def random_cluster(seed: int) -> ClusterState:
                 capacity=capacity,
                 loaded=tuple(loaded) if up else (),
                 installed=tuple(InstalledModel(n, 1, "d" + n) for n in names) if up else (),
+                version="0.12.6" if up else None,  # the classic era: room is additive
             )
         )
-    need_map = {k: ModelNeed(k, v, "configured", 4096) for k, v in needs.items()}
+    need_map = {
+        (n.name, k): ModelNeed(k, v, "configured", 4096, n.name, n.era) for k, v in needs.items() for n in nodes
+    }
     return ClusterState(config, NOW, tuple(nodes), MappingProxyType(need_map))
 
 
@@ -93,7 +96,7 @@ def _eligible_size(state: ClusterState, node: NodeState, model: str) -> int | No
     copy = next((m for m in node.loaded if m.name == model), None)
     if copy is None and not any(m.name == model for m in node.installed):
         return None
-    need = state.needs[model].bytes
+    need = state.needs[(node.name, model)].bytes
     gpus = _gpus(node)
     if need > max(int(g * MARGIN) for g in gpus) and len(gpus) > 1:
         need += RESERVE * (len(gpus) - 1)

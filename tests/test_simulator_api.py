@@ -27,8 +27,9 @@ LOCAL_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d
 UTC_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 PS_KEYS = ["name", "model", "size", "digest", "details", "expires_at", "size_vram", "context_length"]
 DETAILS_KEYS = ["parent_model", "format", "family", "families", "parameter_size", "quantization_level"]
-GPU_NODE = {
+GPU_NODE = {  # the classic era (v0.10–v0.12.10) the shapes below were captured from
     "name": "gpu",
+    "version": "0.12.6",
     "gpus": [{"name": "NVIDIA GeForce RTX 3070", "vram": "8GiB"}],
     "models": ["llama3.1:8b", "codellama:7b", "mxbai-embed-large", "nomic-embed-text", "all-minilm"],
     "token_rate": 0,
@@ -376,11 +377,12 @@ def test_fleet_file_defaults_and_forms():
     assert node.keep_alive == FOREVER and node.models == ("llama3.1:latest",)
     assert (node.port, node.version, node.context_length, node.max_loaded, spec.control_port) == (
         0,
-        "0.12.6",
-        4096,
+        "0.32.15",  # the current era unless the file says otherwise
+        None,  # OLLAMA_CONTEXT_LENGTH unset: the era's default
         3,
         0,
     )
+    assert node.default_context == 4096  # no GPU: the smallest tier
 
 
 def test_preload_loads_at_start_with_its_options():

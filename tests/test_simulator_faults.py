@@ -24,11 +24,12 @@ def fleet():
             "nodes": [
                 {
                     "name": "gpu",
+                    "version": "0.12.6",  # classic figures below
                     "gpus": [{"name": "NVIDIA GeForce RTX 3070", "vram": "8GiB"}],
                     "models": ["llama3.1:8b", "mxbai-embed-large", "all-minilm"],
                     "token_rate": 0,
                 },
-                {"name": "cpu", "ram": "32GiB", "models": ["llama3.1:8b"], "token_rate": 200},
+                {"name": "cpu", "version": "0.12.6", "ram": "32GiB", "models": ["llama3.1:8b"], "token_rate": 200},
             ]
         }
     )

@@ -16,6 +16,7 @@ from simulator.fleet import GpuSpec
 from simulator.gotypes import FOREVER
 from simulator.options import RunnerOptions, merge_options
 from simulator.run import Fleet, fleet_from_dict
+from simulator.placement import Choice
 from simulator.scheduler import LoadRequest, Runner, Scheduler, SchedulerError, pick_victim
 
 LLAMA8_FULL_4096 = 6_099_560_448  # §5.5: llama3.1:8b, ctx 4096 × 1, one GPU with room
@@ -155,19 +156,13 @@ def test_eviction_takes_the_shortest_keep_alive_first_and_forever_last():
 def test_pick_victim_prefers_idle_runners_then_the_shortest():
     runners = []
     for name, session, busy in (("a", 600.0, 0), ("b", 60.0, 1), ("c", FOREVER, 0)):
-        runner = Runner(request("all-minilm"), _placement(), (), 1, session)
+        runner = Runner(request("all-minilm"), Choice(1, 0, {}, 1, 0, 7), session)
         runner.name, runner.refcount, runner.loading = name, busy, False
         runners.append(runner)
     assert pick_victim(runners).name == "a"  # type: ignore[union-attr]
     runners[0].refcount = runners[2].refcount = 1
     assert pick_victim(runners).name == "b"  # type: ignore[union-attr]
     assert pick_victim([]) is None
-
-
-def _placement():
-    from exporter.estimate import place
-
-    return place(find("all-minilm").arch, 512)  # type: ignore[union-attr]
 
 
 def test_max_loaded_models_evicts_even_when_memory_is_free():
@@ -348,6 +343,7 @@ def fleet():
             "nodes": [
                 {
                     "name": "gpu",
+                    "version": "0.12.6",
                     "gpus": [{"name": "NVIDIA GeForce RTX 3070", "vram": "8GiB"}],
                     "models": ["llama3.1:8b", "all-minilm", "mxbai-embed-large"],
                     "load_speed": "10GB",

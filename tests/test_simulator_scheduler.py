@@ -15,8 +15,8 @@ from optimizer.localstack import wait_for
 from simulator.fleet import GpuSpec
 from simulator.gotypes import FOREVER
 from simulator.options import RunnerOptions, merge_options
-from simulator.run import Fleet, fleet_from_dict
 from simulator.placement import Choice
+from simulator.run import Fleet, fleet_from_dict
 from simulator.scheduler import LoadRequest, Runner, Scheduler, SchedulerError, pick_victim
 
 LLAMA8_FULL_4096 = 6_099_560_448  # §5.5: llama3.1:8b, ctx 4096 × 1, one GPU with room

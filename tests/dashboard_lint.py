@@ -18,6 +18,7 @@ NODE_METRICS = frozenset(
     {
         "gpu_router_node_up",
         "gpu_router_node_info",
+        "gpu_router_node_default_context_tokens",
         "gpu_router_node_poll_duration_seconds",
         "gpu_router_node_vram_total_bytes",
         "gpu_router_node_vram_usable_bytes",

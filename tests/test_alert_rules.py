@@ -95,7 +95,7 @@ def test_reported_metric_is_left_of_and() -> None:
     assert (
         rules["GPURouterPriorityModelFitsNowhere"]["expr"]
         .lstrip()
-        .startswith("max by (model) (gpu_router_model_required_bytes)")
+        .startswith("min by (model) (gpu_router_model_required_bytes)")
     )
 
 

@@ -13,6 +13,7 @@ Two different figures (reference/ollama-current.md §2):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from exporter.estimate import Arch
@@ -111,7 +112,13 @@ def gpu_weights(arch: Arch) -> int:
 
 
 def footprint(arch: Arch, num_ctx: int, parallel: int = 1) -> int:
-    """GPU bytes of the model fully offloaded (what `/api/ps` then reports as size and size_vram)."""
+    """GPU bytes of the model fully offloaded (what `/api/ps` then reports as size and size_vram): the model
+    buffer (weights and KV cache) and the compute buffer, each rounded up to the 0.01 MiB llama-server logs."""
     ctx_total = context_total(arch, num_ctx, parallel)
     kv = arch.block_count * kv_layer_bytes(arch, ctx_total)
-    return gpu_weights(arch) + kv + compute_bytes(arch, ctx_total)
+    return _logged_up(gpu_weights(arch) + kv) + _logged_up(compute_bytes(arch, ctx_total))
+
+
+def _logged_up(num_bytes: int) -> int:
+    """Bytes rounded up to the 0.01 MiB grid of llama-server's `%.2f MiB`: never below what its log says."""
+    return math.ceil(math.ceil(num_bytes * 100 / MIB) * MIB / 100)

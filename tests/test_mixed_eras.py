@@ -4,6 +4,7 @@ does when the model is loaded there, cell by cell."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,3 +117,16 @@ def test_fit_gauges_agree_with_what_each_node_really_does(fleet, tmp_path, margi
             disagree += bool(fits) != full
     assert agree >= 20  # the fleet has both kinds of cells
     assert (disagree == 0) if margin == 1.0 else True
+
+
+def test_every_catalog_models_need_is_at_least_its_measured_size_and_within_10_percent():
+    """bench/needs.py's table: the router's need beside the current-era /api/ps size at 4096 and 32768 tokens."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "needs.py"
+    spec = importlib.util.spec_from_file_location("bench_needs", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.rows()
+    assert len(table) == 26
+    for model, ctx, size, need, _ in table:
+        assert size <= need <= size * 1.10, (model, ctx, size, need)

@@ -24,13 +24,14 @@ class GpuInfo:
 class Capacity:
     """A node's GPU memory and where that figure came from.
 
-    `source` is static, nvml, amd, prometheus, none (a CPU node) or unknown (no figure; `reason` says why
-    and which setting fixes it). Nothing is ever guessed.
+    `source` is static, nvml, amd, prometheus, ollama_log, none (a CPU node) or unknown (no figure; `reason`
+    says why and which setting fixes it). Nothing is ever guessed.
     """
 
     source: str
     gpus: tuple[GpuInfo, ...] = ()
     reason: str = ""
+    default_context: int | None = None  # the server's default context as its own log states it (ollama_log)
 
     @property
     def known(self) -> bool:

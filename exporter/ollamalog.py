@@ -48,13 +48,14 @@ import re
 import shlex
 import subprocess
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporter.state import Capacity, GpuInfo
 from exporter.units import parse_size
 
+_PHRASES = ("inference compute", "server config", "Listening on", "vram-based default context")  # other lines: skipped
 # key=value pairs of a slog text line: the key up to "=", the value quoted (Go escapes) or up to a space
 _PAIR = re.compile(r'(?<!\S)([^\s="]+)=("(?:[^"\\]|\\.)*"|\S*)')
 _OLD_SERVER_CONFIG = re.compile(r"\bINFO server config env=")  # v0.3.x and older: the log package's format
@@ -119,26 +120,27 @@ class ServerLogParser:
 
     starts: int = 0
     current: ServerStart | None = None
-    _tier_seen: bool = field(default=False, repr=False)
 
     @property
     def log(self) -> ServerLog:
         return ServerLog(self.starts, self.current)
 
     def feed(self, text: str) -> ServerLogParser:
-        for line in text.splitlines():
-            self._line(line)
+        end = -1
+        for found in sorted(_occurrences(text)):  # only the lines that can matter are split out
+            if found <= end:
+                continue  # a second phrase on a line already read
+            begin = text.rfind("\n", 0, found) + 1
+            end = len(text) if (newline := text.find("\n", found)) < 0 else newline
+            self._line(text[begin:end])
         return self
 
     def _new_start(self, time: str) -> ServerStart:
         self.starts += 1
-        self._tier_seen = False
         self.current = ServerStart(time=time)
         return self.current
 
     def _line(self, line: str) -> None:
-        if "=" not in line:
-            return
         if _OLD_SERVER_CONFIG.search(line):
             self._server_config(line, "")
             return
@@ -149,13 +151,13 @@ class ServerLogParser:
             self._server_config(fields.get("env", ""), time)
         elif msg.startswith("Listening on "):
             start = self.current
-            if start is None or start.devices:
+            if start is None or start.devices or start.error:
                 start = self._new_start(time)
             version = _VERSION.search(msg)
             self.current = replace(start, version=version.group(1) if version else None)
         elif msg == "inference compute":
             start = self.current
-            if start is None or self._tier_seen:
+            if start is None or start.vram_default_context is not None:
                 start = self._new_start(time)
             try:
                 device = _device(fields)
@@ -167,12 +169,20 @@ class ServerLogParser:
             start = self.current or self._new_start(time)
             ctx = fields.get("default_num_ctx", "")
             self.current = replace(start, vram_default_context=int(ctx) if ctx.isdigit() else None)
-            self._tier_seen = True
 
     def _server_config(self, env: str, time: str) -> None:
         start = self._new_start(time)
         match = _CONTEXT_ENV.search(env)
         self.current = replace(start, context_length_env=int(match.group(1)) if match else None)
+
+
+def _occurrences(text: str) -> Iterator[int]:
+    """Where each of the phrases occurs (str.find: much faster than a regex over a large log)."""
+    for phrase in _PHRASES:
+        found = text.find(phrase)
+        while found >= 0:
+            yield found
+            found = text.find(phrase, found + 1)
 
 
 def parse_server_log(text: str) -> ServerLog:
@@ -306,13 +316,14 @@ def run_log_command(argv: Sequence[str], timeout: float) -> tuple[str, str]:
 
 
 def command_capacity(argv: Sequence[str], timeout: float) -> Capacity:
-    """The capacity a command's output states; the command's stderr joins the reason when it states none."""
+    """The capacity a command's output states: its stdout, then its stderr (`docker logs` passes Ollama's log,
+    written to stderr, on its stderr); the last stderr line joins the reason when the output states none."""
     shown = f"`{shlex.join(argv)}`"
     try:
         stdout, stderr = run_log_command(argv, timeout)
     except LogUnavailable as exc:
         return Capacity(source="unknown", reason=str(exc))
-    capacity = log_capacity(parse_server_log(stdout), shown)
+    capacity = log_capacity(parse_server_log(f"{stdout}\n{stderr}"), shown)
     said = _last_line(stderr)
     if not capacity.known and said:
         return replace(capacity, reason=f"{capacity.reason} (stderr: {said})")

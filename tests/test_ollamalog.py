@@ -274,6 +274,8 @@ def test_command_output_failures_and_timeout(tmp_path: Path) -> None:
     assert missing.reason == "ollama_log: cannot run `no-such-program-xyz -n 1`: No such file or directory"
     slow = command_capacity((sys.executable, "-c", "import time; time.sleep(30)"), 0.3)
     assert not slow.known and slow.reason.endswith("did not finish within 0.3 s")
+    to_stderr = f"import sys; sys.stderr.write(open({str(path)!r}).read())"  # like `docker logs` passes it on
+    assert command_capacity((sys.executable, "-c", to_stderr), 5.0).total == 8 * GIB
     said = command_capacity(
         (sys.executable, "-c", "import sys; print('-- No entries --'); sys.stderr.write('denied')"), 5.0
     )

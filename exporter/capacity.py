@@ -168,7 +168,7 @@ class OllamaLogReader:
         if source is None:
             return unknown(f"ollama_log: {node.name} has no ollama_log setting")
         if source.file is not None:
-            log = self._files.setdefault(source.file, LogFile(source.file))
+            log = self._files.get(source.file) or self._files.setdefault(source.file, LogFile(source.file))
             return file_capacity(log)
         return command_capacity(source.command, timeout)
 

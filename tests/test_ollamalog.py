@@ -23,6 +23,7 @@ from exporter.ollamalog import (
     parse_go_size,
     parse_server_log,
 )
+from exporter.state import Capacity
 from exporter.units import GIB, MIB
 from optimizer.localstack import wait_for
 from simulator.fleet import GpuSpec, NodeSpec
@@ -59,7 +60,7 @@ def start(*devices: str, ctx: int = 0, version: str = "0.32.15", tier: tuple[str
     return [*lines, GIN]
 
 
-def capacity_of(lines: list[str], where: str = "/var/log/ollama.log"):
+def capacity_of(lines: list[str], where: str = "/var/log/ollama.log") -> Capacity:
     return log_capacity(parse_server_log("\n".join(lines) + "\n"), where)
 
 

@@ -7,12 +7,13 @@ What Ollama writes, read from the ollama/ollama source (tags named):
   a value is quoted (Go `strconv.Quote`) when it is empty or holds a space, `=` or `"`. journald's default
   output puts ``Aug 16 00:44:19 host ollama[3422]: `` in front; `-o cat` does not.
 - `server/routes.go` `Serve` (v0.1.40 … v0.33.0-rc2), in this order at every start: ``msg="server config"
-  env="map[… OLLAMA_CONTEXT_LENGTH:0 …]"`` (up to v0.3.x written before slog is set up, as
+  env="map[… OLLAMA_CONTEXT_LENGTH:0 …]"`` (before v0.7.0 written before slog is set up, as
   ``2024/08/24 22:31:35 routes.go:1125: INFO server config env="map[…]"``), then
   ``msg="Listening on 127.0.0.1:11434 (version 0.32.15)"``, then the device lines, then (v0.15.5+)
   ``msg="vram-based default context" total_vram="8.0 GiB" default_num_ctx=4096``. The tier line is written even
   when OLLAMA_CONTEXT_LENGTH is set; that setting then wins (`api.DefaultOptions` takes it as `NumCtx`, and
-  `modelOptions` uses the tier only when it is 0). Before v0.15.5 OLLAMA_CONTEXT_LENGTH defaulted to 4096.
+  `modelOptions` uses the tier only when it is 0). From v0.6.0 to v0.15.4 the `server config` line shows the
+  default itself (`envconfig/config.go`: OLLAMA_CONTEXT_LENGTH 2048, later 4096; 0 from v0.15.5).
 - `discover/types.go` `LogDetails` (v0.12.10 … v0.33.0-rc2), one line per device, most free memory first:
   ``msg="inference compute" id=GPU-… filter_id="" library=CUDA compute=8.6 name=CUDA0
   description="NVIDIA GeForce RTX 3070" libdirs=ollama,cuda_v12 driver=12.8 pci_id=0000:01:00.0 type=discrete
@@ -58,7 +59,7 @@ from exporter.units import parse_size
 _PHRASES = ("inference compute", "server config", "Listening on", "vram-based default context")  # other lines: skipped
 # key=value pairs of a slog text line: the key up to "=", the value quoted (Go escapes) or up to a space
 _PAIR = re.compile(r'(?<!\S)([^\s="]+)=("(?:[^"\\]|\\.)*"|\S*)')
-_OLD_SERVER_CONFIG = re.compile(r"\bINFO server config env=")  # v0.3.x and older: the log package's format
+_OLD_SERVER_CONFIG = re.compile(r"\bINFO server config env=")  # before v0.7.0: slog not set up yet
 _VERSION = re.compile(r"\(version ([^)\s]+)\)")
 _CONTEXT_ENV = re.compile(r"\bOLLAMA_CONTEXT_LENGTH:(\d+)")
 _SIZE = re.compile(r"^\d+(?:\.\d+)? ?(?:B|KiB|MiB|GiB|TiB)$")

@@ -171,7 +171,7 @@ def test_cut_and_filtered_logs_still_split_the_starts() -> None:
 def test_journald_prefix_and_older_shapes() -> None:
     prefix = "Aug 20 10:00:00 gpu-box ollama[3422]: "
     lines = [
-        # v0.3.x: the server config line written by Go's log package, before slog is set up
+        # before v0.7.0: the server config line is written before slog is set up
         '2024/08/24 22:31:35 routes.go:1125: INFO server config env="map[OLLAMA_CONTEXT_LENGTH:2048 OLLAMA_DEBUG:false]"',
         'time=2024-08-24T22:31:36.076Z level=INFO source=routes.go:1172 msg="Listening on [::]:11434 (version 0.3.6)"',
         'time=2024-08-24T22:31:37.1Z level=INFO source=types.go:105 msg="inference compute" id=GPU-452c library=cuda '

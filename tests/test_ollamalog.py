@@ -46,6 +46,7 @@ CPU_LINE = (
     'libdirs=ollama driver="" pci_id="" type="" total="15.8 GiB" available="6.1 GiB"'
 )
 TIER_LINE = T + ' source=routes.go:2058 msg="vram-based default context" total_vram="{total}" default_num_ctx={ctx}'
+LONG = 20.0  # seconds a command or poll may take when it is meant to succeed (the machine may be busy)
 GIN = '[GIN] 2026/08/20 - 10:00:05 | 200 |      50.263µs |       127.0.0.1 | GET      "/api/ps"'
 
 
@@ -267,18 +268,18 @@ def test_log_file_rotated_is_read_again(tmp_path: Path) -> None:
 def test_command_output_failures_and_timeout(tmp_path: Path) -> None:
     path = tmp_path / "ollama.log"
     path.write_text("\n".join(start(gpu(0, "RTX 3070", "8.0 GiB", "7.4 GiB"))) + "\n")
-    assert command_capacity(("tail", "-n", "200", str(path)), 5.0).total == 8 * GIB
-    failed = command_capacity(("tail", "-n", "200", str(tmp_path / "absent.log")), 5.0)
+    assert command_capacity(("tail", "-n", "200", str(path)), LONG).total == 8 * GIB
+    failed = command_capacity(("tail", "-n", "200", str(tmp_path / "absent.log")), LONG)
     assert failed.reason.startswith(f"ollama_log: `tail -n 200 {tmp_path / 'absent.log'}` failed (exit status 1): ")
     assert "No such file or directory" in failed.reason
-    missing = command_capacity(("no-such-program-xyz", "-n", "1"), 5.0)
+    missing = command_capacity(("no-such-program-xyz", "-n", "1"), LONG)
     assert missing.reason == "ollama_log: cannot run `no-such-program-xyz -n 1`: No such file or directory"
     slow = command_capacity((sys.executable, "-c", "import time; time.sleep(30)"), 0.3)
     assert not slow.known and slow.reason.endswith("did not finish within 0.3 s")
     to_stderr = f"import sys; sys.stderr.write(open({str(path)!r}).read())"  # like `docker logs` passes it on
-    assert command_capacity((sys.executable, "-c", to_stderr), 5.0).total == 8 * GIB
+    assert command_capacity((sys.executable, "-c", to_stderr), LONG).total == 8 * GIB
     said = command_capacity(
-        (sys.executable, "-c", "import sys; print('-- No entries --'); sys.stderr.write('denied')"), 5.0
+        (sys.executable, "-c", "import sys; print('-- No entries --'); sys.stderr.write('denied')"), LONG
     )
     assert 'no "inference compute" line' in said.reason and said.reason.endswith("(stderr: denied)")
 
@@ -425,7 +426,7 @@ def log_config(fleet: Fleet, logs: Path) -> dict:
 def test_a_simulated_fleet_read_through_its_logs(fleet: Fleet, tmp_path: Path) -> None:
     config = parse_config(log_config(fleet, tmp_path / "logs"))
     with Observer(config) as observer:
-        state = observer.poll(deadline=5.0)
+        state = observer.poll(deadline=LONG)
     by_node = {n.name: n for n in state.nodes}
     for name in ("small", "big"):
         simulated = sorted(g["total"] for g in fleet.node(name).state()["gpus"])
@@ -459,33 +460,26 @@ def test_a_restart_with_changed_gpus_the_newest_start_wins(fleet: Fleet, tmp_pat
     assert 'available="6.0 GiB"' in (tmp_path / "logs" / "small.log").read_text().splitlines()[-2]
     fleet.node("big").inject("gpu_lost")
     fleet.node("big").inject("restart")
-    assert reader.read_node(big).source == "none"  # the command form sees the newest start too
+    assert reader.read_node(big, LONG).source == "none"  # the command form sees the newest start too
 
 
 def test_gpu_router_simulate_writes_the_logs(tmp_path: Path) -> None:
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text("nodes:\n  - {name: solo, version: 0.32.15, gpus: [{name: RTX 4090, vram: 24GiB}]}\n")
     logs = tmp_path / "logs"
-    out = (tmp_path / "out.txt").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file), "--log-dir", str(logs)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        text = wait_for(
-            lambda: (
-                (logs / "solo.log").is_file()
-                and "vram-based default context" in (logs / "solo.log").read_text()
-                and (logs / "solo.log").read_text()
-            ),
-            30,
-            "the simulated node's server log",
+    printed = tmp_path / "out.txt"
+    with printed.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file), "--log-dir", str(logs)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        out.close()
+        try:  # "control URL" is printed once every node has started (and written its log) and SIGTERM is handled
+            wait_for(lambda: "control http://127.0.0.1:" in printed.read_text(), 30, "the fleet to start")
+            text = (logs / "solo.log").read_text()
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
     capacity = log_capacity(parse_server_log(text), "solo.log")
     assert [(g.name, g.total) for g in capacity.gpus] == [("RTX 4090", 24 * GIB)]
     assert process.returncode == 0

@@ -9,7 +9,9 @@ Sources (DESIGN.md, "GPU capacity of a node"):
 - `auto`: static if the node states its GPUs, else, when the node's URL is this host, NVML then AMD, else
   unknown;
 - `prometheus`: `exporter.promsource.PrometheusCapacity` when `prometheus_url` is set; any source can be
-  replaced or added through `sources={"prometheus": reader}` (see `Source`).
+  replaced or added through `sources={"prometheus": reader}` (see `Source`);
+- `ollama_log`: the devices of the newest start in each node's own Ollama server log, read from its file or
+  its command's output (`exporter.ollamalog`), with the default context that log states.
 
 A probe that finds no GPU or fails (no driver, NVML error, unreadable sysfs) gives `unknown` with the reason,
 never an exception: an explicit `gpu_source: nvml` on a machine without NVIDIA driver is unknown, and so is
@@ -22,12 +24,14 @@ import contextlib
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
 from exporter.config import Config, NodeConfig
+from exporter.ollamalog import LogFile, command_capacity, file_capacity
 from exporter.promsource import PrometheusCapacity
 from exporter.state import Capacity, GpuInfo
 
@@ -144,6 +148,31 @@ def _local(probe: Callable[[], Capacity]) -> Source:
     return read
 
 
+class OllamaLogReader:
+    """The `gpu_source: ollama_log` nodes: each reads its own log file (incrementally) or runs its own command,
+    concurrently, each command within the poll's timeout."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, LogFile] = {}
+
+    def read(self, nodes: Sequence[NodeConfig], timeout: float) -> dict[str, Capacity]:
+        if not nodes:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
+            return dict(
+                zip([n.name for n in nodes], pool.map(lambda n: self.read_node(n, timeout), nodes), strict=True)
+            )
+
+    def read_node(self, node: NodeConfig, timeout: float) -> Capacity:
+        source = node.ollama_log
+        if source is None:
+            return unknown(f"ollama_log: {node.name} has no ollama_log setting")
+        if source.file is not None:
+            log = self._files.get(source.file) or self._files.setdefault(source.file, LogFile(source.file))
+            return file_capacity(log)
+        return command_capacity(source.command, timeout)
+
+
 class CapacityReader:
     """Reads the capacity of every node once per poll.
 
@@ -167,6 +196,7 @@ class CapacityReader:
         self.sources: dict[str, Source] = {
             "nvml": _local(lambda: nvml_capacity(self.nvml)),
             "amd": _local(lambda: amd_capacity(self.sysfs_root)),
+            "ollama_log": OllamaLogReader().read,
             **(sources or {}),
         }
         if config.prometheus.url and "prometheus" not in self.sources:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from exporter.units import parse_size
 from exporter.yamlfile import read_yaml
 
 DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
-GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "none")
+GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "ollama_log", "none")
 PROMETHEUS_TEMPLATES = ("dcgm", "nvidia_gpu_exporter", "gpu_router", "custom")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -37,6 +38,14 @@ class GpuSpec:
 
 
 @dataclass(frozen=True)
+class OllamaLogSource:
+    """Where `gpu_source: ollama_log` reads Ollama's server log: a file, or the output of a command."""
+
+    file: str | None = None
+    command: tuple[str, ...] = ()  # the words of the command (split like a shell would), run without a shell
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """One Ollama node."""
 
@@ -49,6 +58,7 @@ class NodeConfig:
     context_length: int | None = None  # the node's OLLAMA_CONTEXT_LENGTH; None = not set (the era's default)
     num_parallel: int = 1  # the node's OLLAMA_NUM_PARALLEL
     prometheus_match: str | None = None  # PromQL label matcher for gpu_source: prometheus
+    ollama_log: OllamaLogSource | None = None  # for gpu_source: ollama_log
 
     @property
     def static_gpus(self) -> tuple[GpuSpec, ...] | None:
@@ -289,8 +299,10 @@ _NODE = (
     "context_length",
     "num_parallel",
     "prometheus_match",
+    "ollama_log",
 )
 _GPU = ("name", "vram")
+_OLLAMA_LOG = ("file", "command")
 _PRIORITY = ("name", "num_ctx", "keep_alive")
 _PROMETHEUS = ("url", "template", "total_query", "used_query", "max_age")
 _OPTIMIZER = (
@@ -391,6 +403,11 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         ctx = int(r.number(ctx, _join(path, "context_length"), minimum=1, integer=True))
     parallel = r.number(raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, integer=True)
     match = raw.get("prometheus_match")
+    log = _ollama_log(r, raw.get("ollama_log"), _join(path, "ollama_log"))
+    if source == "ollama_log" and log is None:
+        raise r.fail(_join(path, "ollama_log"), "missing: gpu_source ollama_log reads {file: PATH} or {command: …}")
+    if log is not None and source != "ollama_log":
+        raise r.fail(_join(path, "ollama_log"), f"only read with gpu_source: ollama_log (this node has {source})")
     return NodeConfig(
         name=r.string(raw["name"], _join(path, "name")) if "name" in raw else _default_name(url),
         url=url,
@@ -401,7 +418,26 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         context_length=ctx,
         num_parallel=int(parallel),
         prometheus_match=r.string(match, _join(path, "prometheus_match")) if match is not None else None,
+        ollama_log=log,
     )
+
+
+def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise r.fail(path, f'expected {{file: PATH}} or {{command: "journalctl -u ollama …"}}, got {_show(value)}')
+    raw = r.mapping(value, path, _OLLAMA_LOG)
+    given = [key for key in _OLLAMA_LOG if raw.get(key) is not None]
+    if len(given) != 1:
+        raise r.fail(path, "give exactly one of file or command")
+    if given == ["file"]:
+        return OllamaLogSource(file=os.path.expanduser(r.string(raw["file"], _join(path, "file"))))
+    text = r.string(raw["command"], _join(path, "command"))
+    try:
+        return OllamaLogSource(command=tuple(shlex.split(text)))
+    except ValueError as exc:
+        raise r.fail(_join(path, "command"), f"cannot split {text!r} into words: {exc}") from None
 
 
 def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:

@@ -26,14 +26,14 @@ class GpuInfo:
 class Capacity:
     """A node's GPU memory and where that figure came from.
 
-    `source` is static, nvml, amd, prometheus, none (a CPU node) or unknown (no figure; `reason` says why
-    and which setting fixes it). Nothing is ever guessed.
+    `source` is static, nvml, amd, prometheus, ollama_log, none (a CPU node) or unknown (no figure; `reason`
+    says why and which setting fixes it). Nothing is ever guessed.
     """
 
     source: str
     gpus: tuple[GpuInfo, ...] = ()
     reason: str = ""
-    default_context: int | None = None  # the server's vram-based default context, where the source states it
+    default_context: int | None = None  # the server's default context as its own log states it (ollama_log)
 
     @property
     def known(self) -> bool:
@@ -82,7 +82,7 @@ class NodeState:
     def default_context(self) -> tuple[int, str]:
         """(the context a model gets here when nothing else sets one, where that figure comes from)."""
         if not self.config.context_length and self.capacity.default_context:
-            return self.capacity.default_context, f"{self.capacity.source} log"
+            return self.capacity.default_context, "Ollama's log"
         return eras.default_context(self.version, self.config.context_length, self.vram_total)
 
     @property

@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from exporter import catalog, eras
 from exporter.catalog import ModelSpec
+from simulator import serverlog
 from simulator.api import OllamaApi
 from simulator.faults import FAULTS, ONE_SHOT, check_fault
 from simulator.fleet import NodeSpec, display_name
@@ -35,8 +37,9 @@ def version_tuple(version: str) -> tuple[int, ...]:
 class SimNode:
     """A node of the fleet. Thread-safe; `state()` is what the control server reports for it."""
 
-    def __init__(self, spec: NodeSpec, clock: Clock = time.time) -> None:
+    def __init__(self, spec: NodeSpec, clock: Clock = time.time, log_path: Path | None = None) -> None:
         self.spec = spec
+        self.log_path = log_path  # the server log it appends to at every start, if any
         self.clock = clock
         self.version = version_tuple(spec.version)
         self.era = eras.era_of(spec.version)
@@ -73,6 +76,7 @@ class SimNode:
         """Serve, then load the preloaded models (instantly). OSError if the port is taken; ValueError on a
         preload that cannot load."""
         self._server.open()
+        self._log_start()
         for preload in self.spec.preload:
             installed = self.resolve(preload.model)
             assert installed is not None  # checked with the fleet file
@@ -105,6 +109,11 @@ class SimNode:
         wanted = display_name(name)
         return next((m for m in self.installed if m.name == wanted), None)
 
+    def _log_start(self) -> None:
+        if self.log_path is not None:
+            lines = serverlog.start_lines(self.spec, self.version, self.scheduler.gpu_usage(), self.url, self.clock())
+            serverlog.append_lines(self.log_path, lines)
+
     # -- faults
 
     def faults(self) -> dict[str, dict[str, int]]:
@@ -119,6 +128,7 @@ class SimNode:
                 self._faults[fault] = checked
         if fault == "restart":
             self.scheduler.unload_all()
+            self._log_start()
         elif fault == "down":
             self._server.close()
         elif fault == "gpu_lost":

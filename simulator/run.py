@@ -23,9 +23,17 @@ DEMO_FLEET = Path(__file__).with_name("demo-fleet.yaml")
 class Fleet:
     """Every node's Ollama server on 127.0.0.1 plus the control server; a context manager."""
 
-    def __init__(self, spec: FleetSpec, control_port: int | None = None, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        spec: FleetSpec,
+        control_port: int | None = None,
+        clock: Clock = time.time,
+        log_dir: str | Path | None = None,
+    ) -> None:
+        """`log_dir`: each node appends its server log (what Ollama logs at every start) to DIR/NAME.log."""
         self.spec = spec
-        self._nodes = {node.name: SimNode(node, clock) for node in spec.nodes}
+        logs = Path(log_dir) if log_dir is not None else None
+        self._nodes = {n.name: SimNode(n, clock, logs / f"{n.name}.log" if logs else None) for n in spec.nodes}
         port = spec.control_port if control_port is None else control_port
         self._control = HttpServer(ControlApi(self._nodes), port, name="simulator-control")
 
@@ -69,13 +77,15 @@ class Fleet:
         self.stop()
 
 
-def serve(fleet_path: str, control_port: int | None = None, out: TextIO = sys.stdout) -> int:
+def serve(
+    fleet_path: str, control_port: int | None = None, out: TextIO = sys.stdout, log_dir: str | None = None
+) -> int:
     """Run a fleet until SIGINT/SIGTERM: one "NAME URL" line per node, then "control URL".
 
     Returns 0 after a clean stop, 2 for a bad fleet file, 1 when a server cannot start.
     """
     try:
-        fleet = Fleet(load_fleet(fleet_path), control_port)
+        fleet = Fleet(load_fleet(fleet_path), control_port, log_dir=log_dir)
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -107,14 +117,17 @@ def serve(fleet_path: str, control_port: int | None = None, out: TextIO = sys.st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--fleet FILE (default: the demo fleet in the package) and --control-port N."""
+    """--fleet FILE (default: the demo fleet in the package), --control-port N and --log-dir DIR."""
     parser.add_argument(
         "--fleet", default=str(DEMO_FLEET), metavar="FILE", help="fleet file (default: the built-in demo fleet)"
     )
     parser.add_argument(
         "--control-port", type=int, default=None, metavar="N", help="control server port (default: the file's)"
     )
+    parser.add_argument(
+        "--log-dir", default=None, metavar="DIR", help="each node appends its Ollama server log to DIR/NAME.log"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    return serve(args.fleet, args.control_port)
+    return serve(args.fleet, args.control_port, log_dir=args.log_dir)

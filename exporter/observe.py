@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -13,6 +14,7 @@ import requests
 
 from exporter.capacity import CapacityReader
 from exporter.config import Config, NodeConfig
+from exporter.hidden import HiddenUsage
 from exporter.need import NeedLedger
 from exporter.ollama import OllamaClient, OllamaError
 from exporter.state import UNKNOWN, Capacity, ClusterState, NodeState
@@ -52,6 +54,7 @@ class Observer:
         self.config = config
         self.capacity = capacity or CapacityReader(config)
         self.ledger = NeedLedger(config)
+        self.hidden = HiddenUsage(clock=clock)
         self.clock = clock
         deadline = config.request_timeout
         self.clients = {
@@ -101,7 +104,7 @@ class Observer:
         self.ledger.record(states)
         self._fetch_shows(states, limit - (time.monotonic() - started))
         needs, embedding = self.ledger.needs(states)
-        return ClusterState(
+        state = ClusterState(
             config=self.config,
             taken_at=taken_at,
             nodes=tuple(states),
@@ -110,6 +113,14 @@ class Observer:
             layers=MappingProxyType(self.ledger.layers(states)),
             duration=time.monotonic() - started,
         )
+        self.hidden.observe(state)
+        return replace(state, nodes=tuple(self._with_hidden(n) for n in state.nodes))
+
+    def _with_hidden(self, node: NodeState) -> NodeState:
+        hidden = self.hidden.get(node.name)
+        if hidden is None:
+            return node
+        return replace(node, hidden=hidden.bytes, hidden_why=hidden.why, hidden_model=hidden.model)
 
     def _node_state(
         self, node: NodeConfig, reads: dict[str, Future[_Read]], capacity: Capacity | None, limit: float

@@ -68,6 +68,9 @@ class NodeState:
     loaded: tuple[LoadedModel, ...] = ()
     installed: tuple[InstalledModel, ...] = ()
     poll_seconds: float = 0.0
+    hidden: int = 0  # VRAM inferred to be held by something the capacity source cannot see
+    hidden_why: str = ""
+    hidden_model: str | None = None  # the copy whose landing showed it: reloading that copy tests it again
 
     @property
     def name(self) -> str:
@@ -96,14 +99,20 @@ class NodeState:
 
     @property
     def vram_used(self) -> int:
-        """Σ size_vram of loaded models, or the GPUs' own used figure where that is larger."""
-        used = sum(m.size_vram for m in self.loaded)
+        """Σ size_vram of loaded models (plus what is inferred to be held by others), or the GPUs' own used
+        figure where that is larger."""
+        used = sum(m.size_vram for m in self.loaded) + self.hidden
         return max(used, self.capacity.device_used or 0)
 
     @property
     def vram_free(self) -> int | None:
         usable = self.vram_usable
         return None if usable is None else max(0, usable - self.vram_used)
+
+    def exempt(self, model: str) -> int:
+        """Inferred hidden VRAM that does not count against reloading `model` here: its own partial copy gave
+        the evidence, and its reload is the test of whether that memory came back."""
+        return self.hidden if self.hidden_model == model_key(model) else 0
 
     def loaded_model(self, model: str) -> LoadedModel | None:
         key = model_key(model)

@@ -180,7 +180,7 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     assert room is not None  # capacity known
     size = room.takes(need.bytes)
     reload = copy is not None and not is_busy(copy, now)
-    own = copy.size_vram if reload and copy is not None else 0
+    own = copy.size_vram + node.exempt(key) if reload and copy is not None else 0
     here = ""
     if copy is not None:
         here = f" (loaded here {copy.gpu_ratio:.0%} on GPU, "
@@ -199,6 +199,13 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     if copy is not None and not reload:
         return verdict(False, "not_enough_free", f"Not enough free VRAM now{here}")
     others = [m for m in node.loaded if model_key(m.name) != key]
+    kept = _risked(node, key, others, priority, now) if reload else []
+    if kept:
+        why = (
+            f"Waiting: {mb(node.hidden)}MB is inferred to be held outside Ollama ({node.hidden_why}); a forced "
+            f"reload that runs out of memory would make Ollama evict {', '.join(kept)}{here}"
+        )
+        return verdict(False, "not_enough_free", why)
     room_now = room.usable - room.used + own
     if room.fits_free(need, freed=own, others=bool(others)):
         why = f"Fits in {mb(room.usable)}MB VRAM ({mb(max(0, room_now))}MB free){here}"
@@ -213,6 +220,8 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     idle = [v for v in victims_of(node, priority, now) if model_key(v.name) != key]
     held = sorted(model_key(m.name) for m in others if m not in idle)
     why = _shortfall(room, need, own, bool(others), room_now)
+    if node.hidden and not node.exempt(key):
+        why += f", ~{mb(node.hidden)}MB of it inferred held outside Ollama because {node.hidden_why}"
     if idle:
         why += f", {mb(max(0, room_now + sum(v.size_vram for v in idle)))}MB after evicting every idle model"
     if held:
@@ -232,6 +241,17 @@ def _shortfall(room: Room, need: ModelNeed, own: int, others: bool, usable_free:
         predicted = mb(need.admission.predicted(free))
         return f"Ollama would evict a model first (it predicts {predicted}MB, more than 80% of the {mb(free)}MB free"
     return f"Not enough free VRAM ({mb(size)}MB needed, {mb(max(0, usable_free))}MB free"
+
+
+def _risked(
+    node: NodeState, key: str, others: Sequence[LoadedModel], priority: frozenset[str], now: float
+) -> list[str]:
+    """The priority or busy models a forced reload of `key` here would put at risk: on llama-server Ollama an
+    out-of-memory start evicts every other model, and hidden usage inferred from this very copy says it may
+    run out. Empty when there is no such risk."""
+    if not node.exempt(key) or node.era != eras.LLAMA_SERVER:
+        return []
+    return sorted(model_key(m.name) for m in others if model_key(m.name) in priority or is_busy(m, now))
 
 
 def _evictions(
@@ -352,6 +372,7 @@ class Step:
     keep_alive: int | float | str = -1
     for_model: str | None = None
     num_gpu: int | None = None  # set on a reload in place: every layer on GPU (Ollama reloads on a changed num_gpu)
+    need: int | None = None  # a load's bytes fully on GPU on its node (what landing short is measured against)
 
     @property
     def serves(self) -> str:
@@ -641,9 +662,10 @@ def _item(
             continue
         size = bin_.room.takes(need.bytes)
         if copy is not None:
-            if is_busy(copy, now):
+            others = [m for m in bin_.node.loaded if model_key(m.name) != key]
+            if is_busy(copy, now) or _risked(bin_.node, key, others, _priority_keys(state), now):
                 continue
-            size = max(0, size - copy.size_vram)
+            size -= copy.size_vram + bin_.node.exempt(key)  # may be < 0: the reload frees more than it takes
             own.add(b)
         if size <= bin_.cap:
             sizes[b] = size
@@ -675,7 +697,7 @@ def _steps(
         item, bin_ = packer.items[i], packer.bins[b]
         size, need = item.sizes[b], item.needs[b]
         copy = bin_.loaded.get(item.key) if b in item.own else None
-        own = copy.size_vram if copy is not None else 0
+        own = copy.size_vram + bin_.node.exempt(item.key) if copy is not None else 0
         others = staying[b] - (1 if copy is not None else 0)
         while victims[b] and (spent[b] + size > bin_.free + freed[b] or _refused(bin_, need, others, free[b] + own)):
             victim = victims[b].pop(0)
@@ -691,7 +713,7 @@ def _steps(
         # a reload in place asks for every layer (Ollama swaps the runner itself: no unload of ours first)
         num_gpu = layers.get(item.key, ALL_LAYERS) if copy is not None else None
         load = Step("load", item.key, bin_.name, _load_reason(item, b, copy), item.model.num_ctx, item.model.keep_alive)
-        steps.append(replace(load, num_gpu=num_gpu))
+        steps.append(replace(load, num_gpu=num_gpu, need=need.bytes))
         for node, other in copies.get(item.key, ()):
             if node.name == bin_.name:
                 continue

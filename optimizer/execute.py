@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from exporter.config import model_key
+from exporter.hidden import inferred_hidden
 from exporter.ollama import LoadedModel, OllamaClient, OllamaError
+from exporter.room import Room
 from exporter.state import ClusterState
 from exporter.units import mb
 from optimizer.decide import Plan, Step, is_busy
@@ -41,6 +43,8 @@ class Outcome:
     duration: float
     skipped: bool = False
     verified: bool = False
+    evicted: tuple[str, ...] = ()  # models Ollama unloaded on its own while this step loaded
+    hidden: int = 0  # bytes inferred held outside Ollama: the room the load needed less what it got
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,11 @@ class Execution:
 
 
 class _Failed(Exception):
-    """A step failed; the message is its outcome's detail."""
+    """A step failed; the message is its outcome's detail, `hidden` what the failure says is held elsewhere."""
+
+    def __init__(self, message: str, hidden: int = 0) -> None:
+        super().__init__(message)
+        self.hidden = hidden
 
 
 def execute(
@@ -180,15 +188,28 @@ class _Runner:
         self._event("failed", step, detail)
         return Outcome(step, False, detail, self.clock(), 0.0, skipped=True)
 
-    def _record(self, step: Step, ok: bool, detail: str, started: float, verified: bool = False) -> Outcome:
+    def _record(
+        self,
+        step: Step,
+        ok: bool,
+        detail: str,
+        started: float,
+        verified: bool = False,
+        evicted: tuple[str, ...] = (),
+        hidden: int = 0,
+    ) -> Outcome:
+        if evicted:
+            detail += f"; Ollama also unloaded {', '.join(evicted)} on its own"
         self._event("done" if ok else "failed", step, detail)
-        return Outcome(step, ok, detail, started, self.clock() - started, verified=verified)
+        duration = self.clock() - started
+        return Outcome(step, ok, detail, started, duration, verified=verified, evicted=evicted, hidden=hidden)
 
     def _run(self, step: Step, model: str) -> Outcome:
         """One step, after re-reading its node's /api/ps; a job model already fully on GPU there is done."""
         started = self.clock()
         self._event("start", step, _describe(step))
         action = {"evict": self._evict, "load": self._load, "unload": self._unload}[step.action]
+        loaded: dict[str, LoadedModel] = {}
         try:
             loaded = self._ps(step.node)
             copy = loaded.get(model)
@@ -197,10 +218,22 @@ class _Runner:
                 return self._record(step, True, detail, started, verified=True)
             detail = action(step, loaded)
         except _Failed as failed:
-            return self._record(step, False, str(failed), started)
+            gone = self._gone(step, loaded)
+            return self._record(step, False, str(failed), started, evicted=gone, hidden=failed.hidden)
         except OllamaError as exc:
-            return self._record(step, False, str(exc), started)
-        return self._record(step, True, detail, started, verified=step.action == "load")
+            return self._record(step, False, str(exc), started, evicted=self._gone(step, loaded))
+        loads = step.action == "load"
+        return self._record(step, True, detail, started, verified=loads, evicted=self._gone(step, loaded))
+
+    def _gone(self, step: Step, before: Mapping[str, LoadedModel]) -> tuple[str, ...]:
+        """Models listed before a load that Ollama unloaded on its own meanwhile (not the loaded model)."""
+        if step.action != "load" or not before:
+            return ()
+        try:
+            after = self._ps(step.node)
+        except _Failed:
+            return ()
+        return tuple(sorted(set(before) - set(after) - {model_key(step.model)}))
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -245,7 +278,8 @@ class _Runner:
                 self._request_load(step, num_gpu)
             except OllamaError as exc:
                 restored = self._restore(step) if num_gpu is not None else ""
-                raise _Failed(f"load failed: {exc}{restored or self._undo(step)}") from None
+                hidden = self._hidden(step, loaded, 0)
+                raise _Failed(f"load failed: {exc}{restored or self._undo(step)}", hidden) from None
             copy = self._verify(step)
             if copy is not None and copy.fully_on_gpu:
                 return f"{step.model} now on GPU on {step.node} ({mb(copy.size)} MB, 100% GPU)"
@@ -255,7 +289,18 @@ class _Runner:
         if copy is None:
             raise _Failed(f"{step.model} not listed on {step.node} within {self.load_timeout:g}s")
         landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {mb(copy.size)} MB)"
-        raise _Failed(landed + self._undo(step))
+        hidden = self._hidden(step, loaded, copy.size_vram)
+        raise _Failed(landed + self._undo(step), hidden)
+
+    def _hidden(self, step: Step, before: Mapping[str, LoadedModel], landed: int) -> int:
+        """What a load that came up short says is held outside Ollama (0 when the router never counted room
+        for all of it): `inferred_hidden` over the node as the router saw it before the load."""
+        node = self.state.node(step.node)
+        room = Room.of(node) if node is not None else None
+        if node is None or room is None or step.need is None:
+            return 0
+        others = sum(m.size_vram for key, m in before.items() if key != model_key(step.model))
+        return inferred_hidden(room.era, step.need, landed, room.total - others - node.hidden)
 
     def _request_load(self, step: Step, num_gpu: int | None) -> None:
         self.clients[step.node].load(

@@ -25,6 +25,7 @@ from exporter.config import Config, PriorityModel, model_key
 from exporter.observe import Observer
 from exporter.ollama import OllamaClient, OllamaError
 from exporter.state import ClusterState
+from exporter.units import mb
 from optimizer import decide, execute
 
 log = logging.getLogger("gpu_router.optimizer")
@@ -78,13 +79,15 @@ class Metrics:
         for action in ACTIONS:
             for result in ("success", "failure"):
                 self.actions.labels(action=action, result=result)
+        self.actions.labels(action="evict", result="by_ollama")
 
 
 @dataclass(frozen=True)
 class ActionRecord:
     """One entry of the actions history. `step` is load/unload/evict, or plan/job for a job's own outcome;
     `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
-    dry-run (auto_optimize: false) or unplaced (the plan found no node for the model)."""
+    dry-run (auto_optimize: false), unplaced (the plan found no node for the model) or by_ollama (an `evict`
+    Ollama did on its own while a load of ours ran)."""
 
     time: float  # Unix seconds when it started
     model: str
@@ -283,9 +286,9 @@ class JobQueue:
     def _finish(self, job: Job, result: JobResult) -> None:
         now = self.clock()
         for record in result.actions:
-            if record.step in ACTIONS and record.outcome in ("success", "failure"):
+            if record.step in ACTIONS and record.outcome in ("success", "failure", "by_ollama"):
                 self.metrics.actions.labels(action=record.step, result=record.outcome).inc()
-            level = logging.WARNING if record.outcome in ("failure", "unplaced") else logging.INFO
+            level = logging.WARNING if record.outcome in ("failure", "unplaced", "by_ollama") else logging.INFO
             log_event(
                 level,
                 "action",
@@ -424,18 +427,27 @@ class Remediator:
         if execution.dry_run:
             records = [ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason) for s in plan.steps]
         else:
-            records = [
-                ActionRecord(
-                    time=o.started + offset,
-                    model=o.step.model,
-                    node=o.step.node,
-                    step=o.step.action,
-                    outcome=self._outcome(o),
-                    duration=o.duration,
-                    detail=o.detail,
+            records = []
+            for o in execution.outcomes:
+                records.append(
+                    ActionRecord(
+                        o.started + offset,
+                        o.step.model,
+                        o.step.node,
+                        o.step.action,
+                        self._outcome(o),
+                        o.duration,
+                        o.detail,
+                    )
                 )
-                for o in execution.outcomes
-            ]
+                why = f"Ollama unloaded it on its own while {o.step.model} loaded (not in the plan)"
+                records += [
+                    ActionRecord(o.started + offset, m, o.step.node, "evict", "by_ollama", 0.0, why) for m in o.evicted
+                ]
+                if o.hidden:
+                    in_place = o.step.num_gpu is not None
+                    why = f"{o.step.model} came up short by {mb(o.hidden)} MB"
+                    self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
         records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]
         fixed = not execution.dry_run and any(

@@ -171,6 +171,8 @@ def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) 
         "vram_usable_bytes": node.vram_usable,
         "vram_used_bytes": node.vram_used if node.up else None,
         "vram_free_bytes": node.vram_free if node.up else None,
+        "hidden_bytes": node.hidden,
+        "hidden_reason": node.hidden_why or None,
         "safety_margin": node.margin,
         "loaded": [loaded_json(m, now) for m in node.loaded],
         "installed": [m.name for m in node.installed],
@@ -264,6 +266,11 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
             f"   Usable VRAM: {_size(node.vram_usable)} ({node.margin:.0%} safety)",
             f"   Free VRAM: {_size(node.vram_free)}",
         ]
+        if node.hidden:
+            lines.append(
+                f"   Also in use: ~{_size(node.hidden)} held outside Ollama, inferred because {node.hidden_why}"
+                " (the capacity source cannot see other processes; it counts until a poll shows otherwise)"
+            )
     if node.loaded:
         lines.append("   Loaded models:")
         width = max(len(m.name) for m in node.loaded)

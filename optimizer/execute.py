@@ -159,7 +159,7 @@ class _Runner:
         """Evictions and the load on the target (holding its slot), then the removals once verified."""
         first = [i for i in indexes if steps[i].action != "unload"]
         later = [i for i in indexes if steps[i].action == "unload"]
-        verified = False
+        verified = not first and self.state.on_gpu(model)  # only removals: finishing a job already verified
         stop: str | None = None
         if first:
             with self._slot(steps[first[0]].node):

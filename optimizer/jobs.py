@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -374,6 +374,13 @@ class Remediator:
         self._cond = threading.Condition()
         self._reserved: dict[str, int] = {}
         self._generation = 0
+        self._leftovers: dict[str, set[str]] = {}  # model → nodes holding a copy it failed to remove
+
+    def leftovers(self) -> list[str]:
+        """Models with a CPU or partial copy that a job could not remove after verifying the GPU copy (the
+        node did not answer): a later job finishes the removal."""
+        with self._cond:
+            return sorted(model for model, nodes in self._leftovers.items() if nodes)
 
     def __call__(self, job: Job) -> JobResult:
         priority = self.config.priority(job.model)
@@ -405,7 +412,7 @@ class Remediator:
             with self._cond:
                 generation = self._generation
             state = self.observer.poll()
-            plan = decide.restrict(decide.plan(state, now=self.wall()), [priority.name])
+            plan = self._finishing(decide.restrict(decide.plan(state, now=self.wall()), [priority.name]), state)
             nodes = sorted({step.node for step in plan.steps})
             with self._cond:
                 if generation == self._generation and all(self._reserved.get(n, 0) < limit for n in nodes):
@@ -414,6 +421,24 @@ class Remediator:
                     return state, plan, nodes
                 self._cond.wait_for(lambda g=generation: self._generation != g or self.stopping.is_set(), timeout=30.0)
         return None
+
+    def _finishing(self, plan: decide.Plan, state: ClusterState) -> decide.Plan:
+        """The plan plus the removal of copies an earlier job left behind, once the model is on GPU."""
+        extra = []
+        now = self.wall()
+        for model, home in plan.already:
+            with self._cond:
+                nodes = sorted(self._leftovers.get(model, ()))
+            for name in nodes:
+                node = state.node(name)
+                copy = node.loaded_model(model) if node is not None and node.up else None
+                if node is not None and node.up and (copy is None or copy.fully_on_gpu):
+                    with self._cond:
+                        self._leftovers[model].discard(name)  # gone, or on GPU there too: nothing left to do
+                elif copy is not None and not decide.is_busy(copy, now):
+                    why = f"finish: remove the {copy.gpu_ratio:.0%}-on-GPU copy left behind ({model} is on {home})"
+                    extra.append(decide.Step("unload", model, name, why))
+        return replace(plan, steps=plan.steps + tuple(extra)) if extra else plan
 
     def _release(self, nodes: list[str]) -> None:
         with self._cond:
@@ -429,6 +454,7 @@ class Remediator:
         else:
             records = []
             for o in execution.outcomes:
+                self._track_removal(o)
                 records.append(
                     ActionRecord(
                         o.started + offset,
@@ -459,6 +485,18 @@ class Remediator:
             actions=tuple(records),
             detail="; ".join([o.detail for o in execution.failed] + unplaced),
         )
+
+    def _track_removal(self, outcome: execute.Outcome) -> None:
+        """Remember a copy whose removal failed after its model was verified on GPU; forget a removed one."""
+        step = outcome.step
+        if step.action != "unload" or outcome.skipped:
+            return
+        with self._cond:
+            nodes = self._leftovers.setdefault(model_key(step.model), set())
+            if outcome.ok:
+                nodes.discard(step.node)
+            else:
+                nodes.add(step.node)
 
     def _outcome(self, outcome: execute.Outcome) -> str:
         if outcome.ok:

@@ -31,6 +31,7 @@ class Reconciler:
         metrics: Metrics,
         interval: float | None = None,
         wall: Callable[[], float] = time.time,
+        leftovers: Callable[[], list[str]] = list,
     ) -> None:
         self.config = config
         self.observer = observer
@@ -38,6 +39,7 @@ class Reconciler:
         self.metrics = metrics
         self.interval = max(MIN_INTERVAL, config.check_interval if interval is None else interval)
         self.wall = wall
+        self.leftovers = leftovers
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -48,6 +50,8 @@ class Reconciler:
         if self.config.auto_optimize:
             for priority in missing:
                 self.queue.submit(priority.name, source="reconcile")
+            for model in self.leftovers():  # a copy an earlier job could not remove: finish it
+                self.queue.submit(model, source="reconcile")
         elif missing:
             plan = decide.plan(state, now=self.wall())  # the whole picture: only missing models get steps
             for step in plan.steps:

@@ -126,7 +126,8 @@ def start_optimizer(
     thread.start()
     reconciler = None
     if reconcile:
-        reconciler = Reconciler(config, observer, queue, metrics=metrics).start()
+        leftovers = job.leftovers if isinstance(job, Remediator) else list
+        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers).start()
     shown = f"[{host}]" if ":" in host else host
     handle = OptimizerHandle(
         url=f"http://{shown}:{server.effective_port}",

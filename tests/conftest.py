@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+
+from exporter.config import parse_config
+from exporter.observe import Observer
+from optimizer.jobs import JobQueue, Metrics, Remediator
+from optimizer.reconcile import Reconciler
+from simulator.run import Fleet, fleet_from_dict
 
 
 def require_tool(name: str) -> str:
@@ -47,3 +55,35 @@ def payload(*alerts: dict, status: str | None = None) -> dict:
         "groupKey": '{}:{alertname="GPURouterPriorityModelOnCPU"}',
         "truncatedAlerts": 0,
     }
+
+
+@contextmanager
+def optimizer_parts(
+    nodes: list[dict], priority: list[str], vram: dict[str, object], **settings: object
+) -> Iterator[tuple[Fleet, Observer, Reconciler, JobQueue]]:
+    """A simulated fleet, an observer of it with static capacity (`vram` per node: blind to other processes),
+    and the optimizer's job queue and reconciler (short cooldowns), stopped at the end."""
+    with Fleet(fleet_from_dict({"nodes": [{"token_rate": 0, **n} for n in nodes]})) as fleet:
+        config = parse_config(
+            {
+                "nodes": [{"name": name, "url": url, "vram": vram[name]} for name, url in fleet.urls.items()],
+                "priority_models": priority,
+                "check_interval": 3600,
+                "request_timeout": 5,
+                "optimizer": {"cooldown_seconds": 0.05, "cooldown_max_seconds": 0.05, "load_timeout": 20},
+                **settings,
+            }
+        )
+        with Observer(config) as observer:
+            metrics = Metrics()
+            job = Remediator(config, observer)
+            queue = JobQueue(config, job, metrics=metrics).start()
+            try:
+                yield (
+                    fleet,
+                    observer,
+                    Reconciler(config, observer, queue, metrics=metrics, leftovers=job.leftovers),
+                    queue,
+                )
+            finally:
+                queue.stop()

@@ -8,38 +8,22 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from conftest import optimizer_parts
 
-from exporter.config import parse_config
-from exporter.observe import Observer
 from exporter.units import GIB
-from optimizer.jobs import JobQueue, Metrics, Remediator
+from optimizer.jobs import JobQueue
 from optimizer.reconcile import Reconciler
-from simulator.run import Fleet, fleet_from_dict
+from simulator.run import Fleet
 
 MODEL = "llama3.2:3b"
 
 
 @contextmanager
 def cluster(version: str) -> Iterator[tuple[Fleet, Reconciler, JobQueue]]:
-    """One GPU node (4 GiB) that is the model's only GPU home, and the optimizer's job queue and reconciler."""
-    node = {"name": "ws", "version": version, "gpus": [{"vram": "4GiB"}], "models": [MODEL], "token_rate": 0}
-    with Fleet(fleet_from_dict({"nodes": [node]})) as fleet:
-        config = parse_config(
-            {
-                "nodes": [{"name": "ws", "url": fleet.urls["ws"], "vram": "4GiB"}],  # static: blind to other users
-                "priority_models": [MODEL],
-                "check_interval": 3600,
-                "request_timeout": 5,
-                "optimizer": {"cooldown_seconds": 0.05, "cooldown_max_seconds": 0.05, "load_timeout": 20},
-            }
-        )
-        with Observer(config) as observer:
-            metrics = Metrics()
-            queue = JobQueue(config, Remediator(config, observer), metrics=metrics).start()
-            try:
-                yield fleet, Reconciler(config, observer, queue, metrics=metrics), queue
-            finally:
-                queue.stop()
+    """One GPU node (4 GiB, static capacity) that is the model's only GPU home, with the optimizer's parts."""
+    node = {"name": "ws", "version": version, "gpus": [{"vram": "4GiB"}], "models": [MODEL]}
+    with optimizer_parts([node], [MODEL], {"ws": "4GiB"}) as (fleet, _, reconciler, queue):
+        yield fleet, reconciler, queue
 
 
 def copy(fleet: Fleet) -> dict:

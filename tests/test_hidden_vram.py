@@ -7,16 +7,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import requests
+from conftest import optimizer_parts
 
 from exporter.collector import cluster_families
-from exporter.config import model_key, parse_config
+from exporter.config import model_key
 from exporter.observe import Observer
 from exporter.units import GIB
 from optimizer import render
 from optimizer.decide import check
-from optimizer.jobs import JobQueue, Metrics, Remediator
+from optimizer.jobs import JobQueue
 from optimizer.reconcile import Reconciler
-from simulator.run import Fleet, fleet_from_dict
+from simulator.run import Fleet
 
 PRIORITY = "llama3.1:8b"
 OTHERS = ["mxbai-embed-large", "llama3.2:3b", "qwen2.5-coder:1.5b", "nomic-embed-text", "llama3.2:1b"]
@@ -24,30 +25,13 @@ OTHERS = ["mxbai-embed-large", "llama3.2:3b", "qwen2.5-coder:1.5b", "nomic-embed
 
 @contextmanager
 def cluster(preload_gpu: list[dict] | None = None) -> Iterator[tuple[Fleet, Observer, Reconciler, JobQueue]]:
+    """An 8 GiB GPU node and a CPU node serving the priority model, capacity static (blind to other users)."""
     nodes = [
         {"name": "gpu", "gpus": [{"vram": "8GiB"}], "models": [PRIORITY, *OTHERS], "preload": preload_gpu or []},
-        {"name": "cpu", "models": [PRIORITY], "preload": [{"model": PRIORITY, "keep_alive": -1}]},  # served on CPU
+        {"name": "cpu", "models": [PRIORITY], "preload": [{"model": PRIORITY, "keep_alive": -1}]},
     ]
-    with Fleet(fleet_from_dict({"nodes": [{**n, "token_rate": 0} for n in nodes]})) as fleet:
-        config = parse_config(
-            {
-                "nodes": [
-                    {"name": "gpu", "url": fleet.urls["gpu"], "vram": "8GiB"},  # static: blind to other users
-                    {"name": "cpu", "url": fleet.urls["cpu"], "vram": 0},
-                ],
-                "priority_models": [PRIORITY],
-                "check_interval": 3600,
-                "request_timeout": 5,
-                "optimizer": {"cooldown_seconds": 0.05, "cooldown_max_seconds": 0.05, "load_timeout": 20},
-            }
-        )
-        with Observer(config) as observer:
-            metrics = Metrics()
-            queue = JobQueue(config, Remediator(config, observer), metrics=metrics).start()
-            try:
-                yield fleet, observer, Reconciler(config, observer, queue, metrics=metrics), queue
-            finally:
-                queue.stop()
+    with optimizer_parts(nodes, [PRIORITY], {"gpu": "8GiB", "cpu": 0}) as parts:
+        yield parts
 
 
 def fits_free(observer: Observer) -> dict[str, bool]:
@@ -100,7 +84,7 @@ def test_after_the_first_surprise_the_fit_answers_are_honest():
 
 def test_a_model_ollama_evicts_on_its_own_is_recorded():
     preload = [{"model": "nomic-embed-text", "keep_alive": "5m"}]  # idle, not a priority model
-    with cluster(preload) as (fleet, observer, reconciler, queue):
+    with cluster(preload) as (fleet, _, reconciler, queue):
         fleet.node("gpu").inject("vram_hog", bytes=int(1.8 * GIB))  # enough to fail Ollama's admission test
         reconciler.run_once()
         assert queue.wait_idle(30)

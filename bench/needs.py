@@ -39,8 +39,9 @@ def rows() -> list[tuple[str, int, int, int, int | None]]:
                 fleet.node("big").scheduler.unload_all()
                 spec = catalog.find(model)
                 assert spec is not None
-                path, body = ("/api/embed", {"input": []}) if "embedding" in spec.capabilities else ("/api/generate", {})
-                body = {**body, "model": model, "options": {"num_ctx": ctx}, "stream": False}
+                embedder = "embedding" in spec.capabilities
+                path, extra = ("/api/embed", {"input": []}) if embedder else ("/api/generate", {})
+                body = {**extra, "model": model, "options": {"num_ctx": ctx}, "stream": False}
                 requests.post(url + path, json=body, timeout=60).raise_for_status()
                 (entry,) = requests.get(url + "/api/ps", timeout=5).json()["models"]
                 assert entry["size"] == entry["size_vram"], model

@@ -62,8 +62,10 @@ def main() -> int:
         shown = f"{predicted:>16,}" if predicted else f"{'–':>16}"
         print(f"{model:<26} {ctx:>6} {size:>14,} {need:>14,} {ratio:>9.4f} {shown}")
     ok = all(size <= need <= size * 1.10 for _, _, size, need, _ in table)
-    print(f"\n{len(table)} rows; need ≥ size and within 10 %: {'yes' if ok else 'NO'} (largest need/size {worst:.4f}; "
-          f"sizes are llama-server's MiB-rounded buffers, {MIB:,} bytes per MiB)")
+    print(
+        f"\n{len(table)} rows; need ≥ size and within 10 %: {'yes' if ok else 'NO'} (largest need/size {worst:.4f}; "
+        f"sizes are llama-server's MiB-rounded buffers, {MIB:,} bytes per MiB)"
+    )
     return 0 if ok else 1
 
 

@@ -8,7 +8,8 @@ less what it got on GPU, at most what the router thought was free. It is used as
 until evidence clears it — the GPUs then hold more than the inference allows, a device-level figure appears,
 or `TTL` passes (so a later attempt tests whether the memory came back).
 
-Two ways in: `observe` (a partial copy seen in a poll, once per copy) and `record` (the optimizer's own load
+Two ways in: `observe` (a partial copy seen in a poll, once per copy, judged by its own size: the copy's
+context and parallel, not the node's default) and `record` (the optimizer's own load
 that landed short or ran out of memory, whose copy may be gone again).
 """
 
@@ -90,11 +91,8 @@ class HiddenUsage:
                     if key in self._seen and now - self._seen[key] < self.ttl:
                         continue
                     self._seen[key] = now
-                need = state.need(copy.name, node.name)
-                if need is None:
-                    continue
                 others = sum(m.size_vram for m in node.loaded if m is not copy)
-                missing = inferred_hidden(room.era, need.bytes, copy.size_vram, room.total - others)
+                missing = inferred_hidden(room.era, copy.size, copy.size_vram, room.total - others)
                 why = f"{model_key(copy.name)} landed {copy.gpu_ratio:.0%} on GPU"
                 self.record(node.name, missing, why, copy.name)
 

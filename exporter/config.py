@@ -6,7 +6,6 @@ what was expected, e.g. ``gpu_router_config.yaml: nodes[1].vram: expected a size
 
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 from collections.abc import Mapping
@@ -17,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from exporter.units import parse_size
-from exporter.yamlfile import read_yaml
+from exporter.urls import identity
+from exporter.yamlfile import closest, read_yaml, show
 
 DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
 GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "ollama_log", "none")
@@ -193,31 +193,31 @@ class _Reader:
 
     def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_show(value)}")
+            raise self.fail(path, f"expected a mapping, got {show(value)}")
         for key in value:
             if not isinstance(key, str) or key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(allowed)})"
-                raise self.fail(_join(path, str(key)), f"unknown key{hint}")
+                close = closest(key, allowed)
+                hint = f" (did you mean {close!r}?)" if close else f" (known keys: {', '.join(allowed)})"
+                raise self.fail(_join(path, show(key).strip("'")), f"unknown key{hint}")
         return value
 
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(path, f"expected a non-empty string, got {_show(value)}")
+            raise self.fail(path, f"expected a non-empty string, got {show(value)}")
         return value.strip()
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(path, f"expected true or false, got {_show(value)}")
+            raise self.fail(path, f"expected true or false, got {show(value)}")
         return value
 
     def number(self, value: Any, path: str, *, minimum: float = 0.0, integer: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(path, f"expected a number, got {_show(value)}")
+            raise self.fail(path, f"expected a number, got {show(value)}")
         if value < minimum:
-            raise self.fail(path, f"expected a number ≥ {minimum:g}, got {value!r}")
+            raise self.fail(path, f"expected a number ≥ {minimum:g}, got {show(value)}")
         if integer and int(value) != value:
-            raise self.fail(path, f"expected a whole number, got {value!r}")
+            raise self.fail(path, f"expected a whole number, got {show(value)}")
         return value
 
     def size(self, value: Any, path: str) -> int:
@@ -233,20 +233,21 @@ class _Reader:
             port = parts.port
         except ValueError:
             port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-            raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {_show(value)}")
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https") or not 0 < len(host) <= 253 or port == -1:
+            raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {show(value)}")
         return text
 
     def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise self.fail(path, f"expected one of {', '.join(choices)}, got {_show(value)}{hint}")
+            close = closest(value, choices)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise self.fail(path, f"expected one of {', '.join(choices)}, got {show(value)}{hint}")
         return value
 
     def keep_alive(self, value: Any, path: str) -> int | float | str:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise self.fail(path, f"expected seconds or a duration like 5m, got {_show(value)}")
+            raise self.fail(path, f"expected seconds or a duration like 5m, got {show(value)}")
         if isinstance(value, str) and not value.strip():
             raise self.fail(path, "expected seconds or a duration like 5m, got ''")
         return value
@@ -264,16 +265,6 @@ class _Reader:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return repr(value)
 
 
 _TOP = (
@@ -335,10 +326,10 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     priorities = _priorities(r, raw.get("priority_models") or [])
     margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin")
     if not 0 < margin <= 1:
-        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {margin!r}")
+        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
     sizes_raw = raw.get("model_sizes") or {}
     if not isinstance(sizes_raw, dict):
-        raise r.fail("model_sizes", f"expected a mapping of model name to size, got {_show(sizes_raw)}")
+        raise r.fail("model_sizes", f"expected a mapping of model name to size, got {show(sizes_raw)}")
     model_sizes = {
         model_key(r.string(name, "model_sizes")): r.size(value, f"model_sizes.{name}")
         for name, value in sizes_raw.items()
@@ -365,20 +356,21 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
 def _positive(r: _Reader, value: Any, path: str) -> float:
     number = r.number(value, path)
     if number <= 0:
-        raise r.fail(path, f"expected a number > 0, got {value!r}")
+        raise r.fail(path, f"expected a number > 0, got {show(value)}")
     return float(number)
 
 
 def _nodes(r: _Reader, value: Any) -> tuple[NodeConfig, ...]:
     if not isinstance(value, list) or not value:
-        raise r.fail("nodes", f"expected a non-empty list of node URLs or mappings, got {_show(value)}")
+        raise r.fail("nodes", f"expected a non-empty list of node URLs or mappings, got {show(value)}")
     nodes = tuple(_node(r, item, f"nodes[{i}]") for i, item in enumerate(value))
-    for attr in ("name", "url"):
+    for attr, same in (("name", str), ("url", identity)):
         seen: dict[str, int] = {}
         for i, node in enumerate(nodes):
-            key = getattr(node, attr)
+            key = same(getattr(node, attr))
             if key in seen:
-                raise r.fail(f"nodes[{i}].{attr}", f"duplicate {attr} {key!r} (also nodes[{seen[key]}])")
+                shown = show(getattr(node, attr))
+                raise r.fail(f"nodes[{i}].{attr}", f"duplicate {attr} {shown} (also nodes[{seen[key]}])")
             seen[key] = i
     return nodes
 
@@ -426,7 +418,7 @@ def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise r.fail(path, f'expected {{file: PATH}} or {{command: "journalctl -u ollama …"}}, got {_show(value)}')
+        raise r.fail(path, f'expected {{file: PATH}} or {{command: "journalctl -u ollama …"}}, got {show(value)}')
     raw = r.mapping(value, path, _OLLAMA_LOG)
     given = [key for key in _OLLAMA_LOG if raw.get(key) is not None]
     if len(given) != 1:
@@ -437,14 +429,14 @@ def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
     try:
         return OllamaLogSource(command=tuple(shlex.split(text)))
     except ValueError as exc:
-        raise r.fail(_join(path, "command"), f"cannot split {text!r} into words: {exc}") from None
+        raise r.fail(_join(path, "command"), f"cannot split {show(text)} into words: {exc}") from None
 
 
 def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise r.fail(path, f"expected a list like [{{name: RTX 3070, vram: 8GiB}}], got {_show(value)}")
+        raise r.fail(path, f"expected a list like [{{name: RTX 3070, vram: 8GiB}}], got {show(value)}")
     specs = []
     for i, item in enumerate(value):
         raw = r.mapping(item, f"{path}[{i}]", _GPU)
@@ -462,7 +454,7 @@ def _default_name(url: str) -> str:
 
 def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
     if not isinstance(value, list):
-        raise r.fail("priority_models", f"expected a list of model names or mappings, got {_show(value)}")
+        raise r.fail("priority_models", f"expected a list of model names or mappings, got {show(value)}")
     models = []
     for i, item in enumerate(value):
         path = f"priority_models[{i}]"
@@ -484,7 +476,7 @@ def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
     for i, model in enumerate(models):
         key = model_key(model.name)
         if key in seen:
-            raise r.fail(f"priority_models[{i}]", f"duplicate model {model.name!r} (also [{seen[key]}])")
+            raise r.fail(f"priority_models[{i}]", f"duplicate model {show(model.name)} (also [{seen[key]}])")
         seen[key] = i
     return tuple(models)
 

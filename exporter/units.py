@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from exporter.yamlfile import show
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -27,10 +29,10 @@ def parse_size(value: object) -> int:
     Raises ValueError (with the accepted forms) for anything else, including negatives and booleans.
     """
     if isinstance(value, bool):
-        raise ValueError(f"expected a size like 8GiB, got {value!r}")
+        raise ValueError(f"expected a size like 8GiB, got {show(value)}")
     if isinstance(value, (int, float)):
         if value < 0:
-            raise ValueError(f"expected a size like 8GiB, got {value!r}")
+            raise ValueError(f"expected a size like 8GiB, got {show(value)}")
         return int(value * MIB)
     if isinstance(value, str):
         match = _SIZE.match(value)
@@ -40,7 +42,7 @@ def parse_size(value: object) -> int:
                 return int(number * MIB)
             if unit in _UNITS:
                 return int(number * _UNITS[unit])
-    raise ValueError(f"expected a size like 8GiB, got {value!r}")
+    raise ValueError(f"expected a size like 8GiB, got {show(value)}")
 
 
 def mb(num_bytes: int | float) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Any, NoReturn
 
 from exporter import catalog, eras
 from exporter.units import GIB, parse_size
-from exporter.yamlfile import read_yaml
+from exporter.yamlfile import closest, read_yaml, show
 from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
@@ -88,24 +87,25 @@ class _Errors:
 
     def keys(self, data: object, allowed: tuple[str, ...], path: str) -> Mapping[str, Any]:
         if not isinstance(data, Mapping):
-            self.fail(path, f"expected a mapping, got {data!r}")
+            self.fail(path, f"expected a mapping, got {show(data)}")
         for key in data:  # type: ignore[union-attr]
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(allowed)}"
-                self.fail(f"{path}.{key}" if path else str(key), f"unknown key{hint}")
+                close = closest(key, allowed)
+                hint = f" (did you mean {close!r}?)" if close else f"; known keys: {', '.join(allowed)}"
+                shown = show(key).strip("'")
+                self.fail(f"{path}.{shown}" if path else shown, f"unknown key{hint}")
         return data  # type: ignore[return-value]
 
     def integer(self, value: object, path: str, minimum: int = 0, maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(path, f"expected an integer ≥ {minimum}, got {value!r}")
+            self.fail(path, f"expected an integer ≥ {minimum}, got {show(value)}")
         if maximum is not None and value > maximum:  # type: ignore[operator]
-            self.fail(path, f"expected an integer ≤ {maximum}, got {value!r}")
+            self.fail(path, f"expected an integer ≤ {maximum}, got {show(value)}")
         return value  # type: ignore[return-value]
 
     def number(self, value: object, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            self.fail(path, f"expected a number ≥ 0, got {value!r}")
+            self.fail(path, f"expected a number ≥ 0, got {show(value)}")
         return float(value)  # type: ignore[arg-type]
 
     def size(self, value: object, path: str, plain_unit: str = "MiB") -> int:
@@ -119,14 +119,14 @@ class _Errors:
 
     def text(self, value: object, path: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
         if not isinstance(value, str) or not value or (pattern is not None and not pattern.match(value)):
-            self.fail(path, f"expected {what or 'a non-empty string'}, got {value!r}")
+            self.fail(path, f"expected {what or 'a non-empty string'}, got {show(value)}")
         return value  # type: ignore[return-value]
 
     def items(self, value: object, path: str) -> list:
         if value is None:
             return []
         if not isinstance(value, list):
-            self.fail(path, f"expected a list, got {value!r}")
+            self.fail(path, f"expected a list, got {show(value)}")
         return value  # type: ignore[return-value]
 
 
@@ -143,11 +143,11 @@ def _models(err: _Errors, value: object, path: str) -> tuple[str, ...]:
         name = err.text(item, where, what="a model name")
         if catalog.find(name) is None:
             known = [spec.name for spec in catalog.CATALOG]
-            close = difflib.get_close_matches(display_name(name), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
-            err.fail(where, f"unknown model {name!r}{hint}")
+            close = closest(display_name(name), known)
+            hint = f" (did you mean {close!r}?)" if close else f"; known: {', '.join(known)}"
+            err.fail(where, f"unknown model {show(name)}{hint}")
         if display_name(name) in names:
-            err.fail(where, f"model {name!r} is listed twice")
+            err.fail(where, f"model {show(name)} is listed twice")
         names.append(display_name(name))
     return tuple(names)
 
@@ -161,7 +161,7 @@ def _gpus(err: _Errors, value: object, path: str) -> tuple[GpuSpec, ...]:
             err.fail(f"{where}.vram", "missing (a size like 8GiB)")
         vram = err.size(gpu["vram"], f"{where}.vram")
         if vram <= 0:
-            err.fail(f"{where}.vram", f"expected a size > 0, got {gpu['vram']!r}")
+            err.fail(f"{where}.vram", f"expected a size > 0, got {show(gpu['vram'])}")
         gpus.append(GpuSpec(err.text(gpu.get("name", "NVIDIA GPU"), f"{where}.name"), vram))
     return tuple(gpus)
 
@@ -170,7 +170,7 @@ def _keep_alive(err: _Errors, value: object, path: str) -> float:
     try:
         return parse_keep_alive(value)
     except ValueError as exc:
-        err.fail(path, f"expected a duration like 5m, -1 or 300, got {value!r} ({exc})")
+        err.fail(path, f"expected a duration like 5m, -1 or 300, got {show(value)} ({exc})")
 
 
 def _preload(err: _Errors, value: object, path: str, models: tuple[str, ...]) -> tuple[PreloadSpec, ...]:
@@ -181,13 +181,13 @@ def _preload(err: _Errors, value: object, path: str, models: tuple[str, ...]) ->
         model = err.text(entry.get("model"), f"{where}.model", what="a model name")
         spec = catalog.find(model)
         if spec is None or all(catalog.find(m) is not spec for m in models):
-            err.fail(f"{where}.model", f"{model!r} is not among this node's models")
+            err.fail(f"{where}.model", f"{show(model)} is not among this node's models")
         options: dict[str, Any] = {}
         for key in PRELOAD_OPTIONS:
             if key in entry:
                 if key == "use_mmap":
                     if not isinstance(entry[key], bool):
-                        err.fail(f"{where}.{key}", f"expected true or false, got {entry[key]!r}")
+                        err.fail(f"{where}.{key}", f"expected true or false, got {show(entry[key])}")
                     options[key] = entry[key]
                 else:
                     options[key] = err.integer(entry[key], f"{where}.{key}", minimum=-1 if key == "num_gpu" else 0)
@@ -241,7 +241,7 @@ def fleet_from_dict(data: object, source: str = "<fleet>") -> FleetSpec:
     for i, item in enumerate(raw_nodes):
         node = _node(err, item, f"nodes[{i}]")
         if node.name in names:
-            err.fail(f"nodes[{i}].name", f"duplicate node name {node.name!r} (also nodes[{names[node.name]}])")
+            err.fail(f"nodes[{i}].name", f"duplicate node name {show(node.name)} (also nodes[{names[node.name]}])")
         if node.port and node.port in ports:
             err.fail(f"nodes[{i}].port", f"port {node.port} is already used by {ports[node.port]}")
         names[node.name] = i

@@ -6,6 +6,7 @@ what was expected, e.g. ``gpu_router_config.yaml: nodes[1].vram: expected a size
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from exporter.goduration import FOREVER, parse_keep_alive
 from exporter.units import parse_size
 from exporter.urls import identity
 from exporter.yamlfile import closest, read_yaml, show
@@ -23,6 +25,10 @@ DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.ya
 GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "ollama_log", "none")
 PROMETHEUS_TEMPLATES = ("dcgm", "nvidia_gpu_exporter", "gpu_router", "custom")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HOUR, DAY = 3600.0, 86400.0  # upper limits of the settings in seconds (request_timeout; the others)
+MAX_CONTEXT = 1 << 24  # tokens: num_ctx, context_length
+MAX_PARALLEL = 256  # num_parallel
+MAX_LOADS = 64  # optimizer.max_loads_per_node
 
 
 class ConfigError(ValueError):
@@ -211,11 +217,25 @@ class _Reader:
             raise self.fail(path, f"expected true or false, got {show(value)}")
         return value
 
-    def number(self, value: Any, path: str, *, minimum: float = 0.0, integer: bool = False) -> float:
+    def number(
+        self,
+        value: Any,
+        path: str,
+        *,
+        maximum: float,
+        minimum: float = 0.0,
+        positive: bool = False,
+        integer: bool = False,
+    ) -> float:
+        """A finite number in [minimum, maximum] (above 0 when `positive`), whole when `integer`."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(path, f"expected a number, got {show(value)}")
-        if value < minimum:
-            raise self.fail(path, f"expected a number ≥ {minimum:g}, got {show(value)}")
+        if not math.isfinite(value):
+            raise self.fail(path, f"expected a finite number, got {show(value)}")
+        if value < minimum or (positive and value <= 0):
+            raise self.fail(path, f"expected a number {'>' if positive else '≥'} {minimum:g}, got {show(value)}")
+        if value > maximum:
+            raise self.fail(path, f"expected a number ≤ {maximum:.15g}, got {show(value)}")
         if integer and int(value) != value:
             raise self.fail(path, f"expected a whole number, got {show(value)}")
         return value
@@ -246,10 +266,17 @@ class _Reader:
         return value
 
     def keep_alive(self, value: Any, path: str) -> int | float | str:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise self.fail(path, f"expected seconds or a duration like 5m, got {show(value)}")
-        if isinstance(value, str) and not value.strip():
-            raise self.fail(path, "expected seconds or a duration like 5m, got ''")
+        """Ollama's keep_alive as its API reads it: seconds (negative = forever) or a Go duration ("5m")."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            if not number:
+                parse_keep_alive(value if isinstance(value, str) else None)
+            elif not (math.isfinite(value) and abs(value) <= FOREVER):
+                raise ValueError("out of range")
+        except ValueError:
+            raise self.fail(
+                path, f"expected seconds (-1 = forever) or a duration like 5m or 1h30m, got {show(value)}"
+            ) from None
         return value
 
     def secret(self, raw: dict[str, Any], key: str, path: str) -> Secret | None:
@@ -324,7 +351,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise r.fail("nodes", "missing: list the Ollama nodes, e.g. `- http://localhost:11434`")
     nodes = _nodes(r, raw["nodes"])
     priorities = _priorities(r, raw.get("priority_models") or [])
-    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin")
+    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin", maximum=math.inf)
     if not 0 < margin <= 1:
         raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
     sizes_raw = raw.get("model_sizes") or {}
@@ -341,23 +368,20 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return Config(
         nodes=nodes,
         priority_models=priorities,
-        check_interval=r.number(raw.get("check_interval", 300), "check_interval"),
+        check_interval=float(r.number(raw.get("check_interval", 300), "check_interval", maximum=DAY)),
         vram_safety_margin=float(margin),
         auto_optimize=r.boolean(raw.get("auto_optimize", True), "auto_optimize"),
         log_level=r.choice(level.upper() if isinstance(level, str) else level, "log_level", LOG_LEVELS),
         model_sizes=MappingProxyType(model_sizes),
-        request_timeout=_positive(r, raw.get("request_timeout", 2.0), "request_timeout"),
+        request_timeout=_seconds(r, raw.get("request_timeout", 2.0), "request_timeout", maximum=HOUR),
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
         source=source,
     )
 
 
-def _positive(r: _Reader, value: Any, path: str) -> float:
-    number = r.number(value, path)
-    if number <= 0:
-        raise r.fail(path, f"expected a number > 0, got {show(value)}")
-    return float(number)
+def _seconds(r: _Reader, value: Any, path: str, maximum: float = DAY) -> float:
+    return float(r.number(value, path, positive=True, maximum=maximum))
 
 
 def _nodes(r: _Reader, value: Any) -> tuple[NodeConfig, ...]:
@@ -392,8 +416,10 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         raise r.fail(_join(path, "gpu_source"), "static needs vram or gpus on the node")
     ctx = raw.get("context_length")
     if ctx is not None:
-        ctx = int(r.number(ctx, _join(path, "context_length"), minimum=1, integer=True))
-    parallel = r.number(raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, integer=True)
+        ctx = int(r.number(ctx, _join(path, "context_length"), minimum=1, maximum=MAX_CONTEXT, integer=True))
+    parallel = r.number(
+        raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, maximum=MAX_PARALLEL, integer=True
+    )
     match = raw.get("prometheus_match")
     log = _ollama_log(r, raw.get("ollama_log"), _join(path, "ollama_log"))
     if source == "ollama_log" and log is None:
@@ -468,7 +494,11 @@ def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
         models.append(
             PriorityModel(
                 name=r.string(raw["name"], _join(path, "name")),
-                num_ctx=int(r.number(ctx, _join(path, "num_ctx"), minimum=1, integer=True)) if ctx else None,
+                num_ctx=(
+                    int(r.number(ctx, _join(path, "num_ctx"), minimum=1, maximum=MAX_CONTEXT, integer=True))
+                    if ctx is not None
+                    else None
+                ),
                 keep_alive=r.keep_alive(raw.get("keep_alive", -1), _join(path, "keep_alive")),
             )
         )
@@ -497,7 +527,7 @@ def _prometheus(r: _Reader, raw: dict[str, Any]) -> PrometheusSource:
         template=template,
         total_query=r.string(total, "prometheus.total_query") if total is not None else None,
         used_query=r.string(used, "prometheus.used_query") if used is not None else None,
-        max_age=_positive(r, block.get("max_age", 120.0), "prometheus.max_age"),
+        max_age=_seconds(r, block.get("max_age", 120.0), "prometheus.max_age"),
     )
 
 
@@ -512,16 +542,18 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
         raise r.fail(path, "basic auth needs both username and password (or password_env/password_file)")
     if token is not None and username is not None:
         raise r.fail(path, "give a bearer token or basic-auth credentials, not both")
-    cooldown = _positive(r, raw.get("cooldown_seconds", 30.0), "optimizer.cooldown_seconds")
-    cooldown_max = _positive(r, raw.get("cooldown_max_seconds", 900.0), "optimizer.cooldown_max_seconds")
+    cooldown = _seconds(r, raw.get("cooldown_seconds", 30.0), "optimizer.cooldown_seconds")
+    cooldown_max = _seconds(r, raw.get("cooldown_max_seconds", 900.0), "optimizer.cooldown_max_seconds")
     if cooldown_max < cooldown:
         raise r.fail("optimizer.cooldown_max_seconds", f"expected ≥ cooldown_seconds ({cooldown:g})")
-    loads = r.number(raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, integer=True)
+    loads = r.number(
+        raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, maximum=MAX_LOADS, integer=True
+    )
     return OptimizerSettings(
         cooldown_seconds=cooldown,
         cooldown_max_seconds=cooldown_max,
         max_loads_per_node=int(loads),
-        load_timeout=_positive(r, raw.get("load_timeout", 300.0), "optimizer.load_timeout"),
+        load_timeout=_seconds(r, raw.get("load_timeout", 300.0), "optimizer.load_timeout"),
         webhook_auth=WebhookAuth(
             bearer_token=token,
             username=r.string(username, f"{path}.username") if username is not None else None,

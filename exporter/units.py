@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from exporter.yamlfile import show
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+MAX_SIZE = 1024**5  # 1 PiB: larger than any GPU or model, small enough for exact arithmetic
 
 _UNITS = {
     "b": 1,
@@ -24,25 +26,24 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: object) -> int:
-    """Bytes from `4GiB`, `4096MiB`, `4.5GB`, `705MB`, `512B` or a plain number of MiB.
+    """Bytes from `4GiB`, `4096MiB`, `4.5GB`, `705MB`, `512B` or a plain number of MiB, up to `MAX_SIZE`.
 
-    Raises ValueError (with the accepted forms) for anything else, including negatives and booleans.
+    Raises ValueError (with the accepted forms) for anything else, including negatives, booleans, .inf and .nan.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like 8GiB, got {show(value)}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"expected a size like 8GiB, got {show(value)}")
-        return int(value * MIB)
-    if isinstance(value, str):
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value >= 0 and (isinstance(value, int) or math.isfinite(value)):  # NaN compares False
+            number = float(min(value, MAX_SIZE + 1)) * MIB
+    elif isinstance(value, str):
         match = _SIZE.match(value)
-        if match:
-            number, unit = float(match.group(1)), match.group(2).lower()
-            if unit == "":
-                return int(number * MIB)
-            if unit in _UNITS:
-                return int(number * _UNITS[unit])
-    raise ValueError(f"expected a size like 8GiB, got {show(value)}")
+        unit = match.group(2).lower() if match else None
+        if match and (unit == "" or unit in _UNITS):
+            number = float(match.group(1)) * (_UNITS[unit] if unit else MIB)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"expected a size like 8GiB, got {show(value)}")
+    if number > MAX_SIZE:
+        raise ValueError(f"expected a size up to 1 PiB, got {show(value)}")
+    return int(number)
 
 
 def mb(num_bytes: int | float) -> int:

@@ -24,6 +24,7 @@ from exporter.state import ClusterState
 from optimizer import decide, render, statuspage, webhook
 from optimizer.auth import Authenticator
 from optimizer.jobs import JobQueue, Metrics, Remediator, log, log_event
+from optimizer.reconcile import Reconciler
 from optimizer.webhook import PayloadError
 
 EXTENSION = "gpu_router"
@@ -39,6 +40,14 @@ class Services:
     metrics: Metrics
     auth: Authenticator
     states: StateCache
+    reconciler: Reconciler | None = None
+
+    def dead_loops(self) -> list[str]:
+        """The threads the optimizer needs that ended on their own (the reconcile loop, job workers)."""
+        dead = self.queue.dead_workers()
+        if self.reconciler is not None and self.reconciler.dead:
+            dead.insert(0, "optimizer-reconcile")
+        return dead
 
 
 class StateCache:
@@ -75,9 +84,11 @@ def create_app(
     metrics: Metrics | None = None,
     auth: Authenticator | None = None,
     state_max_age: float = 1.0,
+    reconciler: Reconciler | None = None,
 ) -> Flask:
     """The Flask application. Without a `queue`, one backed by a `Remediator` is made and started (its
-    worker threads are daemons; stop them with ``app.extensions["gpu_router"].queue.stop()``)."""
+    worker threads are daemons; stop them with ``app.extensions["gpu_router"].queue.stop()``). /healthz
+    watches the queue's workers and the `reconciler`, when given."""
     observer = observer or Observer(config)
     metrics = metrics or (queue.metrics if queue is not None else Metrics())
     if queue is None:
@@ -90,6 +101,7 @@ def create_app(
         metrics=metrics,
         auth=auth or Authenticator(config.optimizer.webhook_auth),
         states=StateCache(observer, state_max_age),
+        reconciler=reconciler,
     )
     app = Flask("gpu_router.optimizer")
     app.config["MAX_CONTENT_LENGTH"] = webhook.MAX_BODY
@@ -198,7 +210,12 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/healthz")
     def healthz() -> Any:
-        return {"status": "ok", "auto_optimize": config.auto_optimize, "queue_depth": s.queue.depth}
+        body = {"status": "ok", "auto_optimize": config.auto_optimize, "queue_depth": s.queue.depth}
+        dead = s.dead_loops()
+        if not dead:
+            return body
+        error = f"stopped unexpectedly: {', '.join(dead)} (see the log; restart the optimizer)"
+        return {"error": error, **body, "status": "failing", "dead": dead}, 503
 
     @app.get("/metrics")
     def metrics() -> Response:

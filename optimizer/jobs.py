@@ -197,6 +197,12 @@ class JobQueue:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
+    def dead_workers(self) -> list[str]:
+        """The names of worker threads that ended although the queue was not stopped."""
+        if self.stopping.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
     def wake(self) -> None:
         """Make idle workers look at the queue again (after the injected clock moved)."""
         with self._cond:
@@ -255,9 +261,12 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------ workers
 
     def _work(self) -> None:
-        while (job := self._take()) is not None:
-            result = self._run(job)
-            self._finish(job, result)
+        try:
+            while (job := self._take()) is not None:
+                result = self._run(job)
+                self._finish(job, result)
+        except BaseException:  # the worker itself broke: say so; /healthz reports it from now on
+            log.exception("event=job.worker outcome=dead")
 
     def _take(self) -> Job | None:
         with self._cond:

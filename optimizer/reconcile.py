@@ -82,6 +82,11 @@ class Reconciler:
         self._thread.start()
         return self
 
+    @property
+    def dead(self) -> bool:
+        """True when the loop's thread ended although nobody stopped it."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop after the pass in progress; True when the thread ended within `timeout`."""
         self._stop.set()
@@ -91,9 +96,12 @@ class Reconciler:
         return not self._thread.is_alive()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # a bad pass must not end the loop
-                log.exception("event=reconcile outcome=failure")
-            self._stop.wait(self.interval)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:  # a bad pass must not end the loop
+                    log.exception("event=reconcile outcome=failure")
+                self._stop.wait(self.interval)
+        except BaseException:  # the loop itself broke: say so; /healthz reports it from now on
+            log.exception("event=reconcile outcome=dead")

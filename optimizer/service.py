@@ -110,7 +110,19 @@ def start_optimizer(
     metrics = Metrics()
     job = run_job or Remediator(config, observer, dry_run=not config.auto_optimize, stop=stop)
     queue = JobQueue(config, job, metrics=metrics, stop=stop).start()
-    app = create_app(config, observer=observer, queue=queue, metrics=metrics, auth=auth, state_max_age=state_max_age)
+    reconciler = None
+    if reconcile:
+        leftovers = job.leftovers if isinstance(job, Remediator) else list
+        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers)
+    app = create_app(
+        config,
+        observer=observer,
+        queue=queue,
+        metrics=metrics,
+        auth=auth,
+        state_max_age=state_max_age,
+        reconciler=reconciler,
+    )
     server = create_server(
         app,
         host=host,
@@ -124,10 +136,8 @@ def start_optimizer(
     serving.set()
     thread = threading.Thread(target=_serve, args=(server, serving), name="optimizer-http", daemon=True)
     thread.start()
-    reconciler = None
-    if reconcile:
-        leftovers = job.leftovers if isinstance(job, Remediator) else list
-        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers).start()
+    if reconciler is not None:
+        reconciler.start()
     shown = f"[{host}]" if ":" in host else host
     handle = OptimizerHandle(
         url=f"http://{shown}:{server.effective_port}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from exporter import catalog, eras
-from exporter.units import GIB, parse_size
+from exporter.units import GIB, MAX_SIZE, parse_size
 from exporter.yamlfile import closest, read_yaml, show
 from simulator.gotypes import parse_keep_alive
 
@@ -21,6 +22,7 @@ _GPU_KEYS = ("name", "vram")
 PRELOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "main_gpu", "num_thread", "use_mmap")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CURRENT_VERSION = "0.32.15"  # the newest stable release when this was written (llama-server era)
+MAX_INTEGER = 1 << 24  # larger than any count, context or option a fleet needs
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
 
 
@@ -96,21 +98,21 @@ class _Errors:
                 self.fail(f"{path}.{shown}" if path else shown, f"unknown key{hint}")
         return data  # type: ignore[return-value]
 
-    def integer(self, value: object, path: str, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, value: object, path: str, minimum: int = 0, maximum: int = MAX_INTEGER) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self.fail(path, f"expected an integer ≥ {minimum}, got {show(value)}")
-        if maximum is not None and value > maximum:  # type: ignore[operator]
+        if value > maximum:  # type: ignore[operator]
             self.fail(path, f"expected an integer ≤ {maximum}, got {show(value)}")
         return value  # type: ignore[return-value]
 
-    def number(self, value: object, path: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            self.fail(path, f"expected a number ≥ 0, got {show(value)}")
+    def number(self, value: object, path: str, maximum: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= maximum:
+            self.fail(path, f"expected a number from 0 to {maximum:g}, got {show(value)}")
         return float(value)  # type: ignore[arg-type]
 
     def size(self, value: object, path: str, plain_unit: str = "MiB") -> int:
         """A size; plain numbers are MiB (like the configuration) or bytes where `plain_unit` says so."""
-        if plain_unit == "B" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if plain_unit == "B" and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE:
             return value
         try:
             return parse_size(value)
@@ -168,9 +170,11 @@ def _gpus(err: _Errors, value: object, path: str) -> tuple[GpuSpec, ...]:
 
 def _keep_alive(err: _Errors, value: object, path: str) -> float:
     try:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(value)
         return parse_keep_alive(value)
-    except ValueError as exc:
-        err.fail(path, f"expected a duration like 5m, -1 or 300, got {show(value)} ({exc})")
+    except ValueError:
+        err.fail(path, f"expected a duration like 5m, -1 or 300, got {show(value)}")
 
 
 def _preload(err: _Errors, value: object, path: str, models: tuple[str, ...]) -> tuple[PreloadSpec, ...]:
@@ -210,7 +214,7 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         ram=err.size(node["ram"], f"{path}.ram") if "ram" in node else defaults.ram,
         models=models,
         version=err.text(node.get("version", defaults.version), f"{path}.version", _VERSION, 'a version like "0.12.6"'),
-        latency_ms=err.integer(node.get("latency_ms", 0), f"{path}.latency_ms"),
+        latency_ms=err.integer(node.get("latency_ms", 0), f"{path}.latency_ms", maximum=600_000),
         load_speed=err.size(node.get("load_speed", 0), f"{path}.load_speed", plain_unit="B"),
         max_loaded_models=err.integer(node.get("max_loaded_models", 0), f"{path}.max_loaded_models"),
         num_parallel=err.integer(node.get("num_parallel", 1), f"{path}.num_parallel", minimum=1),
@@ -221,7 +225,7 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         ),
         gpu_overhead=err.size(node.get("gpu_overhead", 0), f"{path}.gpu_overhead", plain_unit="B"),
         keep_alive=_keep_alive(err, node.get("keep_alive", "5m"), f"{path}.keep_alive"),
-        token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate"),
+        token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate", maximum=1e9),
         preload=_preload(err, node.get("preload"), f"{path}.preload", models),
     )
 

@@ -99,10 +99,13 @@ def test_merge_keys_still_override(tmp_path: Path) -> None:
         "nodes: ['http://{long}']\n",
         "model_sizes: {{x: '{long}'}}\n",
         "'{long}': 1\n",
+        "model_sizes: {{x: {digits}}}\n",
+        "priority_models: [{{name: a, keep_alive: '{long}'}}]\n",
+        "check_interval: {digits}\n",
     ],
 )
 def test_error_messages_show_a_bounded_value(tmp_path: Path, tail: str) -> None:
-    text = tail.format(long="x" * 200_000)
+    text = tail.format(long="x" * 200_000, digits="9" * 4000)
     if not text.startswith("nodes"):
         text = "nodes: [http://127.0.0.1:1]\n" + text
     path = tmp_path / "gpu_router_config.yaml"

@@ -4,6 +4,7 @@ the reconcile loop, monitor mode, bad nodes, the command (`gpu-router optimizer`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import queue
@@ -252,6 +253,37 @@ def test_a_failing_reconcile_pass_does_not_end_the_loop(caplog):
     assert runs[0] == LLAMA
     assert "event=reconcile outcome=failure" in caplog.text and "first poll breaks" in caplog.text
     assert (jobs.metrics.registry.get_sample_value("gpu_router_optimizer_last_reconcile_timestamp_seconds") or 0) > 0
+
+
+def failing_health(handle: OptimizerHandle) -> dict | None:
+    """/healthz's body when it answers 503."""
+    answer = requests.get(handle.url + "/healthz", timeout=5)
+    return answer.json() if answer.status_code == 503 else None
+
+
+def test_healthz_fails_naming_the_reconcile_loop_when_it_died():
+    with Fleet(fleet_from_dict(fleet_spec([]))) as fleet:
+        config = parse_config(router_config(fleet, [LLAMA]))
+        broken = dataclasses.replace(config, check_interval=1e300)  # what the configuration now refuses
+        handle = start_optimizer(broken, reconcile=True)
+        try:
+            body = wait_for(lambda: failing_health(handle), what="/healthz failing")
+            assert body["status"] == "failing" and body["dead"] == ["optimizer-reconcile"]
+            assert "optimizer-reconcile" in body["error"]
+        finally:
+            handle.stop()
+
+
+def test_healthz_fails_naming_a_job_worker_that_died():
+    with Fleet(fleet_from_dict(fleet_spec([LLAMA]))) as fleet:
+        config = parse_config(router_config(fleet, [LLAMA]))
+        handle = start_optimizer(config, reconcile=False, run_job=lambda job: None)  # type: ignore[arg-type,return-value]
+        try:
+            assert requests.get(handle.url + "/healthz", timeout=5).status_code == 200
+            handle.queue.submit(LLAMA)
+            assert wait_for(lambda: failing_health(handle), what="/healthz failing")["dead"] == ["optimizer-job-0"]
+        finally:
+            handle.stop()
 
 
 def test_monitor_mode_logs_plans_and_never_acts(caplog):

@@ -144,6 +144,7 @@ class OptimizerSettings:
     max_loads_per_node: int = 1
     load_timeout: float = 300.0
     webhook_auth: WebhookAuth = field(default_factory=WebhookAuth)
+    protect_reads: bool = False  # the read endpoints (GET /, /api/v1/*) demand webhook_auth's credentials too
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ _OPTIMIZER = (
     "max_loads_per_node",
     "load_timeout",
     "webhook_auth",
+    "protect_reads",
 )
 _AUTH = (
     "bearer_token",
@@ -549,6 +551,9 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
     loads = r.number(
         raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, maximum=MAX_LOADS, integer=True
     )
+    protect_reads = r.boolean(raw.get("protect_reads", False), "optimizer.protect_reads")
+    if protect_reads and token is None and username is None:
+        raise r.fail("optimizer.protect_reads", "needs credentials in optimizer.webhook_auth to demand")
     return OptimizerSettings(
         cooldown_seconds=cooldown,
         cooldown_max_seconds=cooldown_max,
@@ -559,6 +564,7 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
             username=r.string(username, f"{path}.username") if username is not None else None,
             password=password,
         ),
+        protect_reads=protect_reads,
     )
 
 

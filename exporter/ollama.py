@@ -11,6 +11,8 @@ from typing import Any
 
 import requests
 
+from exporter.urls import redact
+
 
 class OllamaError(Exception):
     """A call that failed; `kind` says how, never derived from the message text.
@@ -95,6 +97,7 @@ class OllamaClient:
         session: requests.Session | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.shown = redact(self.base_url)  # what messages name: without credentials
         self.timeout = (connect_timeout, read_timeout)
         self.session = session or requests.Session()
 
@@ -107,7 +110,7 @@ class OllamaClient:
         body = self._call("GET", "/api/version", timeout=timeout)
         version = body.get("version")
         if not isinstance(version, str):
-            raise OllamaError("garbage", f"{self.base_url}/api/version: no version string in the answer")
+            raise OllamaError("garbage", f"{self.shown}/api/version: no version string in the answer")
         return version
 
     def tags(self, timeout: float | None = None) -> tuple[InstalledModel, ...]:
@@ -124,7 +127,7 @@ class OllamaClient:
                 for m in models
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.base_url}/api/tags: malformed model entry ({exc})") from None
+            raise OllamaError("garbage", f"{self.shown}/api/tags: malformed model entry ({exc})") from None
 
     def ps(self, timeout: float | None = None) -> tuple[LoadedModel, ...]:
         models = self._models("/api/ps", timeout)
@@ -142,7 +145,7 @@ class OllamaClient:
                 for m in models
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.base_url}/api/ps: malformed model entry ({exc})") from None
+            raise OllamaError("garbage", f"{self.shown}/api/ps: malformed model entry ({exc})") from None
 
     def show(self, model: str, timeout: float | None = None) -> ShowInfo:
         body = self._call("POST", "/api/show", {"model": model}, timeout=timeout)
@@ -156,7 +159,7 @@ class OllamaClient:
                 raw=MappingProxyType(body),
             )
         except (TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.base_url}/api/show: malformed answer ({exc})") from None
+            raise OllamaError("garbage", f"{self.shown}/api/show: malformed answer ({exc})") from None
 
     # ---------------------------------------------------------------------------------------- actions
 
@@ -203,16 +206,16 @@ class OllamaClient:
         body = self._call("GET", path, timeout=timeout)
         models = body.get("models")
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-            raise OllamaError("garbage", f"{self.base_url}{path}: expected {{'models': [...]}}")
+            raise OllamaError("garbage", f"{self.shown}{path}: expected {{'models': [...]}}")
         return models
 
     def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        url = self.base_url + path
+        url = self.shown + path
         limit = self.timeout if timeout is None else (min(self.timeout[0], timeout), timeout)
         try:
-            response = self.session.request(method, url, json=body, timeout=limit)
+            response = self.session.request(method, self.base_url + path, json=body, timeout=limit)
         except requests.exceptions.ConnectTimeout:
             raise OllamaError("timeout", f"{url}: connect timed out") from None
         except requests.exceptions.ReadTimeout:

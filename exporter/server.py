@@ -27,6 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.collector import cluster_registry, exporter_version
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
+from exporter.urls import redact
 
 DEFAULT_LISTEN = "127.0.0.1:9877"
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def landing_page(config: Config, version: str) -> bytes:
-    nodes = "".join(f"<li>{html.escape(n.name)} — <code>{html.escape(n.url)}</code></li>" for n in config.nodes)
+    nodes = "".join(f"<li>{html.escape(n.name)} — <code>{html.escape(redact(n.url))}</code></li>" for n in config.nodes)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>GPU Router exporter</title></head>"
         f"<body><h1>GPU Router exporter</h1><p>Version {html.escape(version)}.</p>"

@@ -1,12 +1,22 @@
-"""Node URLs: which configured URLs name the same server."""
+"""Node URLs: which configured URLs name the same server, and how a URL is shown without its credentials."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 _LOOPBACK = "localhost"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#]+@")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or a message that contains URLs) with the user and password of every URL replaced by
+    `***`: `http://ops:s3cret@gpu1:11434` is shown as `http://***@gpu1:11434`. Connections keep the
+    credentials; everything that shows a URL (metrics, API, status page, command output, logs) uses this."""
+    return _USERINFO.sub(rf"\1{REDACTED}@", text)
 
 
 def identity(url: str) -> str:

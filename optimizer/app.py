@@ -28,6 +28,7 @@ from optimizer.reconcile import Reconciler
 from optimizer.webhook import PayloadError
 
 EXTENSION = "gpu_router"
+OPEN_PATHS = ("/healthz", "/metrics")  # open even with optimizer.protect_reads: probes and Prometheus
 
 
 @dataclasses.dataclass
@@ -118,6 +119,19 @@ def create_app(
 
 def _routes(app: Flask, s: Services) -> None:
     config = s.config
+
+    if config.optimizer.protect_reads:
+
+        @app.before_request
+        def guard_reads() -> Any:
+            """With `optimizer.protect_reads`, reads other than /healthz and /metrics demand the credentials
+            (the write endpoints check them, and count refusals, themselves)."""
+            if request.method not in ("GET", "HEAD") or request.path in OPEN_PATHS:
+                return None
+            if s.auth.allows(request.headers.get("Authorization")):
+                return None
+            log_event(logging.WARNING, "read", outcome="unauthorized", path=request.path, remote=request.remote_addr)
+            return _unauthorized(s.auth)
 
     @app.get("/")
     def index() -> Any:

@@ -26,6 +26,7 @@ from exporter.ollama import LoadedModel, OllamaClient, OllamaError
 from exporter.room import Room
 from exporter.state import ClusterState
 from exporter.units import mb
+from exporter.urls import redact
 from optimizer.decide import Plan, Step, is_busy
 
 Event = Callable[[str, Step, str], None]  # (start|progress|done|failed, step, detail)
@@ -153,7 +154,7 @@ class _Runner:
             except Exception as exc:  # never raised: whatever is left is recorded as failed
                 for i in indexes:
                     if i not in outcomes:
-                        outcomes[i] = self._record(steps[i], False, f"internal error: {exc!r}", self.clock())
+                        outcomes[i] = self._record(steps[i], False, redact(f"internal error: {exc!r}"), self.clock())
 
     def _job(self, model: str, steps: tuple[Step, ...], indexes: list[int], outcomes: dict[int, Outcome]) -> None:
         """Evictions and the load on the target (holding its slot), then the removals once verified."""

@@ -26,6 +26,7 @@ from exporter.observe import Observer
 from exporter.ollama import OllamaClient, OllamaError
 from exporter.state import ClusterState
 from exporter.units import mb
+from exporter.urls import redact
 from optimizer import decide, execute
 
 log = logging.getLogger("gpu_router.optimizer")
@@ -288,7 +289,7 @@ class JobQueue:
             return self.run_job(job)
         except Exception as exc:  # a job must never take its worker down
             log.exception("event=job.crash model=%s", job.model)
-            detail = f"{type(exc).__name__}: {exc}"
+            detail = redact(f"{type(exc).__name__}: {exc}")
             record = ActionRecord(wall, job.model, None, "job", "failure", self.clock() - started, detail)
             return JobResult(ok=False, actions=(record,), detail=detail)
 

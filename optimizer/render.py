@@ -14,6 +14,7 @@ from exporter.config import model_key
 from exporter.ollama import LoadedModel
 from exporter.state import ClusterState, ModelNeed, NodeState
 from exporter.units import GIB, mb
+from exporter.urls import redact
 from optimizer.decide import CheckResult, Plan, Route, Step, Verdict, check, is_busy, need_of, sizing_text
 from optimizer.execute import Execution, Outcome
 
@@ -155,7 +156,7 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
 def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) -> dict[str, Any]:
     return {
         "name": node.name,
-        "url": node.config.url,
+        "url": redact(node.config.url),
         "up": node.up,
         "error": node.error,
         "version": node.version,
@@ -247,7 +248,7 @@ def status_text(state: ClusterState, now: float) -> list[str]:
 
 
 def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tuple[str, Verdict]]) -> list[str]:
-    where = f"{node.name} ({node.config.url})"
+    where = f"{node.name} ({redact(node.config.url)})"
     if not node.up:
         return [f"Node: {where} - DOWN: {node.error or node.error_kind}"]
     kind = {"GPU": "GPU Node", "CPU": "CPU Node"}.get(_processor(node), "Node")

@@ -231,7 +231,7 @@ def test_optimize_dry_run_changes_nothing(tmp_path, capsys):
         assert "- load mxbai-embed-large:latest on GPU at gpu-large" in out
         assert out.count("load mxbai-embed-large:latest on GPU at gpu-large") == 1  # each step said once
         assert "Nothing changed: 2 step(s) above would run." in out
-        assert "Would unload mxbai-embed-large:latest from gpu-small" in out
+        assert "- unload mxbai-embed-large:latest from gpu-small" in out
         assert counts(fleet) == before
 
 

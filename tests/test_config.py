@@ -190,7 +190,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gpu-router: gpu_router_config.yaml: nodes[1].vram: expected a size like 8GiB, got 'eight'"
+        f"gpu-router: {path}: nodes[1].vram: expected a size like 8GiB, got 'eight'"  # the file's full path
     ]
 
 

@@ -565,12 +565,12 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
 def load_config(path: str | Path) -> Config:
     """Read and validate a configuration file; raises ConfigError with a one-line message."""
     path = Path(path)
-    source = path.name if path.exists() else str(path)
+    source = str(path.absolute())  # the full path in every message: the operator sees which file is wrong
     try:
         data = read_yaml(path, source)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return parse_config(data, path.name)
+    return parse_config(data, source)
 
 
 def find_config(explicit: str | Path | None) -> Path:

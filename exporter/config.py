@@ -147,6 +147,19 @@ class OptimizerSettings:
 
 
 @dataclass(frozen=True)
+class ProxySettings:
+    """How `gpu-router proxy` routes and forwards requests."""
+
+    refresh_interval: float = 2.0  # seconds between background polls of the cluster
+    wait_for_gpu: float = 0.0  # seconds a request for a priority model off GPU may wait for the heal; 0 = never
+    retries: int = 2  # further nodes tried when one fails before the first byte
+    max_body: int = 32 * 1024 * 1024  # bytes; a larger request body gets 413
+    read_timeout: float = 300.0  # seconds a node may take to send the next bytes (a model load included)
+    optimizer_url: str | None = None  # heal through this optimizer's API; None = in-process (auto_optimize)
+    auth: WebhookAuth = field(default_factory=WebhookAuth)  # bearer token demanded from clients
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -160,6 +173,7 @@ class Config:
     request_timeout: float = 2.0
     prometheus: PrometheusSource = field(default_factory=PrometheusSource)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     source: str = "<config>"
 
     def node(self, name: str) -> NodeConfig | None:
@@ -306,6 +320,7 @@ _TOP = (
     "prometheus_url",
     "prometheus",
     "optimizer",
+    "proxy",
 )
 _NODE = (
     "name",
@@ -330,6 +345,8 @@ _OPTIMIZER = (
     "load_timeout",
     "webhook_auth",
 )
+_PROXY = ("refresh_interval", "wait_for_gpu", "retries", "max_body", "read_timeout", "optimizer_url", "auth")
+_BEARER = ("bearer_token", "bearer_token_env", "bearer_token_file")
 _AUTH = (
     "bearer_token",
     "bearer_token_env",
@@ -376,6 +393,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         request_timeout=_seconds(r, raw.get("request_timeout", 2.0), "request_timeout", maximum=HOUR),
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
+        proxy=_proxy(r, raw.get("proxy") or {}),
         source=source,
     )
 
@@ -559,6 +577,24 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
             username=r.string(username, f"{path}.username") if username is not None else None,
             password=password,
         ),
+    )
+
+
+def _proxy(r: _Reader, value: Any) -> ProxySettings:
+    raw = r.mapping(value, "proxy", _PROXY)
+    auth = r.mapping(raw.get("auth") or {}, "proxy.auth", _BEARER)
+    url = raw.get("optimizer_url")
+    body = r.size(raw["max_body"], "proxy.max_body") if raw.get("max_body") is not None else ProxySettings.max_body
+    if body <= 0:
+        raise r.fail("proxy.max_body", f"expected a size > 0, got {raw['max_body']!r}")
+    return ProxySettings(
+        refresh_interval=_positive(r, raw.get("refresh_interval", 2.0), "proxy.refresh_interval"),
+        wait_for_gpu=float(r.number(raw.get("wait_for_gpu", 0.0), "proxy.wait_for_gpu")),
+        retries=int(r.number(raw.get("retries", 2), "proxy.retries", integer=True)),
+        max_body=body,
+        read_timeout=_positive(r, raw.get("read_timeout", 300.0), "proxy.read_timeout"),
+        optimizer_url=r.url(url, "proxy.optimizer_url") if url is not None else None,
+        auth=WebhookAuth(bearer_token=r.secret(auth, "bearer_token", "proxy.auth")),
     )
 
 

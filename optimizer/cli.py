@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "exporter": ("exporter.server", "serve Prometheus metrics for the cluster"),
     "optimizer": ("optimizer.service", "serve the Alertmanager webhook, the JSON API and the reconcile loop"),
+    "proxy": ("proxy.service", "one Ollama endpoint for the cluster: each request to a node where its model is on GPU"),
     "simulate": ("simulator.run", "run a simulated Ollama fleet (the built-in demo cluster by default)"),
     "demo": ("optimizer.demo", "the whole story on the demo cluster: CPU fallback detected and fixed"),
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install GPU Router as two systemd services (gpu-router-exporter, gpu-router-optimizer):
+# Install GPU Router as three systemd services (gpu-router-exporter, gpu-router-optimizer, gpu-router-proxy):
 #   a virtual environment in /opt/gpu-router/venv with the project pip-installed into it,
 #   /etc/gpu-router/config.yaml from examples/gpu_router_config.yaml (only when none exists),
 #   the unit files in /etc/systemd/system, and a system user `gpu-router`.
@@ -7,7 +7,7 @@
 # are enabled and started only when DIR is / and systemd runs. Undo with deploy/uninstall.sh.
 set -euo pipefail
 
-UNITS=(gpu-router-exporter.service gpu-router-optimizer.service)
+UNITS=(gpu-router-exporter.service gpu-router-optimizer.service gpu-router-proxy.service)
 
 usage() {
     cat <<'EOF'

@@ -4,7 +4,7 @@
 # the `gpu-router` user.
 set -euo pipefail
 
-UNITS=(gpu-router-exporter.service gpu-router-optimizer.service)
+UNITS=(gpu-router-exporter.service gpu-router-optimizer.service gpu-router-proxy.service)
 
 usage() {
     cat <<'EOF'

@@ -29,6 +29,7 @@ HOUR, DAY = 3600.0, 86400.0  # upper limits of the settings in seconds (request_
 MAX_CONTEXT = 1 << 24  # tokens: num_ctx, context_length
 MAX_PARALLEL = 256  # num_parallel
 MAX_LOADS = 64  # optimizer.max_loads_per_node
+MAX_RETRIES = 16  # proxy.retries
 
 
 class ConfigError(ValueError):
@@ -148,6 +149,19 @@ class OptimizerSettings:
 
 
 @dataclass(frozen=True)
+class ProxySettings:
+    """How `gpu-router proxy` routes and forwards requests."""
+
+    refresh_interval: float = 2.0  # seconds between background polls of the cluster
+    wait_for_gpu: float = 0.0  # seconds a request for a priority model off GPU may wait for the heal; 0 = never
+    retries: int = 2  # further nodes tried when one fails before the first byte
+    max_body: int = 32 * 1024 * 1024  # bytes; a larger request body gets 413
+    read_timeout: float = 300.0  # seconds a node may take to send the next bytes (a model load included)
+    optimizer_url: str | None = None  # heal through this optimizer's API; None = in-process (auto_optimize)
+    auth: WebhookAuth = field(default_factory=WebhookAuth)  # bearer token demanded from clients
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -161,6 +175,7 @@ class Config:
     request_timeout: float = 2.0
     prometheus: PrometheusSource = field(default_factory=PrometheusSource)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     source: str = "<config>"
 
     def node(self, name: str) -> NodeConfig | None:
@@ -231,7 +246,7 @@ class _Reader:
         """A finite number in [minimum, maximum] (above 0 when `positive`), whole when `integer`."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(path, f"expected a number, got {show(value)}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(path, f"expected a finite number, got {show(value)}")
         if value < minimum or (positive and value <= 0):
             raise self.fail(path, f"expected a number {'>' if positive else '≥'} {minimum:g}, got {show(value)}")
@@ -272,7 +287,7 @@ class _Reader:
         try:
             if not number:
                 parse_keep_alive(value if isinstance(value, str) else None)
-            elif not (math.isfinite(value) and abs(value) <= FOREVER):
+            elif not abs(value) <= FOREVER:  # NaN compares False
                 raise ValueError("out of range")
         except ValueError:
             raise self.fail(
@@ -307,6 +322,7 @@ _TOP = (
     "prometheus_url",
     "prometheus",
     "optimizer",
+    "proxy",
 )
 _NODE = (
     "name",
@@ -332,6 +348,8 @@ _OPTIMIZER = (
     "webhook_auth",
     "protect_reads",
 )
+_PROXY = ("refresh_interval", "wait_for_gpu", "retries", "max_body", "read_timeout", "optimizer_url", "auth")
+_BEARER = ("bearer_token", "bearer_token_env", "bearer_token_file")
 _AUTH = (
     "bearer_token",
     "bearer_token_env",
@@ -378,6 +396,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         request_timeout=_seconds(r, raw.get("request_timeout", 2.0), "request_timeout", maximum=HOUR),
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
+        proxy=_proxy(r, raw.get("proxy") or {}),
         source=source,
     )
 
@@ -568,15 +587,33 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
     )
 
 
+def _proxy(r: _Reader, value: Any) -> ProxySettings:
+    raw = r.mapping(value, "proxy", _PROXY)
+    auth = r.mapping(raw.get("auth") or {}, "proxy.auth", _BEARER)
+    url = raw.get("optimizer_url")
+    body = r.size(raw["max_body"], "proxy.max_body") if raw.get("max_body") is not None else ProxySettings.max_body
+    if body <= 0:
+        raise r.fail("proxy.max_body", f"expected a size > 0, got {show(raw['max_body'])}")
+    return ProxySettings(
+        refresh_interval=_seconds(r, raw.get("refresh_interval", 2.0), "proxy.refresh_interval", maximum=HOUR),
+        wait_for_gpu=float(r.number(raw.get("wait_for_gpu", 0.0), "proxy.wait_for_gpu", maximum=HOUR)),
+        retries=int(r.number(raw.get("retries", 2), "proxy.retries", maximum=MAX_RETRIES, integer=True)),
+        max_body=body,
+        read_timeout=_seconds(r, raw.get("read_timeout", 300.0), "proxy.read_timeout"),
+        optimizer_url=r.url(url, "proxy.optimizer_url") if url is not None else None,
+        auth=WebhookAuth(bearer_token=r.secret(auth, "bearer_token", "proxy.auth")),
+    )
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a configuration file; raises ConfigError with a one-line message."""
     path = Path(path)
-    source = path.name if path.exists() else str(path)
+    source = str(path.absolute())  # the full path in every message: the operator sees which file is wrong
     try:
         data = read_yaml(path, source)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return parse_config(data, path.name)
+    return parse_config(data, source)
 
 
 def find_config(explicit: str | Path | None) -> Path:

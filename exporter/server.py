@@ -24,6 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
+from exporter import logfmt
 from exporter.collector import cluster_registry, exporter_version
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
@@ -36,12 +37,19 @@ log = logging.getLogger("gpu_router.exporter")
 StartResponse = Callable[..., Any]
 
 
+ALL_INTERFACES = "0.0.0.0"  # what `--listen :PORT` means
+
+
 def parse_listen(text: str, default: str = DEFAULT_LISTEN) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 in brackets) → (host, port); raises ValueError naming the problem and an example."""
+    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` for every interface (as Prometheus exporters take it) → (host,
+    port); raises ValueError naming the problem and an example."""
     host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen: expected HOST:PORT like {default}, got {text!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if sep and not host and not bracketed:
+        host = ALL_INTERFACES
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or (":" in host and not bracketed):
+        raise ValueError(f"--listen: expected HOST:PORT, [IPv6]:PORT or :PORT like {default}, got {text!r}")
     return host, int(port)
 
 
@@ -176,7 +184,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     config = load_config(find_config(args.config))
     limit_malloc_arenas()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logfmt.setup(config.log_level)
     try:
         server, thread = start_exporter(config, host, port)
     except OSError as exc:
@@ -185,9 +193,12 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("serving %s/metrics for %d node(s) from %s", server.url, len(config.nodes), config.source)
+    logfmt.log_event(
+        log, logging.INFO, "listening", url=f"{server.url}/metrics", nodes=len(config.nodes), config=config.source
+    )
     stop.wait()
-    log.info("stopping")
+    logfmt.log_event(log, logging.INFO, "stopping", outcome="signal received")
     server.stop()
     thread.join(timeout=5)
+    logfmt.log_event(log, logging.INFO, "stopped", outcome="ok")
     return 0

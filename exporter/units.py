@@ -1,4 +1,9 @@
-"""Byte sizes: parsing the configuration's forms and printing them the way the guide does."""
+"""Byte sizes: parsing the configuration's forms and printing them the way the guide does.
+
+One style for people, everywhere (command line, status page, log lines): whole MiB written `4096 MB`, as the
+guide prints them (`size_text`); the models list adds GB the guide's way (`format_mb`). JSON and metrics
+carry bytes.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,11 @@ def parse_size(value: object) -> int:
 def mb(num_bytes: int | float) -> int:
     """Whole MiB, the unit the guide prints as "MB"."""
     return round(num_bytes / MIB)
+
+
+def size_text(num_bytes: int | float | None) -> str:
+    """`4096 MB` (MiB, the guide's "MB"); `?` when unknown."""
+    return "?" if num_bytes is None else f"{mb(num_bytes)} MB"
 
 
 def format_mb(num_bytes: int | float) -> str:

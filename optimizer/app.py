@@ -17,8 +17,7 @@ from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from exporter import catalog
-from exporter.config import Config, PriorityModel, model_key
+from exporter.config import Config, PriorityModel
 from exporter.observe import Observer
 from exporter.state import ClusterState
 from optimizer import decide, render, statuspage, webhook
@@ -183,21 +182,21 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/api/v1/status")
     def status() -> Any:
-        return render.status_json(s.states.get(), time.time())
+        return {"command": "status", **render.status_json(s.states.get(), time.time())}
 
     @app.get("/api/v1/route")
     def route() -> Any:
         state, model = _model_query(s)
-        return render.route_json(decide.route(state, model, time.time()))
+        return {"command": "route", **render.route_document(state, model, time.time())}
 
     @app.get("/api/v1/check")
     def check() -> Any:
         state, model = _model_query(s)
-        return render.check_json(decide.check(state, model, time.time()))
+        return {"command": "check", **render.check_json(decide.check(state, model, time.time()))}
 
     @app.get("/api/v1/models")
     def models() -> Any:
-        return {"models": render.model_rows(s.states.get())}
+        return {"command": "models", "models": render.model_rows(s.states.get())}
 
     @app.post("/api/v1/optimize")
     def optimize() -> Any:
@@ -206,8 +205,9 @@ def _routes(app: Flask, s: Services) -> None:
             return _unauthorized(s.auth)
         dry_run, wanted = _optimize_request(config)
         if dry_run:
-            plan = decide.restrict(decide.plan(s.states.get(), now=time.time()), [p.name for p in wanted])
-            return {"dry_run": True, "plan": render.plan_json(plan)}
+            state, now = s.states.get(), time.time()
+            plan = decide.restrict(decide.plan(state, now=now), [p.name for p in wanted])
+            return {"dry_run": True, "plan": render.plan_json(plan, state, now)}
         if not config.auto_optimize:
             raise ApiError(409, "auto_optimize is false (monitor only): ask with dry_run, or enable it")
         queued = [_submission(s.queue.submit(p.name, source="api")) for p in wanted]
@@ -274,10 +274,12 @@ def _model_query(s: Services) -> tuple[ClusterState, str]:
     if not model:
         raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
     state = s.states.get()
-    key = model_key(model)
-    if key not in state.known_models() and catalog.find(key) is None:
-        shown = webhook.clip(model)
-        raise ApiError(404, f"unknown model {shown!r}: not installed on any node, not in the catalog")
+    if not decide.is_known(state, model):
+        close = decide.close_models(state, model)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ApiError(
+            404, f"unknown model {webhook.clip(model)!r}: not installed on any node, not in the catalog{hint}"
+        )
     return state, model
 
 

@@ -31,9 +31,9 @@ from optimizer import render
 from optimizer.jobs import ActionRecord
 from optimizer.localstack import REPO, Alertmanager, Prometheus, fast_alertmanager, fast_rules, free_port
 from optimizer.service import OptimizerHandle, start_optimizer
-from simulator.run import DEMO_FLEET, Fleet, load_fleet
+from simulator.run import DEMO_FLEET, DEMO_PRIORITY, Fleet, load_fleet
 
-PRIORITY = ["mxbai-embed-large", "llama3.1:latest"]
+PRIORITY = list(DEMO_PRIORITY)
 VICTIM = "mxbai-embed-large:latest"  # the priority model the story knocks onto CPU
 STORY_TIMEOUT = 60.0
 
@@ -51,8 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _port(preferred: int) -> int:
-    """The preferred port when it is free, else any free one (the demo never fails for a busy port)."""
+    """The preferred port when it is free, else any free one (the demo never fails for a busy port).
+
+    The probe sets SO_REUSEADDR as the servers do, so a port that recent connections left in TIME_WAIT counts
+    as free (the servers can bind it)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", preferred))
         except OSError:
@@ -175,8 +179,10 @@ def main(args: argparse.Namespace) -> int:
             if args.with_prometheus:
                 stack = _start_prometheus(Path(tmp), exporter.url, optimizer.url, story)
             ok = _tell(story, fleet, config, stack)
-            _urls(story, fleet, exporter.url, optimizer.url, stack)
-            if not args.once:
+            if args.once:  # everything stops now: no address to visit
+                story.say("\nEverything is stopped (--once). Run `gpu-router demo` without --once to keep it serving.")
+            else:
+                _urls(story, fleet, exporter.url, optimizer.url, stack)
                 story.say("\nServing until Ctrl-C.")
                 stop.wait()
         finally:
@@ -203,7 +209,7 @@ def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
     client = OllamaClient(fleet.urls[holder], read_timeout=60)
     client.load(VICTIM, num_gpu=0, keep_alive=-1, embedding=True)
     client.close()
-    story.say(f"   {_where(story.observer.poll(), VICTIM)}  ← on CPU: 5–10× slower, and nobody would notice")
+    story.say(f"   {_where(story.observer.poll(), VICTIM)} ← on CPU: 5–10× slower, and nobody would notice")
 
     how = "Prometheus rule → Alertmanager → webhook" if stack else "its reconcile loop"
     story.heading(f"3. THE OPTIMIZER NOTICES ({how}) AND MOVES IT BACK")
@@ -214,7 +220,7 @@ def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
         if prometheus is None:
             return
         for alert in prometheus.alerts():
-            key = f"{alert['labels']['alertname']} {alert['labels'].get('node', '')} {alert['state']}"
+            key = alert_line(alert)
             if alert["labels"].get("model") == VICTIM and key not in seen:
                 seen.add(key)
                 story.say(f"   [prometheus] {key}")
@@ -225,6 +231,12 @@ def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
     story.say()
     story.say(f"Result: {VICTIM} {'is back fully on GPU ✅' if fixed else 'is NOT back on GPU ❌'}")
     return fixed
+
+
+def alert_line(alert: dict[str, Any]) -> str:
+    """`GPURouterPriorityModelOnCPU node=gpu-small firing`: the alert's name, its node when it has one, its state."""
+    node = alert["labels"].get("node")
+    return " ".join(p for p in (alert["labels"]["alertname"], f"node={node}" if node else "", alert["state"]) if p)
 
 
 def _start_prometheus(workdir: Path, exporter_url: str, optimizer_url: str, story: Story) -> list[Any]:

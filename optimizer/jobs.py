@@ -9,9 +9,7 @@ and the metrics; nothing a job raises leaves its worker.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -21,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from exporter import logfmt
 from exporter.config import Config, PriorityModel, model_key
 from exporter.observe import Observer
 from exporter.ollama import OllamaClient, OllamaError
@@ -35,20 +34,11 @@ HISTORY = 200  # actions kept for /api/v1/actions
 ACTIONS = ("load", "unload", "evict")
 WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
 REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@]+")
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
-    """One log line `event=NAME key=value ...`; values with spaces or odd characters are JSON-quoted."""
-    if not log.isEnabledFor(level):
-        return
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        if value is None:
-            continue
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text if _PLAIN.fullmatch(text) else json.dumps(text)}")
-    log.log(level, " ".join(parts))
+    """One log line `event=NAME key=value ...` on the optimizer's logger (exporter.logfmt)."""
+    logfmt.log_event(log, level, event, **fields)
 
 
 class Metrics:
@@ -288,7 +278,7 @@ class JobQueue:
         try:
             return self.run_job(job)
         except Exception as exc:  # a job must never take its worker down
-            log.exception("event=job.crash model=%s", job.model)
+            log.exception(logfmt.event_line("job.crash", model=job.model, outcome="failure"))
             detail = redact(f"{type(exc).__name__}: {exc}")
             record = ActionRecord(wall, job.model, None, "job", "failure", self.clock() - started, detail)
             return JobResult(ok=False, actions=(record,), detail=detail)

@@ -23,6 +23,7 @@ from flask import Flask
 from waitress import wasyncore
 from waitress.server import create_server
 
+from exporter import logfmt
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
 from exporter.server import parse_listen
@@ -162,30 +163,21 @@ def _serve(server: Any, serving: threading.Event) -> None:
 
 
 def setup_logging(level: str) -> QueueListener:
-    """One line per event on stderr: `time=... level=... event=... key=value ...`.
+    """One line per event on stderr in the format of every service (exporter.logfmt).
 
     Lines are written by a thread of their own: a request thread that waited on the log's file would hand
     the interpreter lock to waitress's busy I/O loop and wait for it back, which under a burst of
     notifications multiplies the answer time. The caller stops the returned listener to flush the log.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine("time=%(asctime)s level=%(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
     root.handlers[:] = [QueueHandler(records)]
     root.setLevel(level)
     # waitress warns once per request queued behind busy threads; a burst of notifications is routine here.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    listener = QueueListener(records, handler)
+    listener = QueueListener(records, logfmt.handler())
     listener.start()
     return listener
-
-
-class _OneLine(logging.Formatter):
-    """Tracebacks and multi-line messages folded into the event's one line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
 
 
 def main(args: argparse.Namespace) -> int:

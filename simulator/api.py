@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from exporter import eras
 from exporter.catalog import ModelSpec
-from simulator import showinfo
+from simulator import openaiapi, showinfo
 from simulator.fleet import display_name
 from simulator.gotypes import go_quote, go_time, json_error, parse_keep_alive
 from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response
@@ -161,6 +161,10 @@ class OllamaApi:
             "/api/chat": {"POST": self._chat},
             "/api/embed": {"POST": self._embed},
             "/api/embeddings": {"POST": self._embeddings},
+            "/v1/chat/completions": {"POST": lambda r: openaiapi.chat(self._dispatch, r)},
+            "/v1/completions": {"POST": lambda r: openaiapi.completions(self._dispatch, r)},
+            "/v1/embeddings": {"POST": lambda r: openaiapi.embeddings(self._dispatch, r)},
+            "/v1/models": {"GET": lambda r: openaiapi.models(self._model_dates)},
         }
 
     def __call__(self, request: Request) -> Response:
@@ -168,11 +172,15 @@ class OllamaApi:
         delay = self.node.spec.latency_ms + faults.get("slow", {}).get("latency_ms", 0)
         if delay and not self.node.sleep(delay / 1000):
             return error_response(503, "server shutting down")
-        if request.path.startswith("/api/"):
+        if request.path.startswith(("/api/", "/v1/")):
             if "error" in faults:
                 return error_response(500, "internal error")
             if "garbage" in faults:
                 return Response(200, GARBAGE)
+        return self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> Response:
+        """The endpoint's answer, faults and latency already applied."""
         route = self._routes.get(request.path)
         if route is None:
             return text_response(404, "404 page not found")
@@ -213,9 +221,10 @@ class OllamaApi:
             raise _Reject(error_response(400, f"{go_quote(model)} does not support {what}"))
 
     def _complete(self, runner: Runner, prompt: str, predict: int) -> Iterator[dict]:
-        """Fake tokens at the node's token_rate: {"token": s}…, then the final metrics or {"error": s}."""
+        """Fake tokens at the speed of the runner's placement (fully on GPU fast, partial slower, CPU 5–10×
+        slower): {"token": s}…, then the final counters or {"error": s}."""
         count = min(predict, runner.context_length) if predict > 0 else _DEFAULT_TOKENS
-        rate = self.node.spec.token_rate
+        rate = self.node.spec.rate(runner.size_vram / runner.size if runner.size else 0.0)
         prompt_count = _tokens(prompt) + 10  # the template's own tokens
         eval_start = time.monotonic()
         for word in _words(prompt, count):
@@ -241,16 +250,23 @@ class OllamaApi:
     ) -> Response:
         """NDJSON stream (errors as a last line) or one JSON object (errors as 500) from completion events.
 
-        Takes one of the runner's parallel slots first; the slot and the runner are released at the end.
+        Takes one of the runner's `num_parallel` slots first (the rest queue); the slot and the runner are
+        released at the end. The node's traffic counts the request as served, failed, or cancelled (the
+        client went away before the end).
         """
         scheduler = self.node.scheduler
+        traffic = self.node.traffic
+        traffic.begin()
         if not scheduler.wait_slot(runner):
             scheduler.release(runner)
+            traffic.end("failed")
             return error_response(500, RUNNER_GONE)
+        outcome = ["cancelled"]
 
         def finish() -> None:
             runner.slots.release()
             scheduler.release(runner)
+            traffic.end(outcome[0])
 
         if stream:
 
@@ -258,13 +274,18 @@ class OllamaApi:
                 for event in events:
                     if "error" in event:
                         data = {"error": event["error"]}
+                        outcome[0] = "failed"
+                    elif "token" in event:
+                        data = chunk(event["token"])
                     else:
-                        data = chunk(event["token"]) if "token" in event else final(event, "")
+                        data = final(event, "")
+                        outcome[0] = "served"
                     yield json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
             return Response(200, Stream(lines(), finish), NDJSON)
         try:
             *tokens, last = list(events)
+            outcome[0] = "failed" if "error" in last else "served"
         finally:
             finish()
         if "error" in last:
@@ -302,6 +323,9 @@ class OllamaApi:
             200,
             {"models": [self._tag(m) for m in models]},
         )
+
+    def _model_dates(self) -> list[tuple[str, float]]:
+        return [(m.name, m.modified_at) for m in sorted(self.node.installed, key=lambda m: -int(m.modified_at))]
 
     def _tag(self, m: Installed) -> dict:
         """One /api/tags entry; v0.30+ adds the capabilities and the trained context and embedding length."""

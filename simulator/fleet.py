@@ -16,11 +16,12 @@ from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
     "name", "port", "gpus", "ram", "models", "version", "latency_ms", "load_speed", "max_loaded_models",
-    "num_parallel", "context_length", "gpu_overhead", "keep_alive", "token_rate", "preload",
+    "num_parallel", "context_length", "gpu_overhead", "keep_alive", "token_rate", "cpu_token_rate", "preload",
 )  # fmt: skip
 _GPU_KEYS = ("name", "vram")
 PRELOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "main_gpu", "num_thread", "use_mmap")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CPU_SLOWDOWN = 8.0  # a model fully on CPU generates this many times slower than fully on GPU (5–10× in practice)
 CURRENT_VERSION = "0.32.15"  # the newest stable release when this was written (llama-server era)
 MAX_INTEGER = 1 << 24  # larger than any count, context or option a fleet needs
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
@@ -56,8 +57,21 @@ class NodeSpec:
     context_length: int | None = None  # OLLAMA_CONTEXT_LENGTH; None = unset (the era's default)
     gpu_overhead: int = 0  # bytes per GPU
     keep_alive: float = 300.0  # seconds
-    token_rate: float = 50.0  # tokens per second; 0 = instant
+    token_rate: float = 50.0  # tokens per second of a model fully on GPU; 0 = instant
+    cpu_token_rate: float | None = None  # tokens per second of a model fully on CPU; None = token_rate / CPU_SLOWDOWN
     preload: tuple[PreloadSpec, ...] = ()
+
+    def rate(self, gpu_share: float) -> float:
+        """Tokens per second of a model with `gpu_share` of its size on GPU (0 = instant).
+
+        The time per token is the GPU's time for the layers on GPU plus the CPU's for the rest, so a partial
+        copy loses speed quickly: 29 % on CPU is about 3× slower at the default 8× CPU slowdown (ollama#14258
+        measured 3.3×)."""
+        gpu = self.token_rate
+        cpu = gpu / CPU_SLOWDOWN if self.cpu_token_rate is None else self.cpu_token_rate
+        share = min(1.0, max(0.0, gpu_share))
+        seconds = (share / gpu if gpu and share else 0.0) + ((1.0 - share) / cpu if cpu and share < 1 else 0.0)
+        return 1.0 / seconds if seconds else 0.0
 
     @property
     def max_loaded(self) -> int:
@@ -226,6 +240,11 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         gpu_overhead=err.size(node.get("gpu_overhead", 0), f"{path}.gpu_overhead", plain_unit="B"),
         keep_alive=_keep_alive(err, node.get("keep_alive", "5m"), f"{path}.keep_alive"),
         token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate", maximum=1e9),
+        cpu_token_rate=(
+            err.number(node["cpu_token_rate"], f"{path}.cpu_token_rate", maximum=1e9)
+            if node.get("cpu_token_rate") is not None
+            else None
+        ),
         preload=_preload(err, node.get("preload"), f"{path}.preload", models),
     )
 

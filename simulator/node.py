@@ -29,6 +29,31 @@ class Installed:
     modified_at: float  # epoch seconds
 
 
+class Traffic:
+    """Generation requests of a node: how many are in progress (queued for a slot or streaming) and how each
+    ended: served (final chunk sent), failed (an error), cancelled (the client went away first)."""
+
+    OUTCOMES = ("served", "failed", "cancelled")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._ended = dict.fromkeys(self.OUTCOMES, 0)
+
+    def begin(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def end(self, outcome: str) -> None:
+        with self._lock:
+            self._active -= 1
+            self._ended[outcome] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"active": self._active, **self._ended}
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """(0, 12, 6) from "0.12.6" or "0.12.6-rc1"."""
     return tuple(int(part) for part in version.split("-", 1)[0].split("."))
@@ -60,6 +85,7 @@ class SimNode:
             for i, name in enumerate(spec.models)
         )  # listed first = pulled last = newest
         self._faults: dict[str, dict[str, int]] = {}
+        self.traffic = Traffic()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = HttpServer(OllamaApi(self), spec.port, name=f"ollama-{spec.name}")
@@ -159,7 +185,7 @@ class SimNode:
         return self.scheduler.counts()
 
     def state(self) -> dict:
-        """Name, URL, faults, GPUs (bytes), loaded models and load/unload counts."""
+        """Name, URL, faults, GPUs (bytes), loaded models, load/unload counts and generation requests."""
         return {
             "name": self.name,
             "url": self.url,
@@ -181,4 +207,5 @@ class SimNode:
                 for v in self.scheduler.snapshot()
             ],
             "counts": self.counts(),
+            "requests": self.traffic.counts(),
         }

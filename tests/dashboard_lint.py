@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# The contract of DESIGN.md ("Metrics"): the exporter's names and the optimizer's.
+# The contract of DESIGN.md ("Metrics", "Proxy"): the exporter's names, the optimizer's and the proxy's.
 NODE_METRICS = frozenset(
     {
         "gpu_router_node_up",
@@ -54,10 +54,23 @@ OPTIMIZER_METRICS = frozenset(
         "gpu_router_optimizer_last_reconcile_timestamp_seconds",
     }
 )
-CONTRACT_METRICS = EXPORTER_METRICS | OPTIMIZER_METRICS
+PROXY_METRICS = frozenset(
+    {
+        "gpu_router_proxy_requests_total",
+        "gpu_router_proxy_in_flight",
+        *(
+            f"gpu_router_proxy_{name}_seconds_{part}"
+            for name in ("request_duration", "time_to_first_byte")
+            for part in ("bucket", "sum", "count")
+        ),
+        "gpu_router_proxy_upstream_errors_total",
+        "gpu_router_proxy_retries_total",
+    }
+)
+CONTRACT_METRICS = EXPORTER_METRICS | OPTIMIZER_METRICS | PROXY_METRICS
 
 # The job variable each family of metrics must be matched on.
-JOB_VARIABLES = {"exporter": "job", "optimizer": "optimizer_job"}
+JOB_VARIABLES = {"exporter": "job", "optimizer": "optimizer_job", "proxy": "proxy_job"}
 
 # What Grafana puts in place of its built-in variables when it runs a query (as the linter substitutes).
 BUILTIN_VALUES = {
@@ -317,6 +330,7 @@ def _target_problems(dashboard: Mapping[str, Any]) -> Iterator[str]:
 
 def _selector_problems(selector: Selector) -> Iterator[tuple[str, str]]:
     family = "optimizer" if selector.name in OPTIMIZER_METRICS else "exporter"
+    family = "proxy" if selector.name in PROXY_METRICS else family
     job_variable = JOB_VARIABLES[family]
     if selector.matcher("job") != ("=~", f"${job_variable}"):
         yield "target-job-rule", f'needs job=~"${job_variable}"'

@@ -22,8 +22,8 @@ nodes:
 # Priority models to keep on GPU
 # These will be automatically moved to GPU if detected on CPU
 priority_models:
-  - mxbai-embed-large    # Embedding model (705MB)
-  - nomic-embed-text     # Alternative embedding (274MB)
+  - mxbai-embed-large    # Embedding model (705 MB)
+  - nomic-embed-text     # Alternative embedding (274 MB)
   # - llama3.2:3b        # Small chat model (1.9GB)
 
 check_interval: 300
@@ -226,7 +226,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gpu-router: gpu_router_config.yaml: nodes[1].vram: expected a size like 8GiB, got 'eight'"
+        f"gpu-router: {path}: nodes[1].vram: expected a size like 8GiB, got 'eight'"  # the file's full path
     ]
 
 
@@ -249,13 +249,13 @@ def test_infinite_numbers_exit_2_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gpu-router: gpu_router_config.yaml: check_interval: expected a finite number, got nan"
+        f"gpu-router: {path}: check_interval: expected a finite number, got nan"
     ]
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("4GiB", 4 * GIB), ("4096MiB", 4 * GIB), ("4.5GB", 4_500_000_000), ("705MB", 705_000_000), (705, 705 * MIB)],
+    [("4GiB", 4 * GIB), ("4096MiB", 4 * GIB), ("4.5GB", 4_500_000_000), ("705 MB", 705_000_000), (705, 705 * MIB)],
 )
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected

@@ -14,9 +14,9 @@ import yaml
 from conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
-UNITS = ("gpu-router-exporter.service", "gpu-router-optimizer.service")
+UNITS = ("gpu-router-exporter.service", "gpu-router-optimizer.service", "gpu-router-proxy.service")
 UNIT_DIR = REPO / "deploy" / "systemd"
-JOBS = {"gpu-router-exporter", "gpu-router-optimizer"}
+JOBS = {"gpu-router-exporter", "gpu-router-optimizer", "gpu-router-proxy"}
 PROMETHEUS_CONFIGS = ["deploy/prometheus.yml", "deploy/prometheus-per-node.yml", "deploy/compose/prometheus.yml"]
 
 
@@ -64,7 +64,7 @@ def test_prometheus_config_passes_promtool(config: str) -> None:
 
 
 @pytest.mark.parametrize("config", PROMETHEUS_CONFIGS)
-def test_prometheus_scrapes_exporter_and_optimizer(config: str) -> None:
+def test_prometheus_scrapes_exporter_optimizer_and_proxy(config: str) -> None:
     data = yaml.safe_load((REPO / config).read_text())
     jobs = {job["job_name"]: job for job in data["scrape_configs"]}
     assert set(jobs) == JOBS
@@ -75,7 +75,11 @@ def test_prometheus_scrapes_exporter_and_optimizer(config: str) -> None:
 def test_local_prometheus_targets_and_rules() -> None:
     data = yaml.safe_load((REPO / "deploy/prometheus.yml").read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in data["scrape_configs"]}
-    assert targets == {"gpu-router-exporter": ["127.0.0.1:9877"], "gpu-router-optimizer": ["127.0.0.1:9878"]}
+    assert targets == {
+        "gpu-router-exporter": ["127.0.0.1:9877"],
+        "gpu-router-optimizer": ["127.0.0.1:9878"],
+        "gpu-router-proxy": ["127.0.0.1:11435"],
+    }
     (rules,) = data["rule_files"]
     assert (REPO / "deploy" / rules).resolve() == REPO / "alerts" / "rules.yml"
     assert data["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
@@ -103,7 +107,7 @@ def test_compose_validation_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_compose_services_and_images() -> None:
     services = compose_file()["services"]
-    assert set(services) >= {"prometheus", "alertmanager", "grafana", "exporter", "optimizer", "simulator"}
+    assert set(services) >= {"prometheus", "alertmanager", "grafana", "exporter", "optimizer", "proxy", "simulator"}
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
     assert services["alertmanager"]["image"].startswith("prom/alertmanager:")
     assert services["grafana"]["image"].startswith("grafana/grafana:")
@@ -111,6 +115,7 @@ def test_compose_services_and_images() -> None:
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile", name
     assert services["optimizer"]["command"][:1] == ["optimizer"]
     assert services["simulator"]["command"][:1] == ["simulate"]
+    assert services["proxy"]["command"][:1] == ["proxy"]
 
 
 def test_compose_publishes_on_loopback_only() -> None:

@@ -273,7 +273,8 @@ def test_malloc_arenas_are_capped_on_glibc() -> None:
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:9877") == ("127.0.0.1", 9877)
     assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("9877", "host:", ":80", "h:99999", "h:x"):
+    assert parse_listen(":9877") == ("0.0.0.0", 9877)  # every Prometheus exporter's habit: all interfaces
+    for bad in ("9877", "host:", "h:99999", "h:x", "::1:9877", "[]:80"):
         with pytest.raises(Exception, match="expected HOST:PORT"):
             parse_listen(bad)
 
@@ -299,7 +300,8 @@ def test_the_command_serves_and_stops_on_sigterm(fleet: Fleet, tmp_path: Path) -
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
-        match = re.search(r"serving (http://127\.0\.0\.1:\d+)/metrics for 3 node\(s\)", line)
+        assert re.match(r"time=\S+ level=INFO event=listening ", line), line  # the optimizer's format
+        match = re.search(r"url=(http://127\.0\.0\.1:\d+)/metrics nodes=3 config=", line)
         assert match, line
         text = requests.get(f"{match.group(1)}/metrics", timeout=10).text
         assert 'gpu_router_node_up{node="gpu-large"} 1.0' in text
@@ -317,7 +319,9 @@ def test_the_command_rejects_bad_usage_in_one_line(tmp_path: Path) -> None:
     assert process.returncode == 2 and err.strip().count("\n") == 0 and "missing.yaml: no such file" in err
     process = cli("exporter", "--config", str(tmp_path / "missing.yaml"), "--listen", "nowhere")
     _, err = process.communicate(timeout=30)
-    assert process.returncode == 2 and "expected HOST:PORT like 127.0.0.1:9877, got 'nowhere'" in err
+    assert (
+        process.returncode == 2 and "expected HOST:PORT, [IPv6]:PORT or :PORT like 127.0.0.1:9877, got 'nowhere'" in err
+    )
 
 
 def test_a_taken_port_is_a_clear_error(fleet: Fleet, tmp_path: Path, exporter: ExporterServer) -> None:

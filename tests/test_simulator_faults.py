@@ -29,7 +29,7 @@ def fleet():
                     "models": ["llama3.1:8b", "mxbai-embed-large", "all-minilm"],
                     "token_rate": 0,
                 },
-                {"name": "cpu", "version": "0.12.6", "ram": "32GiB", "models": ["llama3.1:8b"], "token_rate": 200},
+                {"name": "cpu", "version": "0.12.6", "ram": "32GiB", "models": ["llama3.1:8b"], "cpu_token_rate": 200},
             ]
         }
     )
@@ -68,7 +68,7 @@ def test_nodes_list_and_state(fleet):
     ]
     load(fleet.urls["gpu"], "llama3.1:8b")
     state = control(fleet, "GET", "/nodes/gpu/state").json()
-    assert list(state) == ["name", "url", "faults", "gpus", "loaded", "counts"]
+    assert list(state) == ["name", "url", "faults", "gpus", "loaded", "counts", "requests"]
     assert state["gpus"] == [
         {"index": 0, "name": "NVIDIA GeForce RTX 3070", "total": 8 * GIB, "used": LLAMA8_FULL_4096,
          "free": 8 * GIB - LLAMA8_FULL_4096},

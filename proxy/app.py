@@ -1,0 +1,429 @@
+"""The proxy's HTTP face (aiohttp): Ollama's API and its OpenAI-compatible `/v1` API for the whole cluster.
+
+A routed request (generate, chat, embed, embeddings, show, and the /v1 completions and embeddings) is read
+whole (at most `proxy.max_body` bytes: the model it names decides the node, and a malformed body is answered
+here with Ollama's own 400 without touching a node), sent as-is to the node `choose` puts first, and its answer
+streamed back chunk by chunk as it arrives. A node that fails before the first byte is replaced by the next
+candidate (at most `proxy.retries` times); one that fails mid-stream ends the client's stream with an error
+line in the stream's own format. A client that goes away cancels the request to the node. Only the configured
+node URLs are ever contacted: nothing in a request names a target, redirects are not followed, environment
+proxy settings are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from exporter.config import Config
+from exporter.ollama import parse_go_time
+from exporter.urls import redact
+from optimizer.auth import Authenticator
+from proxy.choose import Choice, choose
+from proxy.heal import Healer
+from proxy.metrics import ProxyMetrics
+from proxy.view import ClusterView
+from simulator.gotypes import json_error
+
+# path → (Go request type named in Ollama's errors, dialect, how Ollama words an unknown model)
+ROUTED = {
+    "/api/generate": ("GenerateRequest", "ollama", "model '{}' not found"),
+    "/api/chat": ("ChatRequest", "ollama", "model '{}' not found"),
+    "/api/embed": ("EmbedRequest", "ollama", 'model "{}" not found, try pulling it first'),
+    "/api/embeddings": ("EmbeddingRequest", "ollama", 'model "{}" not found, try pulling it first'),
+    "/api/show": ("ShowRequest", "ollama", "model '{}' not found"),
+    "/v1/chat/completions": ("ChatCompletionRequest", "openai", "model '{}' not found"),
+    "/v1/completions": ("CompletionRequest", "openai", "model '{}' not found"),
+    "/v1/embeddings": ("EmbedRequest", "openai", 'model "{}" not found, try pulling it first'),
+}
+MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}")
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}
+_KINDS = {bool: "bool", int: "number", float: "number", str: "string", list: "array"}
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def error(dialect: str, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """`{"error": message}` (Ollama) or `{"error": {"message", "type", ...}}` (OpenAI)."""
+    body: dict[str, Any] = {"error": message}
+    if dialect == "openai":
+        kind = _OPENAI_TYPES.get(status, "api_error")
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.json_response(body, status=status, dumps=_dumps, headers=headers)
+
+
+def error_line(content_type: str, message: str) -> bytes | None:
+    """The last line that tells a streaming client its answer broke off; None where the format has none."""
+    if "ndjson" in content_type:
+        return _dumps({"error": message}).encode() + b"\n"
+    if "event-stream" in content_type:
+        data = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+        return b"data: " + _dumps(data).encode() + b"\n\n"
+    return None
+
+
+class _Failed(Exception):
+    """A node failed before the first byte of its answer."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Proxy:
+    """The handlers and what they share; `application()` builds the aiohttp app."""
+
+    def __init__(
+        self, config: Config, view: ClusterView, healer: Healer, metrics: ProxyMetrics, auth: Authenticator
+    ) -> None:
+        self.config = config
+        self.settings = config.proxy
+        self.view = view
+        self.healer = healer
+        self.metrics = metrics
+        self.auth = auth
+        self.urls = {n.name: n.url for n in config.nodes}
+        self.session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------------------------------ wiring
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._authenticate])
+        for path in ROUTED:
+            app.router.add_post(path, self.routed)
+        app.router.add_get("/", self.root)  # GET and HEAD
+        app.router.add_get("/api/version", self.version)
+        app.router.add_get("/api/tags", self.tags)
+        app.router.add_get("/api/ps", self.ps)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/healthz", self.healthz)
+        for path in MANAGEMENT:
+            app.router.add_route("*", path, self.management)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, app: web.Application) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.request_timeout, sock_read=self.settings.read_timeout
+        )
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            trust_env=False,  # never an environment proxy: only the configured URLs are contacted
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+        await self.view.start()
+
+    async def _close(self, app: web.Application) -> None:
+        await self.view.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+        if request.path == "/healthz" or self.auth.allows(request.headers.get("Authorization")):
+            return await handler(request)
+        dialect = "openai" if request.path.startswith("/v1/") else "ollama"
+        message = "unauthorized: send Authorization: Bearer <the token of proxy.auth>"
+        return error(dialect, 401, message, {"WWW-Authenticate": self.auth.challenge})
+
+    # ------------------------------------------------------------------------------------------ routed
+
+    async def routed(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        type_name, dialect, missing = ROUTED[request.path]
+        try:
+            raw = await _read(request, self.settings.max_body)
+        except _TooLarge:
+            limit = f"{self.settings.max_body} bytes"
+            return error(dialect, 413, f"request body larger than {limit} (proxy.max_body)")
+        data = _parse(raw, type_name)
+        if isinstance(data, str):
+            return error(dialect, 400, data)
+        model = data.get("model") or (data.get("name") if request.path == "/api/show" else None)
+        if not isinstance(model, str) or not model.strip():
+            return error(dialect, 400, "model is required")
+        options = data.get("options") if isinstance(data.get("options"), dict) else {}
+        state = self.view.state
+        assert state is not None  # the first poll ends before the server listens
+        picked = choose(state, model, options, self.view.traffic(), time.time())
+        if picked.heal:
+            self.healer.ask(picked.model)
+            if self.settings.wait_for_gpu > 0:
+                picked = await self._wait_for_gpu(picked, model, options)
+        if not picked.targets:
+            return self._nowhere(picked, model, dialect, missing)
+        return await self._forward(request, raw, picked, dialect, started)
+
+    async def _wait_for_gpu(self, picked: Choice, model: str, options: dict[str, Any]) -> Choice:
+        """Re-choose after each poll until the model is on GPU (or loads there), at most `wait_for_gpu` s."""
+        deadline = time.monotonic() + self.settings.wait_for_gpu
+        while picked.placement not in ("gpu", "cold") and (left := deadline - time.monotonic()) > 0:
+            if not await self.view.next_refresh(left):
+                break
+            assert self.view.state is not None
+            picked = choose(self.view.state, model, options, self.view.traffic(), time.time())
+        return picked
+
+    def _nowhere(self, picked: Choice, model: str, dialect: str, missing: str) -> web.Response:
+        state = self.view.state
+        assert state is not None
+        holders = [n.name for n in state.nodes if n.installed_model(picked.model) or n.loaded_model(picked.model)]
+        known = picked.model in state.known_models()
+        label = picked.model if known else "unknown"
+        if holders:
+            status, message = 503, f"{picked.model} is only on nodes that are down or in maintenance: "
+            message += ", ".join(holders)
+        else:
+            status, message = 404, missing.format(model)
+        self.metrics.requests.labels(node="", model=label, placement="none", code=str(status)).inc()
+        return error(dialect, status, message)
+
+    async def _forward(
+        self, request: web.Request, raw: bytes, picked: Choice, dialect: str, started: float
+    ) -> web.StreamResponse:
+        failures: list[str] = []
+        attempts = picked.targets[: 1 + self.settings.retries]
+        for i, (node, placement) in enumerate(attempts):
+            if i:
+                self.metrics.retries.inc()
+            self.view.begin(node, picked.model, placement)
+            gauge = self.metrics.in_flight.labels(node=node)
+            gauge.inc()
+            try:
+                try:
+                    upstream, first = await self._open_upstream(node, request.path, raw, last=i == len(attempts) - 1)
+                except _Failed as failed:
+                    self.metrics.upstream_errors.labels(node=node, kind=failed.kind).inc()
+                    self.view.failed(node, picked.model)
+                    failures.append(f"{node}: {failed}")
+                    continue
+                return await self._relay(request, upstream, first, node, placement, picked.model, started)
+            finally:
+                gauge.dec()
+                self.view.end(node, picked.model)
+        self.metrics.requests.labels(node="", model=picked.model, placement="none", code="502").inc()
+        return error(dialect, 502, f"no node could serve {picked.model}: " + "; ".join(failures))
+
+    async def _open_upstream(
+        self, node: str, path: str, raw: bytes, last: bool
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """The node's answer and its first bytes; _Failed when it fails before them (a 5xx answer counts as a
+        failure unless no other node is left to try)."""
+        assert self.session is not None
+        url = self.urls[node] + path
+        try:
+            upstream = await self.session.post(
+                url, data=raw, headers={"Content-Type": "application/json"}, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise _Failed("refused", f"cannot connect ({exc.os_error.strerror or exc})") from None
+        except asyncio.TimeoutError:
+            raise _Failed("timeout", "no answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise _Failed("reset", f"{type(exc).__name__}: {exc}") from None
+        try:
+            first = await upstream.content.readany()
+        except asyncio.TimeoutError:
+            upstream.close()
+            raise _Failed("timeout", f"no answer within {self.settings.read_timeout:g}s") from None
+        except aiohttp.ClientError as exc:
+            upstream.close()
+            raise _Failed("reset", f"connection lost before the answer ({type(exc).__name__})") from None
+        except BaseException:
+            upstream.close()
+            raise
+        if upstream.status >= 500 and not last:
+            upstream.close()
+            text = first[:200].decode(errors="replace")
+            raise _Failed("server_error", f"HTTP {upstream.status} {text}")
+        return upstream, first
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        node: str,
+        placement: str,
+        model: str,
+        started: float,
+    ) -> web.StreamResponse:
+        """Send the node's answer on as it arrives. The upstream connection is closed unless read to its end,
+        so a client that goes away (the handler is cancelled, or a write fails) cancels the node's work."""
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type})
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        complete = False
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+            self.metrics.first_byte.labels(model=model).observe(time.monotonic() - started)
+            broken: str | None = None
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    broken = "no bytes in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    break
+                if not chunk:
+                    complete = True
+                    break
+                await response.write(chunk)
+            if broken is not None:
+                self.metrics.upstream_errors.labels(node=node, kind="mid_stream").inc()
+                self.view.failed(node, model)
+                line = error_line(content_type, f"gpu-router proxy: node {node} failed mid-stream ({broken})")
+                if line is None or response.content_length is not None:
+                    if request.transport is not None:
+                        request.transport.close()  # the client sees a short body: never a silent success
+                    return response
+                await response.write(line)
+            await response.write_eof()
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+            self.metrics.requests.labels(node=node, model=model, placement=placement, code=str(upstream.status)).inc()
+            self.metrics.duration.labels(model=model).observe(time.monotonic() - started)
+        return response
+
+    # ------------------------------------------------------------------------------------------ cluster-wide
+
+    async def root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running", content_type="text/plain", charset="utf-8")
+
+    async def version(self, request: web.Request) -> web.Response:
+        """The oldest version among the nodes that are up: what a client can count on wherever it lands."""
+        state = self.view.state
+        assert state is not None
+        versions = [n.version for n in state.nodes if n.up and n.version]
+        if not versions:
+            return error("ollama", 503, "no node is up")
+        return web.json_response({"version": min(versions, key=_version_key)}, dumps=_dumps)
+
+    async def _gather(self, path: str) -> list[dict[str, Any]]:
+        """GET `path` from every node that is up and not in maintenance, at once; answers that fail are left out."""
+        assert self.session is not None and self.view.state is not None
+        live = [n.name for n in self.view.state.nodes if n.up and not n.config.maintenance]
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
+
+        async def one(node: str) -> dict[str, Any] | None:
+            assert self.session is not None
+            try:
+                async with self.session.get(self.urls[node] + path, timeout=timeout, allow_redirects=False) as reply:
+                    body = await reply.json(content_type=None) if reply.status == 200 else None
+                    return body if isinstance(body, dict) else None
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return None
+
+        return [b for b in await asyncio.gather(*(one(n) for n in live)) if b is not None]
+
+    async def _installed(self) -> list[dict[str, Any]]:
+        """/api/tags over the nodes that are up: one entry per model, newest first."""
+        merged: dict[str, dict[str, Any]] = {}
+        for answer in await self._gather("/api/tags"):
+            for entry in answer.get("models") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    merged.setdefault(entry["name"], entry)
+        return sorted(merged.values(), key=lambda m: _timestamp(m.get("modified_at")), reverse=True)
+
+    async def tags(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": await self._installed()}, dumps=_dumps)
+
+    async def ps(self, request: web.Request) -> web.Response:
+        """/api/ps over the nodes that are up, each entry as its node shapes it, the longest expiry first."""
+        entries = [e for a in await self._gather("/api/ps") for e in a.get("models") or [] if isinstance(e, dict)]
+        entries.sort(key=lambda m: _timestamp(m.get("expires_at")), reverse=True)
+        return web.json_response({"models": entries}, dumps=_dumps)
+
+    async def models(self, request: web.Request) -> web.Response:
+        rows = [
+            {
+                "id": m["name"],
+                "object": "model",
+                "created": int(_timestamp(m.get("modified_at"))),
+                "owned_by": m["name"].rsplit("/", 1)[0] if "/" in m["name"] else "library",
+            }
+            for m in await self._installed()
+        ]
+        return web.json_response({"object": "list", "data": rows}, dumps=_dumps)
+
+    async def management(self, request: web.Request) -> web.Response:
+        nodes = ", ".join(f"{n.name} ({redact(n.url)})" for n in self.config.nodes if not n.maintenance)
+        action = request.path.split("/")[2]
+        message = f"gpu-router proxy does not {action} models: send /api/{action} to a node itself: {nodes}"
+        return error("ollama", 400, message)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        state = self.view.state
+        up = sum(1 for n in state.nodes if n.up) if state is not None else 0
+        age = time.time() - state.taken_at if state is not None else None
+        return web.json_response({"status": "ok", "nodes_up": up, "nodes": len(self.config.nodes), "view_age": age})
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The whole body, or _TooLarge past `limit` bytes (told by Content-Length or counted)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _TooLarge
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge
+    return bytes(body)
+
+
+def _parse(raw: bytes, type_name: str) -> dict[str, Any] | str:
+    """The JSON object, or the message of Ollama's 400 for it."""
+    if not raw.strip():
+        return "missing request body"
+    try:
+        data = json.loads(raw.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        return json_error(exc)
+    except (ValueError, RecursionError):
+        return "invalid JSON"
+    if not isinstance(data, dict):
+        kind = _KINDS.get(type(data), "null")
+        return f"json: cannot unmarshal {kind} into Go value of type api.{type_name}"
+    return data
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in version.split("-", 1)[0].split("."))
+    except ValueError:
+        return (1 << 30,)
+
+
+def _timestamp(value: object) -> float:
+    try:
+        parsed = parse_go_time(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return parsed.timestamp() if parsed is not None else 0.0

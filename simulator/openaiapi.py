@@ -1,0 +1,214 @@
+"""Ollama's OpenAI-compatible `/v1` API on a simulated node: each request is translated into the native one
+and its answer back, as Ollama's own `openai` middleware does (chat and text completions stream as
+server-sent events ending in `data: [DONE]`; errors are `{"error": {"message", "type", ...}}`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from simulator.httpserver import Request, Response, Stream, json_response
+
+SSE = "text/event-stream"
+FINGERPRINT = "fp_ollama"
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+
+Native = Callable[[Request], Response]
+
+
+def error(status: int, message: str) -> Response:
+    kind = _ERROR_TYPES.get(status, "api_error")
+    return json_response(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+def _body(request: Request) -> dict[str, Any]:
+    try:
+        data = json.loads(request.body or b"null")
+    except ValueError as exc:
+        raise _Fail(error(400, str(exc))) from None
+    if not isinstance(data, dict):
+        raise _Fail(error(400, "invalid request body: expected a JSON object"))
+    return data
+
+
+class _Fail(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _call(native: Native, path: str, body: dict[str, Any]) -> Response:
+    """The native endpoint's answer; a non-200 one becomes an OpenAI-shaped error."""
+    response = native(Request("POST", path, {}, json.dumps(body).encode()))
+    if response.status != 200:
+        raw = response.body if isinstance(response.body, bytes) else b"{}"
+        try:
+            message = json.loads(raw).get("error", "")
+        except (ValueError, AttributeError):
+            message = raw.decode(errors="replace")
+        raise _Fail(error(response.status, message))
+    return response
+
+
+def _options(data: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    limit = data.get("max_completion_tokens", data.get("max_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        options["num_predict"] = limit
+    for key in ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty"):
+        if data.get(key) is not None:
+            options[key] = data[key]
+    return options
+
+
+def _text(content: Any) -> str:
+    """A message's content: a string or a list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "" if content is None else str(content)
+
+
+def _event(data: object) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(final: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = final.get("prompt_eval_count", 0), final.get("eval_count", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(final: dict[str, Any]) -> str:
+    return "length" if final.get("done_reason") == "length" else "stop"
+
+
+def _sse(
+    response: Response,
+    head: dict[str, Any],
+    choice: Callable[[dict[str, Any], str | None], dict[str, Any]],
+    include_usage: bool,
+) -> Response:
+    """The native NDJSON stream as server-sent events (closing this stream closes the native one)."""
+    native = response.body
+    assert isinstance(native, Stream)
+
+    def events() -> Iterator[bytes]:
+        for line in native:
+            data = json.loads(line)
+            if "error" in data:
+                yield _event({"error": {"message": data["error"], "type": "api_error", "param": None, "code": None}})
+                return
+            if not data.get("done"):
+                yield _event({**head, "choices": [choice(data, None)]})
+                continue
+            yield _event({**head, "choices": [choice({}, _finish(data))]})
+            if include_usage:
+                yield _event({**head, "choices": [], "usage": _usage(data)})
+        yield b"data: [DONE]\n\n"
+
+    return Response(200, Stream(events(), native.close), SSE)
+
+
+def _head(kind: str, prefix: str, model: str) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{random.randint(0, 998)}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+    }
+
+
+def chat(native: Native, request: Request) -> Response:
+    """POST /v1/chat/completions."""
+    try:
+        data = _body(request)
+        model = str(data.get("model") or "")
+        messages = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in data.get("messages") or []]
+        stream = data.get("stream") is True
+        body = {"model": model, "messages": messages, "stream": stream, "options": _options(data)}
+        response = _call(native, "/api/chat", body)
+    except _Fail as fail:
+        return fail.response
+    if stream:
+        head = _head("chat.completion.chunk", "chatcmpl", model)
+        usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+        def choice(chunk: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            content = (chunk.get("message") or {}).get("content", "")
+            return {"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": finish}
+
+        return _sse(response, head, choice, usage)
+    final = json.loads(response.body)  # type: ignore[arg-type]
+    message = {"role": "assistant", "content": final["message"]["content"]}
+    choice = {"index": 0, "message": message, "finish_reason": _finish(final)}
+    head = _head("chat.completion", "chatcmpl", model)
+    return json_response(200, {**head, "choices": [choice], "usage": _usage(final)})
+
+
+def completions(native: Native, request: Request) -> Response:
+    """POST /v1/completions."""
+    try:
+        data = _body(request)
+        model = str(data.get("model") or "")
+        prompt = data.get("prompt")
+        if isinstance(prompt, list):
+            prompt = prompt[0] if prompt else ""
+        stream = data.get("stream") is True
+        body = {"model": model, "prompt": str(prompt or ""), "stream": stream, "options": _options(data)}
+        if data.get("suffix"):
+            body["suffix"] = data["suffix"]
+        response = _call(native, "/api/generate", body)
+    except _Fail as fail:
+        return fail.response
+    if stream:
+        head = _head("text_completion", "cmpl", model)
+        usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+        def choice(chunk: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"text": chunk.get("response", ""), "index": 0, "finish_reason": finish}
+
+        return _sse(response, head, choice, usage)
+    final = json.loads(response.body)  # type: ignore[arg-type]
+    choice = {"text": final["response"], "index": 0, "finish_reason": _finish(final)}
+    return json_response(200, {**_head("text_completion", "cmpl", model), "choices": [choice], "usage": _usage(final)})
+
+
+def embeddings(native: Native, request: Request) -> Response:
+    """POST /v1/embeddings (encoding_format float or base64: little-endian float32, as the openai client asks)."""
+    try:
+        data = _body(request)
+        model = str(data.get("model") or "")
+        texts = data.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise _Fail(error(400, "invalid input type"))
+        body: dict[str, Any] = {"model": model, "input": texts}
+        if data.get("dimensions"):
+            body["dimensions"] = data["dimensions"]
+        final = json.loads(_call(native, "/api/embed", body).body)  # type: ignore[arg-type]
+    except _Fail as fail:
+        return fail.response
+    packed = data.get("encoding_format") == "base64"
+    rows = [
+        {
+            "object": "embedding",
+            "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if packed else v,
+            "index": i,
+        }
+        for i, v in enumerate(final["embeddings"])
+    ]
+    tokens = final.get("prompt_eval_count", 0)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return json_response(200, {"object": "list", "data": rows, "model": model, "usage": usage})
+
+
+def models(tags: Callable[[], list[tuple[str, float]]]) -> Response:
+    """GET /v1/models from (name, modified_at) pairs."""
+    rows = [{"id": name, "object": "model", "created": int(at), "owned_by": "library"} for name, at in tags()]
+    return json_response(200, {"object": "list", "data": rows})

@@ -1,0 +1,116 @@
+"""The proxy's routing rules, as pure functions over hand-built cluster states (proxy.choose)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from test_decide import NOW, build, lm, node
+
+from proxy.choose import Traffic, choose, corrected
+
+M = "llama3.1:latest"
+
+
+def nodes_of(choice) -> list[str]:
+    return [name for name, _ in choice.targets]
+
+
+def test_fully_on_gpu_first_least_in_flight_first():
+    state = build(
+        [
+            node("a", (8192,), loaded=(lm(M, 5000),)),
+            node("b", (8192,), loaded=(lm(M, 5000),)),
+            node("c", (), loaded=(lm(M, 5000, 0),)),
+        ],
+        needs={M: 5000},
+    )
+    picked = choose(state, M, {}, Traffic(), NOW)
+    assert picked.targets[:2] == (("a", "gpu"), ("b", "gpu")) and picked.targets[2] == ("c", "cpu")
+    busy = choose(state, M, {}, Traffic(in_flight={"a": 2, "b": 1}), NOW)
+    assert nodes_of(busy)[:2] == ["b", "a"]
+    assert not picked.heal
+
+
+def test_a_runner_with_matching_options_wins_over_a_reload():
+    a = replace(lm(M, 5000), context_length=4096)
+    b = replace(lm(M, 5000), context_length=8192)
+    state = build([node("a", (8192,), loaded=(a,)), node("b", (8192,), loaded=(b,))], needs={M: 5000})
+    assert nodes_of(choose(state, M, {"num_ctx": 8192}, Traffic(in_flight={"b": 5}), NOW))[0] == "b"
+    assert nodes_of(choose(state, M, {"num_ctx": 4096}, Traffic(in_flight={"a": 5}), NOW))[0] == "a"
+    assert nodes_of(choose(state, M, {}, Traffic(in_flight={"a": 5}), NOW))[0] == "b"
+    assert nodes_of(choose(state, M, {"num_gpu": 0}, Traffic(), NOW)) == ["a", "b"]  # both reload: by load
+
+
+def test_cold_load_where_route_puts_it_never_evicting_priority_or_busy():
+    state = build(
+        [
+            node("small", (4096,), installed=(M,)),
+            node("cpu", (), loaded=(lm(M, 5000, 0),)),
+            node("large", (8192,), installed=(M,), loaded=(lm("other:latest", 2000),)),
+        ],
+        needs={M: 5000, "other:latest": 2000},
+    )
+    picked = choose(state, M, {}, Traffic(), NOW)
+    assert picked.targets[0] == ("large", "cold")  # fits beside the idle model (or after evicting it)
+    assert ("cpu", "cpu") in picked.targets
+    # the other model is busy with a request through the proxy and a priority model: no room without evicting
+    tight = build(
+        [
+            node("cpu", (), loaded=(lm(M, 5000, 0),)),
+            node("large", (8192,), installed=(M,), loaded=(lm("keep:latest", 3000),)),
+        ],
+        priority=["keep"],
+        needs={M: 5000, "keep:latest": 3000},
+    )
+    picked = choose(tight, M, {}, Traffic(), NOW)
+    assert picked.targets[0] == ("cpu", "cpu")
+
+
+def test_partial_or_cpu_only_when_nothing_better_and_a_priority_model_asks_for_heal():
+    state = build(
+        [
+            node("cpu", (), loaded=(lm(M, 5000, 0),)),
+            node("part", (4096,), loaded=(lm(M, 5000, 3000),)),
+        ],
+        priority=[M],
+        needs={M: 5000},
+    )
+    picked = choose(state, M, {}, Traffic(), NOW)
+    assert picked.targets == (("part", "partial"), ("cpu", "cpu"))
+    assert picked.heal
+    plain = build([node("cpu", (), loaded=(lm(M, 5000, 0),))], needs={M: 5000})
+    assert not choose(plain, M, {}, Traffic(), NOW).heal  # not a priority model
+
+
+def test_down_maintenance_and_not_installed_are_never_candidates():
+    state = build(
+        [
+            node("down", (8192,), loaded=(lm(M, 5000),), up=False),
+            node("drained", (8192,), loaded=(lm(M, 5000),), maintenance=True),
+            node("without", (8192,)),
+        ],
+        needs={M: 5000},
+    )
+    picked = choose(state, M, {}, Traffic(), NOW)
+    assert picked.targets == () and picked.placement == "none"
+
+
+def test_nodes_that_failed_come_last():
+    state = build([node("a", (8192,), loaded=(lm(M, 5000),)), node("b", (8192,), loaded=(lm(M, 5000),))])
+    assert nodes_of(choose(state, M, {}, Traffic(failing=frozenset({"a"})), NOW)) == ["b", "a"]
+
+
+def test_own_traffic_corrects_the_view():
+    state = build(
+        [node("large", (8192,), installed=(M,), loaded=(lm("other:latest", 5000, expires=NOW + 60),))],
+        needs={M: 5000, "other:latest": 5000},
+    )
+    assert choose(state, M, {}, Traffic(), NOW).targets[0] == ("large", "cold")  # after evicting the idle one
+    # a request the proxy has in flight makes that model busy: it is never evicted for a cold load
+    busy = Traffic(busy=frozenset({("large", "other:latest")}))
+    assert choose(state, M, {}, busy, NOW).targets[0] == ("large", "partial")
+    # a cold load the proxy caused counts as on GPU there until a poll shows it
+    empty = build([node("a", (8192,), installed=(M,)), node("b", (8192,), installed=(M,))], needs={M: 5000})
+    sent = Traffic(loading=frozenset({("b", M)}))
+    assert choose(empty, M, {}, sent, NOW).targets[0] == ("b", "gpu")
+    assert corrected(empty, sent).node("b").loaded_model(M).fully_on_gpu

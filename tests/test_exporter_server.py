@@ -327,7 +327,7 @@ def test_the_command_rejects_bad_usage_in_one_line(tmp_path: Path) -> None:
 def test_a_taken_port_is_a_clear_error(fleet: Fleet, tmp_path: Path, exporter: ExporterServer) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"nodes": [fleet.urls["gpu-large"]]}))
-    host, port = exporter.server_address[:2]
+    host, port = exporter.url.removeprefix("http://").rsplit(":", 1)
     process = cli("exporter", "--config", str(config), "--listen", f"{host}:{port}")
     _, err = process.communicate(timeout=30)
     assert process.returncode == 1 and f"cannot listen on {host}:{port}" in err and err.count("\n") == 1

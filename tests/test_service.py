@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
+import json
 import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -403,3 +406,28 @@ def test_the_command_serves_then_stops_cleanly_on_sigterm(tmp_path):
             child.stop()
         size, vram = loaded(fleet, "gpu-large")[LLAMA]
         assert size == vram
+
+
+def raw_request(url: str, head: str) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (request line and headers, no body) as is; the status, headers and body of the answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "words"),
+    [
+        (f"POST /webhook HTTP/1.1\nHost: x\nContent-Length: {64 * 1024 * 1024}\n", 413, "Request Entity Too Large"),
+        ("POST /webhook HTTP/1.1\nHost: x\nTransfer-Encoding: chunked, identity\n", 501, "Not Implemented"),
+        ("GET /healthz HTTP/1.1\nHost: x\nContent-Length: nine\n", 400, "Bad Request"),
+    ],
+)
+def test_the_servers_own_errors_are_json_too(head: str, status: int, words: str):
+    with running(fleet_spec([]), [LLAMA]) as (_, handle, _):
+        code, headers, body = raw_request(handle.url, head)
+    assert code == status and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"].startswith(words)

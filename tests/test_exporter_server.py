@@ -7,8 +7,10 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -331,3 +333,30 @@ def test_a_taken_port_is_a_clear_error(fleet: Fleet, tmp_path: Path, exporter: E
     process = cli("exporter", "--config", str(config), "--listen", f"{host}:{port}")
     _, err = process.communicate(timeout=30)
     assert process.returncode == 1 and f"cannot listen on {host}:{port}" in err and err.count("\n") == 1
+
+
+def test_idle_connections_hold_no_thread_and_a_burst_is_not_held_back(exporter: ExporterServer) -> None:
+    host, port = exporter.url.removeprefix("http://").rsplit(":", 1)
+    address = (host, int(port))
+    scrape(exporter)  # the poll's worker threads exist from now on
+    threads = threading.active_count()
+    idle = [socket.create_connection(address, timeout=10) for _ in range(50)]
+    try:
+        for sock in idle:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # a request that never ends
+        assert scrape(exporter)[0]  # answered behind them: they have all been accepted by now
+        assert threading.active_count() - threads < 10
+    finally:
+        for sock in idle:
+            sock.close()
+    gate = threading.Barrier(200)
+
+    def connect(_: int) -> float:
+        gate.wait()
+        started = time.monotonic()
+        with socket.create_connection(address, timeout=10):
+            return time.monotonic() - started
+
+    with ThreadPoolExecutor(200) as pool:
+        waits = list(pool.map(connect, range(200)))
+    assert max(waits) < 1.0  # a dropped SYN (backlog full) is sent again only after 1 s

@@ -472,7 +472,11 @@ class Remediator:
                 ]
                 if o.hidden:
                     in_place = o.step.num_gpu is not None
-                    why = f"{o.step.model} came up short by {mb(o.hidden)} MB"
+                    why = (
+                        f"Ollama unloaded {', '.join(o.evicted)} to admit {o.step.model}"
+                        if o.ok
+                        else f"{o.step.model} came up short by {mb(o.hidden)} MB"
+                    )
                     self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
         records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]

@@ -113,6 +113,22 @@ def _priority_keys(state: ClusterState) -> frozenset[str]:
 # ------------------------------------------------------------------------------------------------ check
 
 
+KIND_WORDS = {  # a verdict's kind (a code, for JSON) in words, for people
+    "loaded_on_gpu": "on GPU now",
+    "fits_free": "fits now",
+    "fits_after_eviction": "fits after evicting idle models",
+    "cpu": "runs on CPU here",
+    "no_gpu": "no GPU",
+    "capacity_unknown": "GPU capacity unknown",
+    "size_unknown": "VRAM need unknown",
+    "too_large": "too large",
+    "not_enough_free": "no room now",
+    "down": "node down",
+    "maintenance": "in maintenance",
+    "not_installed": "not installed",
+}
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether one node can hold a model fully on GPU, with the numbers (bytes) and a sentence.

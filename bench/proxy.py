@@ -77,6 +77,11 @@ class Process:
                 return int(line.split()[1]) / 1024
         return 0.0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
@@ -136,13 +141,14 @@ async def latencies(url: str, clients: int, total: int, body: dict, first_byte: 
     return results
 
 
-def overhead(direct: str, proxy: str, quick: bool) -> list[str]:
+def overhead(direct: str, proxy: str, process: Process, quick: bool) -> list[str]:
     small = {"model": FAST, "prompt": "hi", "stream": False, "options": {"num_predict": 4}}
     stream = {"model": FAST, "prompt": "hi", "options": {"num_predict": 4}}
     lines = [
-        "overhead (fast node, instant answers): seconds in ms; added = proxy − direct",
+        "overhead (fast node, instant answers; clients, proxy and simulator share the CPUs): ms; added = proxy − "
+        "direct; CPU = the proxy process's CPU time per request",
         f"{'what':<34}{'clients':>8}{'requests':>9}{'direct p50':>11}{'p99':>8}{'proxy p50':>11}{'p99':>8}"
-        f"{'added p50':>11}{'p99':>8}",
+        f"{'added p50':>11}{'p99':>8}{'CPU':>7}",
     ]
     cases = [("small non-streaming requests", small, False, c) for c in (1, 50, 200)]
     cases += [("time to first byte of a stream", stream, True, c) for c in (1, 50)]
@@ -151,11 +157,13 @@ def overhead(direct: str, proxy: str, quick: bool) -> list[str]:
         asyncio.run(latencies(direct, clients, min(total, 100), body, first))  # warm both paths
         asyncio.run(latencies(proxy, clients, min(total, 100), body, first))
         a = [x * 1000 for x in asyncio.run(latencies(direct, clients, total, body, first))]
+        cpu = process.cpu_seconds()
         b = [x * 1000 for x in asyncio.run(latencies(proxy, clients, total, body, first))]
+        cpu = (process.cpu_seconds() - cpu) * 1000 / total
         pa, pb = (percentile(a, 50), percentile(a, 99)), (percentile(b, 50), percentile(b, 99))
         lines.append(
             f"{what:<34}{clients:>8}{total:>9}{pa[0]:>11.2f}{pa[1]:>8.2f}{pb[0]:>11.2f}{pb[1]:>8.2f}"
-            f"{pb[0] - pa[0]:>11.2f}{pb[1] - pa[1]:>8.2f}"
+            f"{pb[0] - pa[0]:>11.2f}{pb[1] - pa[1]:>8.2f}{cpu:>7.2f}"
         )
     return lines
 
@@ -326,7 +334,7 @@ def main() -> int:
             ]  # fmt: skip
             proxy, proxy_url = start_proxy(tmp, {"nodes": nodes, "auto_optimize": False})
             try:
-                out += overhead(urls["fast"], proxy_url, args.quick)
+                out += overhead(urls["fast"], proxy_url, proxy, args.quick)
                 out.append("")
                 out += streams(proxy_url, proxy, args.streams)
             finally:

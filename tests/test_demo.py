@@ -35,6 +35,8 @@ def test_demo_tells_the_story_and_exits_0() -> None:
     assert "[optimizer] load mxbai-embed-large:latest on gpu-large → success" in out  # room beside llama3.1
     assert "Result: mxbai-embed-large:latest is back fully on GPU ✅" in out
     assert "Optimizer status page  http://127.0.0.1:" in out
+    assert "The proxy sent llama3.1:latest to gpu-large, where it is fully on GPU" in out  # beside the CPU node
+    assert "Proxy (OLLAMA_HOST)    http://127.0.0.1:" in out
     assert took < 60
 
 

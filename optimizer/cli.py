@@ -37,7 +37,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("optimizer.demo", "the whole story on the demo cluster: CPU fallback detected and fixed"),
 }
 # Which subcommands read the router configuration (--config) and which print JSON (--json): only flags that act.
-TAKES_CONFIG = frozenset(("status", "route", "check", "models", "optimize", "report", "exporter", "optimizer"))
+TAKES_CONFIG = frozenset(("status", "route", "check", "models", "optimize", "report", "exporter", "optimizer", "proxy"))
 TAKES_JSON = frozenset(("status", "route", "check", "models", "optimize", "report"))
 
 

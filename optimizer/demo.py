@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import requests
+
 from exporter.config import Config, parse_config
 from exporter.observe import Observer
 from exporter.ollama import OllamaClient
@@ -31,10 +33,12 @@ from optimizer import render
 from optimizer.jobs import ActionRecord
 from optimizer.localstack import REPO, Alertmanager, Prometheus, fast_alertmanager, fast_rules, free_port
 from optimizer.service import OptimizerHandle, start_optimizer
+from proxy.service import ProxyHandle, start_proxy
 from simulator.run import DEMO_FLEET, DEMO_PRIORITY, Fleet, load_fleet
 
 PRIORITY = list(DEMO_PRIORITY)
 VICTIM = "mxbai-embed-large:latest"  # the priority model the story knocks onto CPU
+SPOKEN = "llama3.1:latest"  # the model the proxy's part of the story asks for (a GPU node and the CPU node have it)
 STORY_TIMEOUT = 60.0
 
 
@@ -172,23 +176,25 @@ def main(args: argparse.Namespace) -> int:
         config = demo_config(fleet, interval)
         exporter, exporter_thread = start_exporter(config, port=_port(9877))
         optimizer = start_optimizer(config, port=_port(9878))
+        proxy = start_proxy(config, port=_port(11435), heal=False)  # the optimizer's own loop heals
         stack: list[Any] = []
         observer = Observer(config)
         story = Story(sys.stdout, observer, optimizer)
         try:
             if args.with_prometheus:
                 stack = _start_prometheus(Path(tmp), exporter.url, optimizer.url, story)
-            ok = _tell(story, fleet, config, stack)
+            ok = _tell(story, fleet, config, stack) and _route(story, fleet, proxy)
             if args.once:  # everything stops now: no address to visit
                 story.say("\nEverything is stopped (--once). Run `gpu-router demo` without --once to keep it serving.")
             else:
-                _urls(story, fleet, exporter.url, optimizer.url, stack)
+                _urls(story, fleet, exporter.url, optimizer.url, stack, proxy.url)
                 story.say("\nServing until Ctrl-C.")
                 stop.wait()
         finally:
             for process in reversed(stack):
                 process.stop()
             observer.close()
+            proxy.stop()
             optimizer.stop()
             exporter.stop()
             exporter_thread.join(5)
@@ -239,6 +245,28 @@ def alert_line(alert: dict[str, Any]) -> str:
     return " ".join(p for p in (alert["labels"]["alertname"], f"node={node}" if node else "", alert["state"]) if p)
 
 
+def _route(story: Story, fleet: Fleet, proxy: ProxyHandle) -> bool:
+    """One request through the proxy (it picks the GPU node) beside the same request straight to the CPU node."""
+    story.heading(f"5. ONE ENDPOINT FOR YOUR APPLICATIONS: gpu-router proxy ({proxy.url})")
+    body = {"model": SPOKEN, "prompt": "Why is the sky blue?", "stream": False, "options": {"num_predict": 24}}
+    speeds = {}
+    for label, url in (("through the proxy", proxy.url), ("straight to cpu-node", fleet.urls["cpu-node"])):
+        reply = requests.post(f"{url}/api/generate", json=body, timeout=60)
+        if reply.status_code != 200:
+            story.say(f"   {label}: HTTP {reply.status_code} {reply.text[:200]}")
+            return False
+        data = reply.json()
+        speeds[label] = data["eval_count"] / (data["eval_duration"] / 1e9)
+        story.say(f"   {label:<22} {data['eval_count']} tokens at {speeds[label]:5.1f} tokens/s")
+    metrics = requests.get(f"{proxy.url}/metrics", timeout=5).text.splitlines()
+    served = [line for line in metrics if 'placement="gpu"' in line and SPOKEN in line]
+    node = served[0].split('node="', 1)[1].split('"', 1)[0] if served else "?"
+    ratio = speeds["through the proxy"] / speeds["straight to cpu-node"]
+    story.say(f"   The proxy sent {SPOKEN} to {node}, where it is fully on GPU: {ratio:.1f}× the CPU node's speed.")
+    story.say(f"   Point applications at it: OLLAMA_HOST={proxy.url}, or the OpenAI base URL {proxy.url}/v1")
+    return bool(served)
+
+
 def _start_prometheus(workdir: Path, exporter_url: str, optimizer_url: str, story: Story) -> list[Any]:
     story.say("Starting Prometheus and Alertmanager (1 s scrape and evaluation, the shipped rules with for: 0s)...")
     am_config = fast_alertmanager(REPO / "alerts" / "alertmanager.yml", f"{optimizer_url}/webhook", None)
@@ -261,8 +289,9 @@ def _start_prometheus(workdir: Path, exporter_url: str, optimizer_url: str, stor
     return processes
 
 
-def _urls(story: Story, fleet: Fleet, exporter: str, optimizer: str, stack: list[Any]) -> None:
+def _urls(story: Story, fleet: Fleet, exporter: str, optimizer: str, stack: list[Any], proxy: str) -> None:
     story.heading("WHERE TO LOOK")
+    story.say(f"   Proxy (OLLAMA_HOST)    {proxy}   OpenAI base URL {proxy}/v1   metrics {proxy}/metrics")
     story.say(f"   Optimizer status page  {optimizer}/")
     story.say(f"   Optimizer JSON API     {optimizer}/api/v1/status   {optimizer}/api/v1/actions")
     story.say(f"   Exporter metrics       {exporter}/metrics")

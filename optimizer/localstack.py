@@ -183,7 +183,7 @@ def fast_alertmanager(source: Path, webhook_url: str, token_file: Path | None, i
 
 
 class Stack:
-    """The whole loop on 127.0.0.1: simulated fleet, exporter and optimizer (each its own process), and
+    """The whole loop on 127.0.0.1: simulated fleet, exporter, optimizer and proxy (each its own process), and
     optionally the real Prometheus (fast rule variant) and Alertmanager pointed at the optimizer's webhook.
 
     `fleet` is a fleet document without ports (they are chosen here); `config` the router configuration
@@ -215,6 +215,7 @@ class Stack:
         self.fleet_file.write_text(yaml.safe_dump({**fleet, "nodes": nodes}), encoding="utf-8")
         self.exporter_url = f"http://127.0.0.1:{free_port()}"
         self.optimizer_url = f"http://127.0.0.1:{free_port()}"
+        self.proxy_url = f"http://127.0.0.1:{free_port()}"
         self.token = token
         token_file = workdir / "webhook_token"
         token_file.write_text(token + "\n", encoding="utf-8")
@@ -233,6 +234,7 @@ class Stack:
             router_nodes.append(entry)
         router = {"nodes": router_nodes, **config}
         router.setdefault("optimizer", {})["webhook_auth"] = {"bearer_token_file": str(token_file)}
+        router.setdefault("proxy", {}).setdefault("optimizer_url", self.optimizer_url)
         if capacity == "prometheus":
             router["prometheus_url"] = f"http://127.0.0.1:{prometheus_port}"
         self.config_file = workdir / "gpu_router_config.yaml"
@@ -258,10 +260,11 @@ class Stack:
             cfg = str(self.config_file)
             self._cli("exporter", "--config", cfg, "--listen", self.exporter_url[7:], name="exporter")
             self._cli("optimizer", "--config", cfg, "--listen", self.optimizer_url[7:], name="optimizer")
-            for url in (self.exporter_url, self.optimizer_url):
+            self._cli("proxy", "--config", cfg, "--listen", self.proxy_url[7:], name="proxy")
+            for url in (self.exporter_url, self.optimizer_url, self.proxy_url):
                 wait_for(lambda url=url: requests.get(f"{url}/healthz", timeout=1).ok, 30, f"{url}/healthz")
             if self.prometheus is not None:
-                self.prometheus.wait_up(["gpu-router-exporter", "gpu-router-optimizer"])
+                self.prometheus.wait_up(["gpu-router-exporter", "gpu-router-optimizer", "gpu-router-proxy"])
         except BaseException:
             self.stop()
             raise
@@ -281,6 +284,7 @@ class Stack:
             {
                 "gpu-router-exporter": [self.exporter_url[7:]],
                 "gpu-router-optimizer": [self.optimizer_url[7:]],
+                "gpu-router-proxy": [self.proxy_url[7:]],
                 "gpus": [self.control_url[7:]],
             },
             rule_files=[rules],

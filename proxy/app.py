@@ -204,7 +204,7 @@ class Proxy:
         for i, (node, placement) in enumerate(attempts):
             if i:
                 self.metrics.retries.inc()
-            self.view.begin(node, picked.model, placement)
+            self.view.begin(node, picked.model, cold=placement == "cold" and request.path != "/api/show")
             gauge = self.metrics.in_flight.labels(node=node)
             gauge.inc()
             try:

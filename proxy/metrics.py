@@ -46,5 +46,7 @@ class ProxyMetrics:
             "Requests sent to another node after one failed before the first byte",
             registry=r,
         )
-        for node in nodes:
+        for node in nodes:  # every known series from the start: increase() and rate() answer 0, not nothing
             self.in_flight.labels(node=node)
+            for kind in ERROR_KINDS:
+                self.upstream_errors.labels(node=node, kind=kind)

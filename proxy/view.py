@@ -26,7 +26,8 @@ class ClusterView:
         self.observer = observer
         self.state: ClusterState | None = None
         self._flights: Counter[tuple[str, str]] = Counter()
-        self._loading: dict[tuple[str, str], float] = {}  # (node, model) → when sent
+        self._loading: dict[tuple[str, str], float] = {}  # (node, model) → when sent (monotonic)
+        self._loaded: dict[tuple[str, str], float] = {}  # (node, model) → when its cold request ended (wall)
         self._failing: dict[str, float] = {}  # node → when it failed (wall clock)
         self._fresh = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -55,8 +56,10 @@ class ClusterView:
         for key in list(self._loading):
             node = state.node(key[0])
             seen = node is not None and node.loaded_model(key[1]) is not None
-            if seen or time.monotonic() - self._loading[key] > self.config.proxy.read_timeout:
+            polled_after = state.taken_at > self._loaded.get(key, float("inf"))  # the load is over either way
+            if seen or polled_after or time.monotonic() - self._loading[key] > self.config.proxy.read_timeout:
                 del self._loading[key]
+                self._loaded.pop(key, None)
         for name, failed_at in list(self._failing.items()):
             if state.taken_at > failed_at:
                 del self._failing[name]
@@ -87,13 +90,16 @@ class ClusterView:
     def in_flight(self, node: str) -> int:
         return sum(v for (n, _), v in self._flights.items() if n == node)
 
-    def begin(self, node: str, model: str, placement: str) -> None:
+    def begin(self, node: str, model: str, cold: bool) -> None:
+        """A request goes to `node`; `cold`: it loads the model there (counted as loaded until a poll says)."""
         self._flights[(node, model_key(model))] += 1
-        if placement == "cold":
+        if cold:
             self._loading.setdefault((node, model_key(model)), time.monotonic())
 
     def end(self, node: str, model: str) -> None:
         key = (node, model_key(model))
+        if key in self._loading:
+            self._loaded[key] = time.time()
         self._flights[key] -= 1
         if self._flights[key] <= 0:
             del self._flights[key]
@@ -102,3 +108,4 @@ class ClusterView:
         """The node failed a request: last choice until a later poll sees it up; its cold load did not happen."""
         self._failing[node] = time.time()
         self._loading.pop((node, model_key(model)), None)
+        self._loaded.pop((node, model_key(model)), None)

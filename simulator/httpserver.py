@@ -161,6 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 4096  # the listen backlog (socketserver's default is 5; Go's follows somaxconn)
 
     def __init__(self, port: int, app: App) -> None:
         self.app = app

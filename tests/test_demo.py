@@ -37,6 +37,7 @@ def test_demo_tells_the_story_and_exits_0() -> None:
     assert "WHERE TO LOOK" not in out and "Optimizer status page" not in out  # --once: everything has stopped
     assert "Everything is stopped (--once)" in out
     assert "  ←" not in out
+    assert "The proxy sent llama3.1:latest to gpu-large, where it is fully on GPU" in out  # beside the CPU node
     assert took < 60
 
 

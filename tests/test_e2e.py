@@ -174,6 +174,9 @@ def test_every_dashboard_query_returns_data(tools: None, tmp_path: Path) -> None
         stack.fault("gpu-small", "restart")
         stack.load("gpu-small", "mxbai-embed-large", embedding=True, num_gpu=0)
         wait_for(lambda: on_gpu_only(stack, MXBAI), 60, "the optimizer's fix (so its metrics have data)")
+        for _ in range(3):  # traffic through the proxy (so its metrics have data)
+            body = {"model": LLAMA, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+            assert requests.post(f"{stack.proxy_url}/api/generate", json=body, timeout=30).ok
         _every_query_answers(stack)
 
 

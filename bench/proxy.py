@@ -1,0 +1,351 @@
+"""What `gpu-router proxy` costs and what it gains, side by side, in one run.
+
+The simulated fleet and the proxy each run as their own process (`gpu-router simulate`, `gpu-router proxy`);
+the clients are aiohttp tasks in this one. Figures:
+
+- overhead: the same small non-streaming generate requests straight to a simulated node and through the
+  proxy, p50/p99 of each and the difference, at 1, 50 and 200 concurrent clients; the same for the time to
+  the first byte of a stream; the most concurrent open streams held without error, with the proxy's RSS;
+- value: the demo fleet with the priority model llama3.1 pushed onto CPU on gpu-large (its only GPU home) and
+  running on CPU on cpu-node; clients spreading requests round-robin over the nodes that have the model (what
+  a plain load balancer does) versus the same clients through the proxy (which asks the optimizer to heal the
+  model and waits for the GPU up to proxy.wait_for_gpu): median tokens/s (tokens / request time) and p95
+  request time seen by clients.
+
+Goals: added p99 ≤ 5 ms at 50 concurrent clients; 1000 concurrent streams; ≥ 3× the round-robin median
+tokens/s in the value scenario. Run: `python bench/proxy.py [--streams 1000] [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from optimizer.localstack import free_port, wait_for  # noqa: E402
+from proxy.service import raise_open_files_limit  # noqa: E402
+
+FAST, SLOW, BIG = "llama3.2:1b", "qwen2.5-coder:1.5b", "llama3.1:latest"
+
+
+def bench_fleet() -> dict:
+    """`fast` answers at once (overhead), `slow` streams 2 tokens/s (held streams); both hold 1024 slots."""
+    common = {"gpus": [{"name": "H100", "vram": "512GiB"}], "num_parallel": 1024, "context_length": 2048}
+    return {
+        "control_port": free_port(),
+        "nodes": [
+            {**common, "name": "fast", "port": free_port(), "models": [FAST], "token_rate": 0,
+             "preload": [{"model": FAST, "keep_alive": -1}]},
+            {**common, "name": "slow", "port": free_port(), "models": [SLOW], "token_rate": 2,
+             "preload": [{"model": SLOW, "keep_alive": -1}]},
+        ],
+    }  # fmt: skip
+
+
+class Process:
+    """A `gpu-router` subcommand in its own process group; `stop()` ends it with SIGTERM."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "optimizer.cli", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
+
+def start_fleet(tmp: Path, fleet: dict) -> tuple[Process, dict[str, str]]:
+    path = tmp / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet))
+    process = Process("simulate", "--fleet", str(path))
+    urls = {n["name"]: f"http://127.0.0.1:{n['port']}" for n in fleet["nodes"]}
+    for url in urls.values():
+        wait_for(lambda u=url: requests.get(f"{u}/api/version", timeout=1).ok, 30, f"the simulated node {url}")
+    return process, urls
+
+
+def start_proxy(tmp: Path, config: dict) -> tuple[Process, str]:
+    path = tmp / "gpu_router_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = Process("proxy", "--config", str(path), "--listen", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: requests.get(f"{url}/healthz", timeout=1).ok, 30, "the proxy")
+    return process, url
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def latencies(url: str, clients: int, total: int, body: dict, first_byte: bool) -> list[float]:
+    """Seconds per request (or to its first byte), `clients` at once over keep-alive connections."""
+    results: list[float] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        count = iter(range(total))
+
+        async def client() -> None:
+            for _ in count:
+                started = time.perf_counter()
+                async with session.post(f"{url}/api/generate", json=body) as reply:
+                    if first_byte:
+                        await reply.content.readany()
+                        results.append(time.perf_counter() - started)
+                        await reply.read()
+                    else:
+                        await reply.read()
+                        results.append(time.perf_counter() - started)
+                    assert reply.status == 200, reply.status
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return results
+
+
+def overhead(direct: str, proxy: str, process: Process, quick: bool) -> list[str]:
+    small = {"model": FAST, "prompt": "hi", "stream": False, "options": {"num_predict": 4}}
+    stream = {"model": FAST, "prompt": "hi", "options": {"num_predict": 4}}
+    lines = [
+        "overhead (fast node, instant answers; clients, proxy and simulator share the CPUs): ms; added = proxy − "
+        "direct; CPU = the proxy process's CPU time per request",
+        f"{'what':<34}{'clients':>8}{'requests':>9}{'direct p50':>11}{'p99':>8}{'proxy p50':>11}{'p99':>8}"
+        f"{'added p50':>11}{'p99':>8}{'CPU':>7}",
+    ]
+    cases = [("small non-streaming requests", small, False, c) for c in (1, 50, 200)]
+    cases += [("time to first byte of a stream", stream, True, c) for c in (1, 50)]
+    for what, body, first, clients in cases:
+        total = {1: 200, 50: 2000, 200: 4000}[clients] // (4 if quick else 1)
+        asyncio.run(latencies(direct, clients, min(total, 100), body, first))  # warm both paths
+        asyncio.run(latencies(proxy, clients, min(total, 100), body, first))
+        a = [x * 1000 for x in asyncio.run(latencies(direct, clients, total, body, first))]
+        cpu = process.cpu_seconds()
+        b = [x * 1000 for x in asyncio.run(latencies(proxy, clients, total, body, first))]
+        cpu = (process.cpu_seconds() - cpu) * 1000 / total
+        pa, pb = (percentile(a, 50), percentile(a, 99)), (percentile(b, 50), percentile(b, 99))
+        lines.append(
+            f"{what:<34}{clients:>8}{total:>9}{pa[0]:>11.2f}{pa[1]:>8.2f}{pb[0]:>11.2f}{pb[1]:>8.2f}"
+            f"{pb[0] - pa[0]:>11.2f}{pb[1] - pa[1]:>8.2f}{cpu:>7.2f}"
+        )
+    return lines
+
+
+async def hold_streams(proxy: str, count: int, hold: float) -> tuple[int, int, int]:
+    """Open `count` streams through the proxy at once and keep them open `hold` seconds after the last one
+    started: (streams that got their first chunk, streams still open at the end, errors)."""
+    body = {"model": SLOW, "prompt": "go", "options": {"num_predict": 100000}}
+    started = 0
+    errors = 0
+    all_started = asyncio.Event()
+    release = asyncio.Event()
+    open_at_end = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one() -> None:
+            nonlocal started, errors, open_at_end
+            try:
+                async with session.post(f"{proxy}/api/generate", json=body) as reply:
+                    line = await reply.content.readline()
+                    if reply.status != 200 or "error" in json.loads(line):
+                        errors += 1
+                        return
+                    started += 1
+                    if started == count:
+                        all_started.set()
+                    while not release.is_set():
+                        line = await asyncio.wait_for(reply.content.readline(), 10)
+                        if not line or b'"error"' in line:
+                            errors += 1
+                            return
+                    open_at_end += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                errors += 1
+
+        tasks = [asyncio.create_task(one()) for _ in range(count)]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_started.wait(), 120)
+        await asyncio.sleep(hold)
+        release.set()
+        await asyncio.gather(*tasks)
+    return started, open_at_end, errors
+
+
+def streams(proxy: str, process: Process, count: int) -> list[str]:
+    before = process.rss_mib()
+    peak = [before]
+
+    async def run() -> tuple[int, int, int]:
+        async def watch() -> None:
+            while True:
+                peak[0] = max(peak[0], process.rss_mib())
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await hold_streams(proxy, count, hold=5.0)
+        finally:
+            watcher.cancel()
+
+    started, still_open, errors = asyncio.run(run())
+    return [
+        f"concurrent streams through the proxy: {count} opened, {started} streaming at once, {still_open} still "
+        f"open after 5 s, {errors} errors; proxy RSS {before:.0f} MiB idle, {peak[0]:.0f} MiB peak"
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ value
+
+
+def demo_setup(tmp: Path) -> tuple[Process, dict[str, str], dict]:
+    fleet = yaml.safe_load((ROOT / "examples" / "demo-fleet.yaml").read_text())
+    fleet["control_port"] = free_port()
+    for node in fleet["nodes"]:
+        node["port"] = free_port()
+    process, urls = start_fleet(tmp, fleet)
+    nodes = []
+    for node in fleet["nodes"]:
+        entry = {"name": node["name"], "url": urls[node["name"]]}
+        if node.get("gpus"):
+            entry["gpus"] = node["gpus"]
+        else:
+            entry["vram"] = 0
+        nodes.append(entry)
+    config = {
+        "nodes": nodes,
+        "priority_models": ["mxbai-embed-large", BIG],
+        "check_interval": 3600,
+        "optimizer": {"cooldown_seconds": 1, "cooldown_max_seconds": 5, "load_timeout": 60},
+        "proxy": {"refresh_interval": 1, "wait_for_gpu": 30},
+    }
+    # the priority model pushed onto CPU on its only GPU home, and running on CPU on the CPU node
+    for name in ("gpu-large", "cpu-node"):
+        body = {"model": BIG, "prompt": "", "keep_alive": -1, "options": {"num_gpu": 0}}
+        requests.post(f"{urls[name]}/api/generate", json=body, timeout=60).raise_for_status()
+    return process, urls, config
+
+
+async def generation_times(urls: list[str], clients: int, per_client: int, tokens: int) -> list[tuple[float, int]]:
+    """(seconds, tokens) per request; client i sends its k-th request to urls[(i + k) % len(urls)]."""
+    body = {"model": BIG, "prompt": "tell me", "stream": False, "options": {"num_predict": tokens}}
+    results: list[tuple[float, int]] = []
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def client(i: int) -> None:
+            for k in range(per_client):
+                started = time.perf_counter()
+                async with session.post(f"{urls[(i + k) % len(urls)]}/api/generate", json=body) as reply:
+                    data = await reply.json()
+                    assert reply.status == 200, data
+                results.append((time.perf_counter() - started, data["eval_count"]))
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return results
+
+
+def value(tmp: Path, quick: bool) -> list[str]:
+    clients, per_client, tokens = 4, (2 if quick else 6), 16
+    fleet, urls, config = demo_setup(tmp)
+    try:
+        spread = asyncio.run(generation_times([urls["cpu-node"], urls["gpu-large"]], clients, per_client, tokens))
+        proxy, proxy_url = start_proxy(tmp, config)
+        try:
+            routed = asyncio.run(generation_times([proxy_url], clients, per_client, tokens))
+        finally:
+            proxy.stop()
+        ps = requests.get(f"{urls['gpu-large']}/api/ps", timeout=5).json()["models"]
+        where = ", ".join(f"{m['name']} {m['size_vram'] / m['size']:.0%} on GPU" for m in ps)
+    finally:
+        fleet.stop()
+
+    def row(name: str, results: list[tuple[float, int]]) -> tuple[str, float]:
+        speeds = [n / s for s, n in results]
+        seconds = [s for s, _ in results]
+        median = statistics.median(speeds)
+        text = f"{name:<44}{len(results):>9}{median:>15.1f}{percentile(seconds, 95):>14.2f}"
+        return text, median
+
+    a, rr = row("round-robin over cpu-node and gpu-large", spread)
+    b, px = row("through the proxy (heals, then GPU)", routed)
+    return [
+        f"value (demo fleet, {BIG} pushed onto CPU on gpu-large; {clients} clients, {tokens} tokens per request)",
+        f"{'clients send':<44}{'requests':>9}{'median tok/s':>15}{'p95 time s':>14}",
+        a,
+        b,
+        f"proxy ÷ round-robin median tokens/s: {px / rr:.1f}× (goal ≥ 3×); gpu-large afterwards: {where}",
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=1000, help="concurrent streams to hold (default 1000)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    args = parser.parse_args()
+    raise_open_files_limit()
+    out: list[str] = [f"gpu-router proxy benchmark, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"]
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as name:
+        tmp = Path(name)
+        fleet, urls = start_fleet(tmp, bench_fleet())
+        try:
+            nodes = [
+                {"name": n, "url": u, "gpus": [{"name": "H100", "vram": "512GiB"}], "num_parallel": 1024,
+                 "context_length": 2048}
+                for n, u in urls.items()
+            ]  # fmt: skip
+            proxy, proxy_url = start_proxy(tmp, {"nodes": nodes, "auto_optimize": False})
+            try:
+                out += overhead(urls["fast"], proxy_url, proxy, args.quick)
+                out.append("")
+                out += streams(proxy_url, proxy, args.streams)
+            finally:
+                proxy.stop()
+        finally:
+            fleet.stop()
+        out.append("")
+        out += value(tmp, args.quick)
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

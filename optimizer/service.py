@@ -1,8 +1,9 @@
 """`gpu-router optimizer`: the webhook, the JSON API, the job workers and the reconcile loop in one process.
 
 Served by waitress (threads). SIGTERM or SIGINT stops it within a few seconds: no new request, job or step
-is taken and no further call goes to a node; a load already sent finishes on its node, and the CPU copy it
-was to replace stays (a copy is only ever removed after its replacement is verified on GPU).
+is taken and no further call goes to a node; the work in flight gets `STOP_TIMEOUT` seconds in all, then the
+process exits without it. A load already sent finishes on its node, and the CPU copy it was to replace stays
+(a copy is only ever removed after its replacement is verified on GPU).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging.handlers import QueueHandler, QueueListener
@@ -33,6 +36,11 @@ from optimizer.reconcile import Reconciler
 
 DEFAULT_LISTEN = "127.0.0.1:9878"
 THREADS = 16  # waitress request threads; handlers never block on Ollama except the cached reads
+STOP_TIMEOUT = 3.0  # seconds a stop waits in all for the work in flight (systemd's TimeoutStopSec is 15)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,19 +77,24 @@ class OptimizerHandle:
     _served: Served
     _close: list[Callable[[], None]] = field(default_factory=list)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking requests, jobs and steps; wait up to `timeout` for the work in flight. Idempotent."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop taking requests, jobs and steps; wait `timeout` seconds in all for the work in flight.
+        False when a job was still running then (a load on its way to a node: it is abandoned, and no step of
+        its job follows, so the copy it was to replace stays). Idempotent."""
         if not self._served.serving:
-            return
+            return True
+        deadline = time.monotonic() + timeout
         self.queue.stopping.set()  # from now on no call goes to a node
         if self.reconciler is not None:
-            self.reconciler.stop(timeout)
-        self._served.stop(timeout)
-        if not self.queue.stop(timeout):
+            self.reconciler.stop(_left(deadline))
+        self._served.stop(_left(deadline))
+        finished = self.queue.stop(_left(deadline))
+        if not finished:
             log_event(logging.WARNING, "stop", outcome="a job was still running; abandoned")
         for close in self._close:
             close()
         self._close.clear()
+        return finished
 
 
 def start_optimizer(
@@ -171,6 +184,7 @@ def main(args: argparse.Namespace) -> int:
     listener = setup_logging(config.log_level)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    finished = True
     try:
         try:
             handle = start_optimizer(config, host, port, auth=auth)
@@ -188,10 +202,21 @@ def main(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         log_event(logging.INFO, "stopping", outcome="signal received")
-        handle.stop()
-        log_event(logging.INFO, "stopped", outcome="ok")
-        return 0
+        finished = handle.stop()
+        log_event(logging.INFO, "stopped", outcome="ok" if finished else "work in flight abandoned")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         listener.stop()
+    if not finished:
+        _exit_now(0)
+    return 0
+
+
+def _exit_now(status: int) -> None:
+    """End the process without waiting for the work abandoned on stop. A load request can take minutes and runs
+    in a pool thread, which Python would wait for at exit; everything that matters is stopped and the log flushed
+    by now, and the copy the load was to replace is never removed (its job takes no further step)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -431,3 +431,34 @@ def test_the_servers_own_errors_are_json_too(head: str, status: int, words: str)
         code, headers, body = raw_request(handle.url, head)
     assert code == status and headers["content-type"] == "application/json"
     assert json.loads(body)["error"].startswith(words)
+
+
+def test_sigterm_during_a_long_load_exits_within_5_s_and_the_model_stays_served(tmp_path):
+    size = 5024 * 1024 * 1024  # llama3.1:8b's size on a llama-server node at 4096 tokens
+    with Fleet(fleet_from_dict(fleet_spec([LLAMA], load_speed=size // 60))) as fleet:  # a 60 s load
+        raw = router_config(fleet, [LLAMA])
+        raw["optimizer"]["load_timeout"] = 300
+        path = tmp_path / "gpu_router_config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        child = ServiceProcess(path)
+        try:
+            url = child.wait_line("event=listening").split("url=", 1)[1].split()[0]
+            body = notification(alert(model=LLAMA, node="cpu-node"))
+            assert requests.post(url + "/webhook", json=body, headers=AUTH, timeout=5).status_code == 202
+            wait_for(
+                lambda: any(m["model"] == LLAMA and m["loading"] for m in fleet.node("gpu-large").state()["loaded"]),
+                timeout=20,
+                what="the load under way on gpu-large",
+            )
+            started = time.monotonic()
+            child.proc.send_signal(signal.SIGTERM)
+            assert child.proc.wait(10) == 0
+            assert time.monotonic() - started < 5
+            child.wait_line("event=stopped")
+        finally:
+            child.stop()
+        assert LLAMA in loaded(fleet, "cpu-node")  # the CPU copy was never removed: the model is still served
+        answer = requests.post(
+            fleet.urls["cpu-node"] + "/api/generate", json={"model": LLAMA, "prompt": "hi", "stream": False}, timeout=30
+        )
+        assert answer.status_code == 200 and answer.json()["done"] is True

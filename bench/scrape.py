@@ -7,11 +7,18 @@ what a naive exporter does), their ratio, the number of series, and the exporter
 Goals: median scrape ≤ 2 × L for 100 nodes, RSS ≤ 60 MB.
 
 Run: `python bench/scrape.py [--nodes 100] [--latency-ms 100] [--models 2] [--scrapes 10]`.
+
+`--burst N` sends N scrapes at the same instant instead, each on a connection of its own (what many
+Prometheus servers, or a retry storm, do), and prints how many were answered, refused or reset, or timed out
+(after `--client-timeout` seconds), and the p50 / p95 / max answer times. Goal: every scrape answered, none
+refused. E.g. `python bench/scrape.py --burst 200 --nodes 3 --latency-ms 20`.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import math
 import os
 import re
 import signal
@@ -19,7 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -70,7 +79,7 @@ def start_exporter(config_path: Path, log_path: Path) -> tuple[subprocess.Popen[
         process = subprocess.Popen(command, cwd=ROOT, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:
-        match = re.search(r"serving (http://\S+)/metrics", log_path.read_text(errors="replace"))
+        match = re.search(r"event=listening url=(http://\S+)/metrics", log_path.read_text(errors="replace"))
         if match:
             return process, match.group(1)
         time.sleep(0.05)
@@ -99,6 +108,49 @@ def scrape_times(url: str, count: int) -> tuple[list[float], int]:
         response.raise_for_status()
         text = response.text
     return times, sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def burst(url: str, count: int, timeout: float) -> tuple[list[float], dict[str, int], int]:
+    """`count` scrapes released at once, one connection each: answer times of the answered ones, how many ended
+    in each outcome (answered, refused or reset, timeout), and how many connections took ≥ 1 s to open (the
+    kernel dropped their SYN because the listen backlog was full, and the client sent it again)."""
+    requests.get(f"{url}/metrics", timeout=30).raise_for_status()  # warm-up: /api/show once per digest
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    gate = threading.Barrier(count)
+
+    def one(_: int) -> tuple[str, float, float]:
+        gate.wait()
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        connected = started
+        try:
+            connection.connect()
+            connected = time.perf_counter()
+            connection.request("GET", "/metrics")
+            answer = connection.getresponse()
+            answer.read()
+            outcome = "answered" if answer.status == 200 else f"HTTP {answer.status}"
+        except TimeoutError:
+            outcome = "timeout"
+        except OSError:
+            outcome = "refused or reset"
+        finally:
+            connection.close()
+        return outcome, time.perf_counter() - started, connected - started
+
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(one, range(count)))
+    outcomes: dict[str, int] = {}
+    for outcome, _, _ in results:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    answered = sorted(took for outcome, took, _ in results if outcome == "answered")
+    return answered, outcomes, sum(1 for _, _, connect in results if connect >= 1.0)
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(fraction * len(sorted_values)) - 1)]
 
 
 def sequential_times(urls: dict[str, str], count: int, timeout: float) -> list[float]:
@@ -132,8 +184,12 @@ def main() -> int:
     parser.add_argument("--scrapes", type=positive, default=10)
     parser.add_argument("--baseline-runs", type=positive, default=1, help="sequential polls for the baseline")
     parser.add_argument("--timeout", type=float, default=2.0, help="the exporter's request_timeout")
+    parser.add_argument("--burst", type=positive, help="send this many scrapes at once instead (see above)")
+    parser.add_argument("--client-timeout", type=float, default=30.0, help="a burst scrape's client timeout (s)")
     args = parser.parse_args()
     latency = args.latency_ms / 1000
+    if args.burst:
+        return main_burst(args)
 
     with Fleet(fleet_from_dict(fleet_spec(args.nodes, args.latency_ms, args.models))) as fleet:
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,6 +215,33 @@ def main() -> int:
     scrape_ok, rss_ok = scrape <= 2 * latency, rss <= 60
     print(f"goal scrape ≤ 2 × L ({2 * args.latency_ms} ms): {'met' if scrape_ok else 'MISSED'}")
     print(f"goal RSS ≤ 60 MB: {'met' if rss_ok else 'MISSED'}")
+    return 0
+
+
+def main_burst(args: argparse.Namespace) -> int:
+    spec = fleet_from_dict(fleet_spec(args.nodes, args.latency_ms, args.models))
+    with Fleet(spec) as fleet, tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "gpu_router_config.yaml"
+        config_path.write_text(yaml.safe_dump(router_config(fleet.urls, args.timeout)))
+        process, url = start_exporter(config_path, Path(tmp) / "exporter.log")
+        try:
+            started = time.perf_counter()
+            times, outcomes, slow_connects = burst(url, args.burst, args.client_timeout)
+            wall = time.perf_counter() - started
+            threads = len(os.listdir(f"/proc/{process.pid}/task"))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=10)
+    print(f"fleet: {args.nodes} nodes, {args.latency_ms} ms latency; {args.burst} scrapes at once")
+    print("outcomes:               " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    print(
+        f"answer time:            p50 {percentile(times, 0.5):.2f} s, p95 {percentile(times, 0.95):.2f} s, "
+        f"max {times[-1] if times else float('nan'):.2f} s; all done in {wall:.2f} s"
+    )
+    print(f"connections that took ≥ 1 s to open (SYN dropped, backlog full): {slow_connects}")
+    print(f"exporter threads after: {threads}")
+    ok = outcomes.get("answered", 0) == args.burst and not slow_connects
+    print(f"goal every scrape answered, no connection refused or held back: {'met' if ok else 'MISSED'}")
     return 0
 
 

@@ -34,6 +34,7 @@ from exporter.config import Config, NodeConfig
 from exporter.ollamalog import LogFile, command_capacity, file_capacity
 from exporter.promsource import PrometheusCapacity
 from exporter.state import Capacity, GpuInfo
+from exporter.urls import redact
 
 # A batch reader: the capacity of each of `nodes` (by name) within `timeout` seconds. A node it leaves out
 # is unknown. Local probes ignore the nodes (they read this machine); a Prometheus reader queries per node.
@@ -273,4 +274,4 @@ class CapacityReader:
         try:
             return reader(nodes, timeout)
         except Exception as exc:  # a reader's bug must not hide the other nodes
-            return {n.name: unknown(f"{source}: {type(exc).__name__}: {exc}") for n in nodes}
+            return {n.name: unknown(redact(f"{source}: {type(exc).__name__}: {exc}")) for n in nodes}

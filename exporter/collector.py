@@ -27,6 +27,7 @@ from exporter.config import model_key
 from exporter.observe import Observer
 from exporter.room import Room
 from exporter.state import ClusterState, ModelNeed, NodeState
+from exporter.urls import redact
 
 # name → (labels, HELP). The order is the order of the scrape.
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -152,7 +153,7 @@ def _node_metrics(out: _Families, node: NodeState) -> None:
     capacity = node.capacity
     out.add("gpu_router_node_up", (name,), node.up)
     source = capacity.source if capacity.known else "unknown"
-    out.add("gpu_router_node_info", (name, node.config.url, node.version or "", node.era, source), 1)
+    out.add("gpu_router_node_info", (name, redact(node.config.url), node.version or "", node.era, source), 1)
     out.add("gpu_router_node_default_context_tokens", (name,), node.default_context[0])
     out.add("gpu_router_node_poll_duration_seconds", (name,), node.poll_seconds)
     if node.vram_total is not None and node.vram_usable is not None:

@@ -6,7 +6,7 @@ what was expected, e.g. ``gpu_router_config.yaml: nodes[1].vram: expected a size
 
 from __future__ import annotations
 
-import difflib
+import math
 import os
 import shlex
 from collections.abc import Mapping
@@ -16,13 +16,20 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from exporter.goduration import FOREVER, parse_keep_alive
 from exporter.units import parse_size
-from exporter.yamlfile import read_yaml
+from exporter.urls import identity
+from exporter.yamlfile import closest, read_yaml, show
 
 DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
 GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "ollama_log", "none")
 PROMETHEUS_TEMPLATES = ("dcgm", "nvidia_gpu_exporter", "gpu_router", "custom")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HOUR, DAY = 3600.0, 86400.0  # upper limits of the settings in seconds (request_timeout; the others)
+MAX_CONTEXT = 1 << 24  # tokens: num_ctx, context_length
+MAX_PARALLEL = 256  # num_parallel
+MAX_LOADS = 64  # optimizer.max_loads_per_node
+MAX_RETRIES = 16  # proxy.retries
 
 
 class ConfigError(ValueError):
@@ -138,6 +145,7 @@ class OptimizerSettings:
     max_loads_per_node: int = 1
     load_timeout: float = 300.0
     webhook_auth: WebhookAuth = field(default_factory=WebhookAuth)
+    protect_reads: bool = False  # the read endpoints (GET /, /api/v1/*) demand webhook_auth's credentials too
 
 
 @dataclass(frozen=True)
@@ -207,31 +215,45 @@ class _Reader:
 
     def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_show(value)}")
+            raise self.fail(path, f"expected a mapping, got {show(value)}")
         for key in value:
             if not isinstance(key, str) or key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(allowed)})"
-                raise self.fail(_join(path, str(key)), f"unknown key{hint}")
+                close = closest(key, allowed)
+                hint = f" (did you mean {close!r}?)" if close else f" (known keys: {', '.join(allowed)})"
+                raise self.fail(_join(path, show(key).strip("'")), f"unknown key{hint}")
         return value
 
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(path, f"expected a non-empty string, got {_show(value)}")
+            raise self.fail(path, f"expected a non-empty string, got {show(value)}")
         return value.strip()
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(path, f"expected true or false, got {_show(value)}")
+            raise self.fail(path, f"expected true or false, got {show(value)}")
         return value
 
-    def number(self, value: Any, path: str, *, minimum: float = 0.0, integer: bool = False) -> float:
+    def number(
+        self,
+        value: Any,
+        path: str,
+        *,
+        maximum: float,
+        minimum: float = 0.0,
+        positive: bool = False,
+        integer: bool = False,
+    ) -> float:
+        """A finite number in [minimum, maximum] (above 0 when `positive`), whole when `integer`."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(path, f"expected a number, got {_show(value)}")
-        if value < minimum:
-            raise self.fail(path, f"expected a number ≥ {minimum:g}, got {value!r}")
+            raise self.fail(path, f"expected a number, got {show(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(path, f"expected a finite number, got {show(value)}")
+        if value < minimum or (positive and value <= 0):
+            raise self.fail(path, f"expected a number {'>' if positive else '≥'} {minimum:g}, got {show(value)}")
+        if value > maximum:
+            raise self.fail(path, f"expected a number ≤ {maximum:.15g}, got {show(value)}")
         if integer and int(value) != value:
-            raise self.fail(path, f"expected a whole number, got {value!r}")
+            raise self.fail(path, f"expected a whole number, got {show(value)}")
         return value
 
     def size(self, value: Any, path: str) -> int:
@@ -247,22 +269,30 @@ class _Reader:
             port = parts.port
         except ValueError:
             port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-            raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {_show(value)}")
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https") or not 0 < len(host) <= 253 or port == -1:
+            raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {show(value)}")
         return text
 
     def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise self.fail(path, f"expected one of {', '.join(choices)}, got {_show(value)}{hint}")
+            close = closest(value, choices)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise self.fail(path, f"expected one of {', '.join(choices)}, got {show(value)}{hint}")
         return value
 
     def keep_alive(self, value: Any, path: str) -> int | float | str:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise self.fail(path, f"expected seconds or a duration like 5m, got {_show(value)}")
-        if isinstance(value, str) and not value.strip():
-            raise self.fail(path, "expected seconds or a duration like 5m, got ''")
+        """Ollama's keep_alive as its API reads it: seconds (negative = forever) or a Go duration ("5m")."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            if not number:
+                parse_keep_alive(value if isinstance(value, str) else None)
+            elif not abs(value) <= FOREVER:  # NaN compares False
+                raise ValueError("out of range")
+        except ValueError:
+            raise self.fail(
+                path, f"expected seconds (-1 = forever) or a duration like 5m or 1h30m, got {show(value)}"
+            ) from None
         return value
 
     def secret(self, raw: dict[str, Any], key: str, path: str) -> Secret | None:
@@ -278,16 +308,6 @@ class _Reader:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return repr(value)
 
 
 _TOP = (
@@ -326,6 +346,7 @@ _OPTIMIZER = (
     "max_loads_per_node",
     "load_timeout",
     "webhook_auth",
+    "protect_reads",
 )
 _PROXY = ("refresh_interval", "wait_for_gpu", "retries", "max_body", "read_timeout", "optimizer_url", "auth")
 _BEARER = ("bearer_token", "bearer_token_env", "bearer_token_file")
@@ -350,12 +371,12 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise r.fail("nodes", "missing: list the Ollama nodes, e.g. `- http://localhost:11434`")
     nodes = _nodes(r, raw["nodes"])
     priorities = _priorities(r, raw.get("priority_models") or [])
-    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin")
+    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin", maximum=math.inf)
     if not 0 < margin <= 1:
-        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {margin!r}")
+        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
     sizes_raw = raw.get("model_sizes") or {}
     if not isinstance(sizes_raw, dict):
-        raise r.fail("model_sizes", f"expected a mapping of model name to size, got {_show(sizes_raw)}")
+        raise r.fail("model_sizes", f"expected a mapping of model name to size, got {show(sizes_raw)}")
     model_sizes = {
         model_key(r.string(name, "model_sizes")): r.size(value, f"model_sizes.{name}")
         for name, value in sizes_raw.items()
@@ -367,12 +388,12 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return Config(
         nodes=nodes,
         priority_models=priorities,
-        check_interval=r.number(raw.get("check_interval", 300), "check_interval"),
+        check_interval=float(r.number(raw.get("check_interval", 300), "check_interval", maximum=DAY)),
         vram_safety_margin=float(margin),
         auto_optimize=r.boolean(raw.get("auto_optimize", True), "auto_optimize"),
         log_level=r.choice(level.upper() if isinstance(level, str) else level, "log_level", LOG_LEVELS),
         model_sizes=MappingProxyType(model_sizes),
-        request_timeout=_positive(r, raw.get("request_timeout", 2.0), "request_timeout"),
+        request_timeout=_seconds(r, raw.get("request_timeout", 2.0), "request_timeout", maximum=HOUR),
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
         proxy=_proxy(r, raw.get("proxy") or {}),
@@ -380,23 +401,21 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     )
 
 
-def _positive(r: _Reader, value: Any, path: str) -> float:
-    number = r.number(value, path)
-    if number <= 0:
-        raise r.fail(path, f"expected a number > 0, got {value!r}")
-    return float(number)
+def _seconds(r: _Reader, value: Any, path: str, maximum: float = DAY) -> float:
+    return float(r.number(value, path, positive=True, maximum=maximum))
 
 
 def _nodes(r: _Reader, value: Any) -> tuple[NodeConfig, ...]:
     if not isinstance(value, list) or not value:
-        raise r.fail("nodes", f"expected a non-empty list of node URLs or mappings, got {_show(value)}")
+        raise r.fail("nodes", f"expected a non-empty list of node URLs or mappings, got {show(value)}")
     nodes = tuple(_node(r, item, f"nodes[{i}]") for i, item in enumerate(value))
-    for attr in ("name", "url"):
+    for attr, same in (("name", str), ("url", identity)):
         seen: dict[str, int] = {}
         for i, node in enumerate(nodes):
-            key = getattr(node, attr)
+            key = same(getattr(node, attr))
             if key in seen:
-                raise r.fail(f"nodes[{i}].{attr}", f"duplicate {attr} {key!r} (also nodes[{seen[key]}])")
+                shown = show(getattr(node, attr))
+                raise r.fail(f"nodes[{i}].{attr}", f"duplicate {attr} {shown} (also nodes[{seen[key]}])")
             seen[key] = i
     return nodes
 
@@ -418,8 +437,10 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         raise r.fail(_join(path, "gpu_source"), "static needs vram or gpus on the node")
     ctx = raw.get("context_length")
     if ctx is not None:
-        ctx = int(r.number(ctx, _join(path, "context_length"), minimum=1, integer=True))
-    parallel = r.number(raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, integer=True)
+        ctx = int(r.number(ctx, _join(path, "context_length"), minimum=1, maximum=MAX_CONTEXT, integer=True))
+    parallel = r.number(
+        raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, maximum=MAX_PARALLEL, integer=True
+    )
     match = raw.get("prometheus_match")
     log = _ollama_log(r, raw.get("ollama_log"), _join(path, "ollama_log"))
     if source == "ollama_log" and log is None:
@@ -444,7 +465,7 @@ def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise r.fail(path, f'expected {{file: PATH}} or {{command: "journalctl -u ollama …"}}, got {_show(value)}')
+        raise r.fail(path, f'expected {{file: PATH}} or {{command: "journalctl -u ollama …"}}, got {show(value)}')
     raw = r.mapping(value, path, _OLLAMA_LOG)
     given = [key for key in _OLLAMA_LOG if raw.get(key) is not None]
     if len(given) != 1:
@@ -455,14 +476,14 @@ def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
     try:
         return OllamaLogSource(command=tuple(shlex.split(text)))
     except ValueError as exc:
-        raise r.fail(_join(path, "command"), f"cannot split {text!r} into words: {exc}") from None
+        raise r.fail(_join(path, "command"), f"cannot split {show(text)} into words: {exc}") from None
 
 
 def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise r.fail(path, f"expected a list like [{{name: RTX 3070, vram: 8GiB}}], got {_show(value)}")
+        raise r.fail(path, f"expected a list like [{{name: RTX 3070, vram: 8GiB}}], got {show(value)}")
     specs = []
     for i, item in enumerate(value):
         raw = r.mapping(item, f"{path}[{i}]", _GPU)
@@ -480,7 +501,7 @@ def _default_name(url: str) -> str:
 
 def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
     if not isinstance(value, list):
-        raise r.fail("priority_models", f"expected a list of model names or mappings, got {_show(value)}")
+        raise r.fail("priority_models", f"expected a list of model names or mappings, got {show(value)}")
     models = []
     for i, item in enumerate(value):
         path = f"priority_models[{i}]"
@@ -494,7 +515,11 @@ def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
         models.append(
             PriorityModel(
                 name=r.string(raw["name"], _join(path, "name")),
-                num_ctx=int(r.number(ctx, _join(path, "num_ctx"), minimum=1, integer=True)) if ctx else None,
+                num_ctx=(
+                    int(r.number(ctx, _join(path, "num_ctx"), minimum=1, maximum=MAX_CONTEXT, integer=True))
+                    if ctx is not None
+                    else None
+                ),
                 keep_alive=r.keep_alive(raw.get("keep_alive", -1), _join(path, "keep_alive")),
             )
         )
@@ -502,7 +527,7 @@ def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
     for i, model in enumerate(models):
         key = model_key(model.name)
         if key in seen:
-            raise r.fail(f"priority_models[{i}]", f"duplicate model {model.name!r} (also [{seen[key]}])")
+            raise r.fail(f"priority_models[{i}]", f"duplicate model {show(model.name)} (also [{seen[key]}])")
         seen[key] = i
     return tuple(models)
 
@@ -523,7 +548,7 @@ def _prometheus(r: _Reader, raw: dict[str, Any]) -> PrometheusSource:
         template=template,
         total_query=r.string(total, "prometheus.total_query") if total is not None else None,
         used_query=r.string(used, "prometheus.used_query") if used is not None else None,
-        max_age=_positive(r, block.get("max_age", 120.0), "prometheus.max_age"),
+        max_age=_seconds(r, block.get("max_age", 120.0), "prometheus.max_age"),
     )
 
 
@@ -538,21 +563,27 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
         raise r.fail(path, "basic auth needs both username and password (or password_env/password_file)")
     if token is not None and username is not None:
         raise r.fail(path, "give a bearer token or basic-auth credentials, not both")
-    cooldown = _positive(r, raw.get("cooldown_seconds", 30.0), "optimizer.cooldown_seconds")
-    cooldown_max = _positive(r, raw.get("cooldown_max_seconds", 900.0), "optimizer.cooldown_max_seconds")
+    cooldown = _seconds(r, raw.get("cooldown_seconds", 30.0), "optimizer.cooldown_seconds")
+    cooldown_max = _seconds(r, raw.get("cooldown_max_seconds", 900.0), "optimizer.cooldown_max_seconds")
     if cooldown_max < cooldown:
         raise r.fail("optimizer.cooldown_max_seconds", f"expected ≥ cooldown_seconds ({cooldown:g})")
-    loads = r.number(raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, integer=True)
+    loads = r.number(
+        raw.get("max_loads_per_node", 1), "optimizer.max_loads_per_node", minimum=1, maximum=MAX_LOADS, integer=True
+    )
+    protect_reads = r.boolean(raw.get("protect_reads", False), "optimizer.protect_reads")
+    if protect_reads and token is None and username is None:
+        raise r.fail("optimizer.protect_reads", "needs credentials in optimizer.webhook_auth to demand")
     return OptimizerSettings(
         cooldown_seconds=cooldown,
         cooldown_max_seconds=cooldown_max,
         max_loads_per_node=int(loads),
-        load_timeout=_positive(r, raw.get("load_timeout", 300.0), "optimizer.load_timeout"),
+        load_timeout=_seconds(r, raw.get("load_timeout", 300.0), "optimizer.load_timeout"),
         webhook_auth=WebhookAuth(
             bearer_token=token,
             username=r.string(username, f"{path}.username") if username is not None else None,
             password=password,
         ),
+        protect_reads=protect_reads,
     )
 
 
@@ -562,13 +593,13 @@ def _proxy(r: _Reader, value: Any) -> ProxySettings:
     url = raw.get("optimizer_url")
     body = r.size(raw["max_body"], "proxy.max_body") if raw.get("max_body") is not None else ProxySettings.max_body
     if body <= 0:
-        raise r.fail("proxy.max_body", f"expected a size > 0, got {raw['max_body']!r}")
+        raise r.fail("proxy.max_body", f"expected a size > 0, got {show(raw['max_body'])}")
     return ProxySettings(
-        refresh_interval=_positive(r, raw.get("refresh_interval", 2.0), "proxy.refresh_interval"),
-        wait_for_gpu=float(r.number(raw.get("wait_for_gpu", 0.0), "proxy.wait_for_gpu")),
-        retries=int(r.number(raw.get("retries", 2), "proxy.retries", integer=True)),
+        refresh_interval=_seconds(r, raw.get("refresh_interval", 2.0), "proxy.refresh_interval", maximum=HOUR),
+        wait_for_gpu=float(r.number(raw.get("wait_for_gpu", 0.0), "proxy.wait_for_gpu", maximum=HOUR)),
+        retries=int(r.number(raw.get("retries", 2), "proxy.retries", maximum=MAX_RETRIES, integer=True)),
         max_body=body,
-        read_timeout=_positive(r, raw.get("read_timeout", 300.0), "proxy.read_timeout"),
+        read_timeout=_seconds(r, raw.get("read_timeout", 300.0), "proxy.read_timeout"),
         optimizer_url=r.url(url, "proxy.optimizer_url") if url is not None else None,
         auth=WebhookAuth(bearer_token=r.secret(auth, "bearer_token", "proxy.auth")),
     )
@@ -577,12 +608,12 @@ def _proxy(r: _Reader, value: Any) -> ProxySettings:
 def load_config(path: str | Path) -> Config:
     """Read and validate a configuration file; raises ConfigError with a one-line message."""
     path = Path(path)
-    source = path.name if path.exists() else str(path)
+    source = str(path.absolute())  # the full path in every message: the operator sees which file is wrong
     try:
         data = read_yaml(path, source)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return parse_config(data, path.name)
+    return parse_config(data, source)
 
 
 def find_config(explicit: str | Path | None) -> Path:

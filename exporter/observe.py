@@ -18,6 +18,7 @@ from exporter.hidden import HiddenUsage
 from exporter.need import NeedLedger
 from exporter.ollama import OllamaClient, OllamaError
 from exporter.state import UNKNOWN, Capacity, ClusterState, NodeState
+from exporter.urls import redact
 
 _READS = ("ps", "tags", "version")
 _MAX_WORKERS = 1024
@@ -131,7 +132,7 @@ class Observer:
         for what, future in reads.items():
             if not future.done():
                 future.cancel()
-                failure = failure or ("timeout", f"{node.url}: no answer within {limit:g}s")
+                failure = failure or ("timeout", f"{redact(node.url)}: no answer within {limit:g}s")
                 seconds = limit
                 continue
             value, error, took = future.result()
@@ -139,7 +140,7 @@ class Observer:
             if isinstance(error, OllamaError):
                 failure = failure or (error.kind, str(error))
             elif error is not None:
-                failure = failure or ("error", f"{node.url}: {type(error).__name__}: {error}")
+                failure = failure or ("error", redact(f"{node.url}: {type(error).__name__}: {error}"))
             else:
                 values[what] = value
         if failure is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -11,12 +13,15 @@ from typing import Any
 
 import requests
 
+from exporter.urls import redact
+
 
 class OllamaError(Exception):
     """A call that failed; `kind` says how, never derived from the message text.
 
-    Kinds: refused, timeout, not_found (404), bad_request (400), busy (503), server_error (5xx),
-    http (any other non-2xx), garbage (a body that is not the JSON expected).
+    Kinds: name_lookup, refused, reset, tls, timeout, unreachable (`transport_error`), not_found (404),
+    bad_request (400), busy (503), server_error (5xx), http (any other non-2xx), garbage (a body that is not
+    the JSON expected).
     """
 
     def __init__(self, kind: str, message: str, status: int | None = None) -> None:
@@ -95,6 +100,7 @@ class OllamaClient:
         session: requests.Session | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.shown = redact(self.base_url)  # what messages name: without credentials
         self.timeout = (connect_timeout, read_timeout)
         self.session = session or requests.Session()
 
@@ -107,7 +113,7 @@ class OllamaClient:
         body = self._call("GET", "/api/version", timeout=timeout)
         version = body.get("version")
         if not isinstance(version, str):
-            raise OllamaError("garbage", f"{self.base_url}/api/version: no version string in the answer")
+            raise OllamaError("garbage", f"{self.shown}/api/version: no version string in the answer")
         return version
 
     def tags(self, timeout: float | None = None) -> tuple[InstalledModel, ...]:
@@ -124,7 +130,7 @@ class OllamaClient:
                 for m in models
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.base_url}/api/tags: malformed model entry ({exc})") from None
+            raise OllamaError("garbage", f"{self.shown}/api/tags: malformed model entry ({exc})") from None
 
     def ps(self, timeout: float | None = None) -> tuple[LoadedModel, ...]:
         models = self._models("/api/ps", timeout)
@@ -142,7 +148,7 @@ class OllamaClient:
                 for m in models
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.base_url}/api/ps: malformed model entry ({exc})") from None
+            raise OllamaError("garbage", f"{self.shown}/api/ps: malformed model entry ({exc})") from None
 
     def show(self, model: str, timeout: float | None = None) -> ShowInfo:
         body = self._call("POST", "/api/show", {"model": model}, timeout=timeout)
@@ -156,7 +162,7 @@ class OllamaClient:
                 raw=MappingProxyType(body),
             )
         except (TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.base_url}/api/show: malformed answer ({exc})") from None
+            raise OllamaError("garbage", f"{self.shown}/api/show: malformed answer ({exc})") from None
 
     # ---------------------------------------------------------------------------------------- actions
 
@@ -203,24 +209,19 @@ class OllamaClient:
         body = self._call("GET", path, timeout=timeout)
         models = body.get("models")
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-            raise OllamaError("garbage", f"{self.base_url}{path}: expected {{'models': [...]}}")
+            raise OllamaError("garbage", f"{self.shown}{path}: expected {{'models': [...]}}")
         return models
 
     def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        url = self.base_url + path
+        url = self.shown + path
         limit = self.timeout if timeout is None else (min(self.timeout[0], timeout), timeout)
         try:
-            response = self.session.request(method, url, json=body, timeout=limit)
-        except requests.exceptions.ConnectTimeout:
-            raise OllamaError("timeout", f"{url}: connect timed out") from None
-        except requests.exceptions.ReadTimeout:
-            raise OllamaError("timeout", f"{url}: no answer within {limit[1]:g}s") from None
-        except requests.exceptions.ConnectionError:
-            raise OllamaError("refused", f"{url}: connection refused or reset") from None
+            response = self.session.request(method, self.base_url + path, json=body, timeout=limit)
         except requests.exceptions.RequestException as exc:
-            raise OllamaError("refused", f"{url}: {type(exc).__name__}") from None
+            kind, words = transport_error(exc, limit)
+            raise OllamaError(kind, f"{url}: {words}") from None
         status = response.status_code
         if status >= 300:
             raise OllamaError(_kind(status), f"{url}: HTTP {status}: {_error_text(response)}", status)
@@ -231,6 +232,47 @@ class OllamaClient:
         if not isinstance(parsed, dict):
             raise OllamaError("garbage", f"{url}: expected a JSON object", status)
         return parsed
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception and everything behind it: causes, contexts, urllib3's `reason`, exceptions in `args`."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e in seen:
+            continue
+        seen.append(e)
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None)) if isinstance(x, BaseException)]
+        todo += [a for a in e.args if isinstance(a, BaseException)]
+    return seen
+
+
+def transport_error(exc: BaseException, timeout: tuple[float, float] | float | None = None) -> tuple[str, str]:
+    """(kind, words) for a request that got no HTTP answer: each cause its own words, the one place that says so.
+
+    name_lookup: the host name does not resolve; refused: nothing listens on that port; reset: the connection
+    was reset or closed before an answer; tls: the TLS handshake failed; timeout: no connection or no answer in
+    time; unreachable: anything else on the way (no route to host, ...).
+    """
+    connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    chain = _causes(exc)
+    names = {type(e).__name__ for e in chain}
+    if any(isinstance(e, socket.gaierror) for e in chain) or "NameResolutionError" in names:
+        return "name_lookup", "host name does not resolve (DNS lookup failed)"
+    if any(isinstance(e, (ssl.SSLError, requests.exceptions.SSLError)) for e in chain):
+        detail = next((str(e.reason or e) for e in chain if isinstance(e, ssl.SSLError)), "")
+        return "tls", "TLS handshake failed" + (f" ({detail})" if detail else "")
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "refused", "connection refused (nothing listens on that port, or the node is down)"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "timeout", "no connection within " + (f"{connect:g}s" if connect else "the time limit")
+    if isinstance(exc, requests.exceptions.ReadTimeout) or any(isinstance(e, TimeoutError) for e in chain):
+        return "timeout", "no answer within " + (f"{read:g}s" if read else "the time limit")
+    if any(isinstance(e, ConnectionResetError) for e in chain) or "RemoteDisconnected" in names:
+        return "reset", "connection reset: the server closed it before answering"
+    detail = next((e for e in reversed(chain) if isinstance(e, OSError) and e.strerror), None)
+    return "unreachable", detail.strerror if detail is not None and detail.strerror else type(exc).__name__
 
 
 def _kind(status: int) -> str:

@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 import requests
 
 from exporter.config import NodeConfig, PrometheusSource
+from exporter.ollama import transport_error
 from exporter.state import Capacity, GpuInfo
+from exporter.urls import redact
 
 MIB = 1024 * 1024
 
@@ -164,6 +166,12 @@ class PrometheusCapacity:
             used = self.query(used_q, max(0.1, timeout - (time.monotonic() - started)))
             ages = self.query(fresh_q, max(0.1, timeout - (time.monotonic() - started))) if fresh_q else None
         except (requests.RequestException, ValueError, KeyError, TypeError, IndexError) as exc:
-            reason = f"Prometheus at {self.source.url} could not be read for {where}: {type(exc).__name__}: {exc}"
+            words = (
+                transport_error(exc, timeout)[1]
+                if isinstance(exc, (requests.ConnectionError, requests.Timeout))
+                else None
+            )
+            words = words or f"{type(exc).__name__}: {exc}"
+            reason = redact(f"Prometheus at {self.source.url} could not be read for {where}: {words}")
             return Capacity(source="unknown", reason=reason[:300])
         return capacity_from(total, used, ages, self.source.max_age, where)

@@ -1,8 +1,9 @@
 """`gpu-router exporter`: serves the cluster's metrics on a threaded HTTP server.
 
 `GET /metrics` (Prometheus text format; OpenMetrics when asked), `GET /` (a small page linking to /metrics),
-`GET /healthz`. Each scrape polls the cluster (see exporter.collector); concurrent scrapes run in their own
-threads. SIGTERM and SIGINT stop the server cleanly.
+`GET /healthz`. Each scrape polls the cluster (see exporter.collector). Served by waitress like the optimizer
+(exporter.wsgiserve): up to `THREADS` scrapes at once, more wait in a 1024-deep listen backlog. SIGTERM and
+SIGINT stop the server cleanly.
 """
 
 from __future__ import annotations
@@ -13,34 +14,43 @@ import gzip
 import html
 import logging
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
+from exporter import logfmt
 from exporter.collector import cluster_registry, exporter_version
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
+from exporter.urls import redact
+from exporter.wsgiserve import Served, serve
 
 DEFAULT_LISTEN = "127.0.0.1:9877"
+THREADS = 8  # scrapes answered at once; more wait in the listen backlog (each scrape polls every node)
+MAX_BODY = 64 * 1024  # the exporter answers GET only
 M_ARENA_MAX = -8  # glibc mallopt parameter
 log = logging.getLogger("gpu_router.exporter")
 
 StartResponse = Callable[..., Any]
 
 
+ALL_INTERFACES = "0.0.0.0"  # what `--listen :PORT` means
+
+
 def parse_listen(text: str, default: str = DEFAULT_LISTEN) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 in brackets) → (host, port); raises ValueError naming the problem and an example."""
+    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` for every interface (as Prometheus exporters take it) → (host,
+    port); raises ValueError naming the problem and an example."""
     host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen: expected HOST:PORT like {default}, got {text!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if sep and not host and not bracketed:
+        host = ALL_INTERFACES
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or (":" in host and not bracketed):
+        raise ValueError(f"--listen: expected HOST:PORT, [IPv6]:PORT or :PORT like {default}, got {text!r}")
     return host, int(port)
 
 
@@ -54,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def landing_page(config: Config, version: str) -> bytes:
-    nodes = "".join(f"<li>{html.escape(n.name)} — <code>{html.escape(n.url)}</code></li>" for n in config.nodes)
+    nodes = "".join(f"<li>{html.escape(n.name)} — <code>{html.escape(redact(n.url))}</code></li>" for n in config.nodes)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>GPU Router exporter</title></head>"
         f"<body><h1>GPU Router exporter</h1><p>Version {html.escape(version)}.</p>"
@@ -107,53 +117,41 @@ def _reply(
     return [body]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    disable_nagle_algorithm = True  # headers and body are separate writes: no delayed-ACK stall between them
+class ExporterServer:
+    """The exporter being served (see exporter.wsgiserve: a real backlog, bounded threads, idle timeouts); it
+    owns the cluster observer."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s - %s", self.address_string(), format % args)
-
-
-class ExporterServer(ThreadingMixIn, WSGIServer):
-    """A WSGI server that answers each request in its own thread and owns the cluster observer."""
-
-    daemon_threads = True
-    observer: Observer
+    def __init__(self, served: Served, observer: Observer) -> None:
+        self.served = served
+        self.observer = observer
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        return self.served.url
 
     def stop(self) -> None:
-        """Stop serving, close the socket and the observer's connections."""
-        self.shutdown()
-        self.server_close()
+        """Stop serving, close the sockets and the observer's connections."""
+        self.served.stop()
         self.observer.close()
 
 
-class _ExporterServer6(ExporterServer):
-    address_family = socket.AF_INET6
-
-
 def start_exporter(
-    config: Config, host: str = "127.0.0.1", port: int = 0, observer: Observer | None = None
+    config: Config, host: str = "127.0.0.1", port: int = 0, observer: Observer | None = None, threads: int = THREADS
 ) -> tuple[ExporterServer, threading.Thread]:
-    """Serve the exporter on (host, port) in a background thread; port 0 picks a free one (`server.url`).
+    """Serve the exporter on (host, port) in background threads; port 0 picks a free one (`server.url`).
 
     Stop it with `server.stop()` and join the thread.
     """
     observer = observer or Observer(config)
-    cls = _ExporterServer6 if ":" in host else ExporterServer
     try:
-        server = make_server(host, port, exporter_app(config, observer), server_class=cls, handler_class=_QuietHandler)
+        served = serve(
+            exporter_app(config, observer), host, port, name="gpu-router-exporter", threads=threads,
+            max_request_body_size=MAX_BODY,
+        )  # fmt: skip
     except BaseException:
         observer.close()
         raise
-    server.observer = observer
-    thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="exporter-http", daemon=True)
-    thread.start()
-    return server, thread
+    return ExporterServer(served, observer), served.thread
 
 
 def limit_malloc_arenas(count: int = 2) -> bool:
@@ -175,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     config = load_config(find_config(args.config))
     limit_malloc_arenas()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logfmt.setup(config.log_level)
     try:
         server, thread = start_exporter(config, host, port)
     except OSError as exc:
@@ -184,9 +182,12 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("serving %s/metrics for %d node(s) from %s", server.url, len(config.nodes), config.source)
+    logfmt.log_event(
+        log, logging.INFO, "listening", url=f"{server.url}/metrics", nodes=len(config.nodes), config=config.source
+    )
     stop.wait()
-    log.info("stopping")
+    logfmt.log_event(log, logging.INFO, "stopping", outcome="signal received")
     server.stop()
     thread.join(timeout=5)
+    logfmt.log_event(log, logging.INFO, "stopped", outcome="ok")
     return 0

@@ -17,16 +17,17 @@ from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from exporter import catalog
-from exporter.config import Config, PriorityModel, model_key
+from exporter.config import Config, PriorityModel
 from exporter.observe import Observer
 from exporter.state import ClusterState
 from optimizer import decide, render, statuspage, webhook
 from optimizer.auth import Authenticator
 from optimizer.jobs import JobQueue, Metrics, Remediator, log, log_event
+from optimizer.reconcile import Reconciler
 from optimizer.webhook import PayloadError
 
 EXTENSION = "gpu_router"
+OPEN_PATHS = ("/healthz", "/metrics")  # open even with optimizer.protect_reads: probes and Prometheus
 
 
 @dataclasses.dataclass
@@ -39,6 +40,14 @@ class Services:
     metrics: Metrics
     auth: Authenticator
     states: StateCache
+    reconciler: Reconciler | None = None
+
+    def dead_loops(self) -> list[str]:
+        """The threads the optimizer needs that ended on their own (the reconcile loop, job workers)."""
+        dead = self.queue.dead_workers()
+        if self.reconciler is not None and self.reconciler.dead:
+            dead.insert(0, "optimizer-reconcile")
+        return dead
 
 
 class StateCache:
@@ -75,9 +84,11 @@ def create_app(
     metrics: Metrics | None = None,
     auth: Authenticator | None = None,
     state_max_age: float = 1.0,
+    reconciler: Reconciler | None = None,
 ) -> Flask:
     """The Flask application. Without a `queue`, one backed by a `Remediator` is made and started (its
-    worker threads are daemons; stop them with ``app.extensions["gpu_router"].queue.stop()``)."""
+    worker threads are daemons; stop them with ``app.extensions["gpu_router"].queue.stop()``). /healthz
+    watches the queue's workers and the `reconciler`, when given."""
     observer = observer or Observer(config)
     metrics = metrics or (queue.metrics if queue is not None else Metrics())
     if queue is None:
@@ -90,6 +101,7 @@ def create_app(
         metrics=metrics,
         auth=auth or Authenticator(config.optimizer.webhook_auth),
         states=StateCache(observer, state_max_age),
+        reconciler=reconciler,
     )
     app = Flask("gpu_router.optimizer")
     app.config["MAX_CONTENT_LENGTH"] = webhook.MAX_BODY
@@ -106,6 +118,19 @@ def create_app(
 
 def _routes(app: Flask, s: Services) -> None:
     config = s.config
+
+    if config.optimizer.protect_reads:
+
+        @app.before_request
+        def guard_reads() -> Any:
+            """With `optimizer.protect_reads`, reads other than /healthz and /metrics demand the credentials
+            (the write endpoints check them, and count refusals, themselves)."""
+            if request.method not in ("GET", "HEAD") or request.path in OPEN_PATHS:
+                return None
+            if s.auth.allows(request.headers.get("Authorization")):
+                return None
+            log_event(logging.WARNING, "read", outcome="unauthorized", path=request.path, remote=request.remote_addr)
+            return _unauthorized(s.auth)
 
     @app.get("/")
     def index() -> Any:
@@ -157,21 +182,21 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/api/v1/status")
     def status() -> Any:
-        return render.status_json(s.states.get(), time.time())
+        return {"command": "status", **render.status_json(s.states.get(), time.time())}
 
     @app.get("/api/v1/route")
     def route() -> Any:
         state, model = _model_query(s)
-        return render.route_json(decide.route(state, model, time.time()))
+        return {"command": "route", **render.route_document(state, model, time.time())}
 
     @app.get("/api/v1/check")
     def check() -> Any:
         state, model = _model_query(s)
-        return render.check_json(decide.check(state, model, time.time()))
+        return {"command": "check", **render.check_json(decide.check(state, model, time.time()))}
 
     @app.get("/api/v1/models")
     def models() -> Any:
-        return {"models": render.model_rows(s.states.get())}
+        return {"command": "models", "models": render.model_rows(s.states.get())}
 
     @app.post("/api/v1/optimize")
     def optimize() -> Any:
@@ -180,8 +205,9 @@ def _routes(app: Flask, s: Services) -> None:
             return _unauthorized(s.auth)
         dry_run, wanted = _optimize_request(config)
         if dry_run:
-            plan = decide.restrict(decide.plan(s.states.get(), now=time.time()), [p.name for p in wanted])
-            return {"dry_run": True, "plan": render.plan_json(plan)}
+            state, now = s.states.get(), time.time()
+            plan = decide.restrict(decide.plan(state, now=now), [p.name for p in wanted])
+            return {"dry_run": True, "plan": render.plan_json(plan, state, now)}
         if not config.auto_optimize:
             raise ApiError(409, "auto_optimize is false (monitor only): ask with dry_run, or enable it")
         queued = [_submission(s.queue.submit(p.name, source="api")) for p in wanted]
@@ -198,7 +224,12 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/healthz")
     def healthz() -> Any:
-        return {"status": "ok", "auto_optimize": config.auto_optimize, "queue_depth": s.queue.depth}
+        body = {"status": "ok", "auto_optimize": config.auto_optimize, "queue_depth": s.queue.depth}
+        dead = s.dead_loops()
+        if not dead:
+            return body
+        error = f"stopped unexpectedly: {', '.join(dead)} (see the log; restart the optimizer)"
+        return {"error": error, **body, "status": "failing", "dead": dead}, 503
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -243,10 +274,12 @@ def _model_query(s: Services) -> tuple[ClusterState, str]:
     if not model:
         raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
     state = s.states.get()
-    key = model_key(model)
-    if key not in state.known_models() and catalog.find(key) is None:
-        shown = webhook.clip(model)
-        raise ApiError(404, f"unknown model {shown!r}: not installed on any node, not in the catalog")
+    if not decide.is_known(state, model):
+        close = decide.close_models(state, model)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ApiError(
+            404, f"unknown model {webhook.clip(model)!r}: not installed on any node, not in the catalog{hint}"
+        )
     return state, model
 
 

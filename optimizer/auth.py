@@ -1,4 +1,5 @@
-"""Credentials for the optimizer's write endpoints (/webhook, POST /api/v1/optimize): bearer or basic auth.
+"""Credentials for the optimizer's write endpoints (/webhook, POST /api/v1/optimize), and with
+`optimizer.protect_reads` for its read endpoints too: bearer or basic auth.
 
 Secrets are resolved once, when the service starts (a missing file or variable is a ConfigError then, not a
 401 later), and compared in constant time.

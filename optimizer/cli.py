@@ -1,17 +1,22 @@
 """The `gpu-router` command line: one console script, one subcommand per job.
 
-Exit status: 0 done, 1 the job failed (a load that did not land, a node that did not answer), 2 bad usage
-or configuration.
+Exit statuses: `optimizer.exitcodes` (shown by `gpu-router --help`). A reader that stops early
+(`gpu-router status | head -1`) changes nothing: the rest of the output is dropped and the status is still the
+answer's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 from exporter.config import ConfigError
+from optimizer import exitcodes
 
 # subcommand → (module, help). Each module has `main(args) -> int` and, except the decision commands (whose
 # few arguments are declared here and whose shared `main` dispatches on `args.command`), `add_arguments`.
@@ -31,20 +36,27 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulator.run", "run a simulated Ollama fleet (the built-in demo cluster by default)"),
     "demo": ("optimizer.demo", "the whole story on the demo cluster: CPU fallback detected and fixed"),
 }
+# Which subcommands read the router configuration (--config) and which print JSON (--json): only flags that act.
+TAKES_CONFIG = frozenset(("status", "route", "check", "models", "optimize", "report", "exporter", "optimizer", "proxy"))
+TAKES_JSON = frozenset(("status", "route", "check", "models", "optimize", "report"))
 
 
-def _common(defaults: bool) -> argparse.ArgumentParser:
-    """--config and --json, accepted before or after the subcommand (the later one wins)."""
-    common = argparse.ArgumentParser(add_help=False)
-    unset = {} if defaults else {"default": argparse.SUPPRESS}
-    common.add_argument(
+def _config_flag(parser: argparse.ArgumentParser, default: bool) -> None:
+    parser.add_argument(
         "--config",
         metavar="PATH",
         help="configuration file (default ./gpu_router_config.yaml, then /etc/gpu-router/config.yaml)",
-        **unset,
+        **({} if default else {"default": argparse.SUPPRESS}),
     )
-    common.add_argument("--json", action="store_true", help="print one JSON document instead of text", **unset)
-    return common
+
+
+def _json_flag(parser: argparse.ArgumentParser, default: bool) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document instead of text",
+        **({} if default else {"default": argparse.SUPPRESS}),
+    )
 
 
 def _decision_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -57,15 +69,25 @@ def _decision_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only the chosen subcommand's module is imported (all of them when none is chosen)."""
+    """The parser; only the chosen subcommand's module is imported (all of them when none is chosen).
+
+    --config and --json are accepted before the subcommand too (the later one wins), and only where they act.
+    """
     parser = argparse.ArgumentParser(
         prog="gpu-router",
         description="Keep priority Ollama models on GPU across a cluster.",
-        parents=[_common(defaults=True)],
+        epilog="exit status:\n" + exitcodes.table_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _config_flag(parser, default=True)
+    _json_flag(parser, default=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=text, description=text, parents=[_common(defaults=False)])
+        sub_parser = sub.add_parser(name, help=text, description=text)
+        if name in TAKES_CONFIG:
+            _config_flag(sub_parser, default=False)
+        if name in TAKES_JSON:
+            _json_flag(sub_parser, default=False)
         if module == "optimizer.commands":
             _decision_arguments(name, sub_parser)
         elif chosen in (None, name):
@@ -73,19 +95,81 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The arguments; a flag given before a subcommand that does not use it is a usage error (exit 2)."""
+    argv = list(argv)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    parser = build_parser(chosen)
+    args = parser.parse_args(argv)
+    if args.json and args.command not in TAKES_JSON:
+        parser.error(f"--json: `gpu-router {args.command}` prints no JSON document")
+    if args.config is not None and args.command not in TAKES_CONFIG:
+        what = "--fleet FILE" if args.command == "simulate" else "the built-in demo cluster"
+        parser.error(f"--config: `gpu-router {args.command}` reads no router configuration (it runs {what})")
+    return args
+
+
+class QuietPipe:
+    """A text stream that, once its reader has gone (EPIPE), drops what is written instead of raising.
+
+    The file descriptor is then pointed at /dev/null, so the interpreter's last flush does not fail either.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def _gone(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def quiet_pipes() -> Iterator[None]:
+    """stdout and stderr as `QuietPipe`s for the duration (restored after)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = QuietPipe(sys.stdout), QuietPipe(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        sys.stdout, sys.stderr = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand and return its exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
-    args = build_parser(chosen).parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    try:
-        return int(module.main(args))
-    except ConfigError as exc:
-        print(f"gpu-router: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with quiet_pipes():
+        args = parse(sys.argv[1:] if argv is None else argv)
+        module = importlib.import_module(SUBCOMMANDS[args.command][0])
+        try:
+            return int(module.main(args))
+        except ConfigError as exc:
+            print(f"gpu-router: {exc}", file=sys.stderr)
+            return exitcodes.USAGE
+        except KeyboardInterrupt:
+            return exitcodes.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,20 +1,20 @@
 """The decision subcommands of `gpu-router`: status, route, check, models, optimize, report.
 
 Each reads the configuration, polls the cluster once and prints text like the original guide, or with
-`--json` one JSON document with the same facts. Exit status:
+`--json` one JSON document with the same facts. Exit statuses (`optimizer.exitcodes`), the same verdict the
+same status in every subcommand:
 
-- 0: done (a model that fits nowhere on GPU is an answer, not a failure);
-- 1: the job failed: no node answered at all; `route` found no node that can run the model; `optimize`
-  had a step fail (a load that did not land on GPU, an eviction that did not happen), or left a priority
-  model off GPU while a node was down (the node that did not answer might have been its home);
-- 2: bad usage or configuration; an unknown model (not installed or loaded anywhere, not in the catalog,
-  not configured) gets a one-line error with close matches.
+- 0: done, every node answered (a model that fits no GPU but runs on CPU is an answer, not a failure);
+- 1: a node did not answer (the answer covers only the others); route/check: no node can run the model;
+  optimize: a step failed (a load that did not land on GPU, an eviction that did not happen);
+- 2: bad usage or configuration: an unknown model (not installed or loaded anywhere, not in the catalog, not
+  configured) gets a one-line error with close matches; a priority model installed on no node (when every
+  node answered) is flagged in status, report and optimize.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 import threading
@@ -22,12 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from exporter import catalog
-from exporter.config import Config, find_config, load_config, model_key
+from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
 from exporter.state import ClusterState
-from optimizer import render
-from optimizer.decide import Step, check, plan, route
+from optimizer import exitcodes, render
+from optimizer.decide import Step, check, close_models, is_known, plan, route, uninstalled_priority
 from optimizer.execute import execute
 
 
@@ -38,10 +37,15 @@ def main(args: argparse.Namespace) -> int:
     with Observer(config) as observer:
         state = observer.poll()
         now = time.time()
-        if not any(n.up for n in state.nodes):
+        if not _readable(state):
             reasons = "; ".join(f"{n.name}: {n.error or n.error_kind}" for n in state.nodes)
             print(f"gpu-router: no node answered ({reasons})", file=sys.stderr)
-        return handler(args, state, now, observer)
+        code = handler(args, state, now, observer)
+        if code == exitcodes.USAGE and not _readable(state):
+            return code
+        down = exitcodes.FAILED if any(not n.up for n in state.nodes) else exitcodes.OK
+        missing = exitcodes.USAGE if args.command in _FLAGS_PRIORITY and _misconfigured(state) else exitcodes.OK
+        return exitcodes.worst(code, down, missing)
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) -> None:
@@ -55,17 +59,16 @@ def _readable(state: ClusterState) -> bool:
     return any(n.up for n in state.nodes)
 
 
-def _known(state: ClusterState, model: str) -> bool:
-    key = model_key(model)
-    return key in state.known_models() or catalog.find(key) is not None
+def _misconfigured(state: ClusterState) -> bool:
+    """A priority model installed on no node, and every node answered (so it is not on one that is down)."""
+    return all(n.up for n in state.nodes) and bool(uninstalled_priority(state))
 
 
 def _unknown_model(state: ClusterState, model: str) -> int:
-    names = set(state.known_models()) | {n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)}
-    close = difflib.get_close_matches(model_key(model), sorted(names), n=3, cutoff=0.6)
+    close = close_models(state, model)
     hint = f" (did you mean {', '.join(close)}?)" if close else " (see `gpu-router models`)"
     print(f"gpu-router: unknown model {model!r}: not installed on any node, not in the catalog{hint}", file=sys.stderr)
-    return 2
+    return exitcodes.USAGE
 
 
 # ------------------------------------------------------------------------------------------- subcommands
@@ -73,30 +76,31 @@ def _unknown_model(state: ClusterState, model: str) -> int:
 
 def _status(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
     _emit(args, {"command": "status", **render.status_json(state, now)}, render.status_text(state, now))
-    return 0 if _readable(state) else 1
+    return exitcodes.OK
 
 
 def _route(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
-    if _readable(state) and not _known(state, args.model):
+    if _readable(state) and not is_known(state, args.model):
         return _unknown_model(state, args.model)
     result = route(state, args.model, now)
-    document = {"command": "route", **render.route_json(result)}
-    _emit(args, document, render.route_text(result, state))
-    return 0 if result.node is not None else 1
+    differs = render.route_divergence(state, result, now)
+    document = {"command": "route", **render.route_json(result, differs)}
+    _emit(args, document, render.route_text(result, state, differs))
+    return exitcodes.OK if result.node is not None else exitcodes.FAILED
 
 
 def _check(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
-    if _readable(state) and not _known(state, args.model):
+    if _readable(state) and not is_known(state, args.model):
         return _unknown_model(state, args.model)
     result = check(state, args.model, now)
-    _emit(args, {"command": "check", **render.check_json(result)}, render.check_text(result))
-    return 0 if _readable(state) else 1
+    _emit(args, {"command": "check", **render.check_json(result)}, render.check_text(result, state))
+    return exitcodes.OK if route(state, args.model, now).node is not None else exitcodes.FAILED
 
 
 def _models(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
     rows = render.model_rows(state)
     _emit(args, {"command": "models", "models": rows}, render.models_text(state, rows))
-    return 0 if _readable(state) else 1
+    return exitcodes.OK
 
 
 def _report(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
@@ -105,10 +109,10 @@ def _report(args: argparse.Namespace, state: ClusterState, now: float, _: Observ
         "command": "report",
         "status": render.status_json(state, now),
         "priority_models": render.report_models(state, result, now),
-        "plan": render.plan_json(result),
+        "plan": render.plan_json(result, state, now),
     }
     _emit(args, document, render.report_text(state, result, now))
-    return 0 if _readable(state) else 1
+    return exitcodes.OK
 
 
 def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observer: Observer) -> int:
@@ -117,13 +121,14 @@ def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observe
     dry_run, why = _mode(args, config)
     as_json = getattr(args, "json", False)
     if not as_json:
-        print("\n".join(render.plan_text(result, state)))
+        print("\n".join(render.plan_text(result, state, now)))
         print()
         print("Executing Routing Plan" if not dry_run else f"Routing Plan (dry run: {why})")
         print(render.RULE)
-        if dry_run or not result.steps:
-            lines = [render.step_line(s) for s in result.steps] or ["Nothing to do."]
-            print("\n".join(f"Would {line}" if dry_run and result.steps else line for line in lines))
+        if not result.steps:
+            print("Nothing to do.")
+        elif dry_run:
+            print(f"Nothing changed: {len(result.steps)} step(s) above would run.")
     execution = execute(
         result,
         state,
@@ -133,24 +138,24 @@ def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observe
         on_event=None if as_json else _printer(),
     )
     down = [n.name for n in state.nodes if not n.up]
-    code = 1 if not _readable(state) or not execution.ok or (result.unplaced and down) else 0
+    code = exitcodes.OK if execution.ok else exitcodes.FAILED
     if as_json:
         document = {
             "command": "optimize",
             "dry_run": dry_run,
             "mode": why,
-            "plan": render.plan_json(result),
+            "plan": render.plan_json(result, state, now),
             **render.execution_json(execution),
             "nodes_down": down,
-            "exit_status": code,
         }
         print(json.dumps(document, indent=2, default=str))
         return code
     print()
     if not dry_run:
         print(render.execution_summary(execution, result))
-    if result.unplaced and down:
-        print(f"Nodes that did not answer: {', '.join(down)} (a priority model is left off GPU)")
+    if down:
+        left = " (a priority model is left off GPU)" if result.unplaced else ""
+        print(f"Nodes that did not answer: {', '.join(down)}{left}")
     return code
 
 
@@ -184,3 +189,4 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, ClusterState, float, Observer
     "optimize": _optimize,
     "report": _report,
 }
+_FLAGS_PRIORITY = frozenset(("status", "report", "optimize"))  # the commands that judge the priority models

@@ -15,17 +15,18 @@ per node.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from exporter import eras
+from exporter import catalog, eras
 from exporter.config import PriorityModel, model_key
 from exporter.need import Facts, Sizing, model_need
 from exporter.ollama import LoadedModel
 from exporter.room import Room, per_gpu_extra
 from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.units import mb
+from exporter.units import size_text
 
 ALL_LAYERS = 999  # num_gpu asking for every layer when a model's layer count is not known
 
@@ -63,6 +64,46 @@ def need_of(state: ClusterState, model: str, node: NodeState) -> ModelNeed | Non
         num_ctx=priority.num_ctx if priority else None,
     )
     return model_need(key, facts, Sizing.of(node))
+
+
+def installed_models(state: ClusterState) -> list[str]:
+    """Every model installed or loaded on a node that answered, sorted."""
+    names = {model_key(m.name) for n in state.nodes for m in (*n.installed, *n.loaded)}
+    return sorted(names)
+
+
+def _likeness(wanted: str, name: str) -> float:
+    """How alike two model names are: whole names, or the names without their tags (`llama9` ~ `llama3.2:1b`)."""
+    whole = difflib.SequenceMatcher(None, wanted, name).ratio()
+    base = difflib.SequenceMatcher(None, wanted.split(":")[0], name.split(":")[0]).ratio()
+    return max(whole, base)
+
+
+def close_models(state: ClusterState, model: str, limit: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Names close to `model`: the installed (or loaded) ones first, catalog names only when none is close."""
+    key = model_key(model)
+    catalog_names = sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)})
+    for names in (installed_models(state), catalog_names):
+        scored = sorted(((_likeness(key, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
+        close = [n for score, n in scored if score >= cutoff][:limit]
+        if close:
+            return close
+    return []
+
+
+def is_known(state: ClusterState, model: str) -> bool:
+    """Installed or loaded on a node that answered, in the catalog, or given a size in the configuration; a
+    priority model counts too while a node is down (it may be installed there)."""
+    key = model_key(model)
+    if key in installed_models(state) or key in state.config.model_sizes or catalog.find(key) is not None:
+        return True
+    return any(not n.up for n in state.nodes) and state.config.priority(key) is not None
+
+
+def uninstalled_priority(state: ClusterState) -> list[str]:
+    """Priority models that no node that answered has installed or loaded (a misspelt name, or not pulled)."""
+    there = set(installed_models(state))
+    return [model_key(p.name) for p in state.config.priority_models if model_key(p.name) not in there]
 
 
 def _priority_keys(state: ClusterState) -> frozenset[str]:
@@ -134,7 +175,7 @@ def _has_gpu(node: NodeState) -> bool | None:
 
 def sizing_text(need: ModelNeed) -> str:
     """`5024 MB at 4096 tokens (llama-server, estimated)`: a need with the context and era behind it."""
-    return f"{mb(need.bytes)}MB at {need.num_ctx} tokens ({eras.LABELS[need.era]}, {need.source})"
+    return f"{size_text(need.bytes)} at {need.num_ctx} tokens ({eras.LABELS[need.era]}, {need.source})"
 
 
 def _rules_text(room: Room, need: ModelNeed) -> str:
@@ -143,7 +184,7 @@ def _rules_text(room: Room, need: ModelNeed) -> str:
     if not extra:
         return ""
     what = "llama.cpp's fit margin" if room.era == eras.LLAMA_SERVER else "Ollama's reserve"
-    return f" + {mb(extra)}MB {what}"
+    return f" + {size_text(extra)} {what}"
 
 
 def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset[str], now: float) -> Verdict:
@@ -159,7 +200,7 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     usable, free = node.vram_usable, node.vram_free
     need = need_of(state, key, node)
     if copy is not None and copy.fully_on_gpu:
-        why = f"Already loaded fully on GPU ({mb(copy.size)}MB)"
+        why = f"Already loaded fully on GPU ({size_text(copy.size)})"
         return Verdict(name, True, "loaded_on_gpu", why, copy.size, usable, free, sizing=need)
     gpu = _has_gpu(node)
     if gpu is False:
@@ -185,16 +226,16 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     if copy is not None:
         here = f" (loaded here {copy.gpu_ratio:.0%} on GPU, "
         here += "reload in place)" if reload else "busy: cannot reload now)"
-    needed = f"{mb(size)}MB{_rules_text(room, need)}"
+    needed = f"{size_text(size)}{_rules_text(room, need)}"
 
     def verdict(fits: bool, kind: str, why: str, evict: tuple[str, ...] = ()) -> Verdict:
         return Verdict(name, fits, kind, why, size, usable, free, evict, reload and fits, need)
 
     if not room.fits(need):
         if size > room.usable:
-            why = f"Model too large ({mb(size)}MB > {mb(room.usable)}MB usable VRAM){here}"
+            why = f"Model too large ({size_text(size)} > {size_text(room.usable)} usable VRAM){here}"
         else:
-            why = f"Model too large ({needed} > {mb(room.total)}MB of GPU memory){here}"
+            why = f"Model too large ({needed} > {size_text(room.total)} of GPU memory){here}"
         return verdict(False, "too_large", why)
     if copy is not None and not reload:
         return verdict(False, "not_enough_free", f"Not enough free VRAM now{here}")
@@ -202,28 +243,28 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     kept = _risked(node, key, others, priority, now) if reload else []
     if kept:
         why = (
-            f"Waiting: {mb(node.hidden)}MB is inferred to be held outside Ollama ({node.hidden_why}); a forced "
+            f"Waiting: {size_text(node.hidden)} is inferred to be held outside Ollama ({node.hidden_why}); a forced "
             f"reload that runs out of memory would make Ollama evict {', '.join(kept)}{here}"
         )
         return verdict(False, "not_enough_free", why)
     room_now = room.usable - room.used + own
     if room.fits_free(need, freed=own, others=bool(others)):
-        why = f"Fits in {mb(room.usable)}MB VRAM ({mb(max(0, room_now))}MB free){here}"
+        why = f"Fits in {size_text(room.usable)} VRAM ({size_text(max(0, room_now))} free){here}"
         return verdict(True, "fits_free", why)
     evict, freed = _evictions(room, need, own, others, victims_of(node, priority, now))
     if evict is not None:
         why = (
-            f"Fits in {mb(room.usable)}MB VRAM after evicting idle {', '.join(evict)} "
-            f"({mb(room_now + freed)}MB free){here}"
+            f"Fits in {size_text(room.usable)} VRAM after evicting idle {', '.join(evict)} "
+            f"({size_text(room_now + freed)} free){here}"
         )
         return verdict(True, "fits_after_eviction", why, evict)
     idle = [v for v in victims_of(node, priority, now) if model_key(v.name) != key]
     held = sorted(model_key(m.name) for m in others if m not in idle)
     why = _shortfall(room, need, own, bool(others), room_now)
     if node.hidden and not node.exempt(key):
-        why += f", ~{mb(node.hidden)}MB of it inferred held outside Ollama because {node.hidden_why}"
+        why += f", ~{size_text(node.hidden)} of it inferred held outside Ollama because {node.hidden_why}"
     if idle:
-        why += f", {mb(max(0, room_now + sum(v.size_vram for v in idle)))}MB after evicting every idle model"
+        why += f", {size_text(max(0, room_now + sum(v.size_vram for v in idle)))} after evicting every idle model"
     if held:
         why += f"; held by priority or busy models: {', '.join(held)}"
     why += f"){here}"
@@ -236,11 +277,11 @@ def _shortfall(room: Room, need: ModelNeed, own: int, others: bool, usable_free:
     rule = room.short_of(need, freed=own, others=others)
     free = room.real_free(own)
     if rule == "memory":
-        return f"Not enough free GPU memory ({mb(size)}MB{_rules_text(room, need)} needed, {mb(free)}MB free"
+        return f"Not enough free GPU memory ({size_text(size)}{_rules_text(room, need)} needed, {size_text(free)} free"
     if rule == "admission" and need.admission is not None:
-        predicted = mb(need.admission.predicted(free))
-        return f"Ollama would evict a model first (it predicts {predicted}MB, more than 80% of the {mb(free)}MB free"
-    return f"Not enough free VRAM ({mb(size)}MB needed, {mb(max(0, usable_free))}MB free"
+        predicted = size_text(need.admission.predicted(free))
+        return f"Ollama would evict a model first (it predicts {predicted}, more than 80% of the {size_text(free)} free"
+    return f"Not enough free VRAM ({size_text(size)} needed, {size_text(max(0, usable_free))} free"
 
 
 def _risked(
@@ -288,16 +329,20 @@ def _result(verdicts: Sequence[Verdict]) -> str:
     if fits:
         parts = [v.node + (f" (after evicting {', '.join(v.evict)})" if v.evict else "") for v in fits]
         return f"Fits on GPU: {', '.join(parts)}"
-    unknown = by_kind.get("capacity_unknown", [])
-    runnable = [v for v in verdicts if v.kind in ("cpu", "no_gpu", "too_large", "not_enough_free")]
-    if not runnable and not unknown:
-        return "No node can run it: not installed on any node that is up and not in maintenance"
-    result = "Model must run on CPU"
-    if "not_enough_free" in by_kind:
-        result += f" for now (no room on {', '.join(by_kind['not_enough_free'])})"
-    if unknown:
-        result += f"; GPU capacity unknown on {', '.join(unknown)}"
-    return result
+    # what keeps it off GPU for now (not for good): a node that did not answer, an unknown capacity, no room now
+    passing = [
+        f"{', '.join(by_kind['down'])} did not answer" if "down" in by_kind else "",
+        f"GPU capacity unknown on {', '.join(by_kind['capacity_unknown'])}" if "capacity_unknown" in by_kind else "",
+        f"no room now on {', '.join(by_kind['not_enough_free'])}" if "not_enough_free" in by_kind else "",
+    ]
+    passing = [p for p in passing if p]
+    runnable = [v for v in verdicts if v.kind in ("cpu", "no_gpu", "too_large", "not_enough_free", "capacity_unknown")]
+    if not runnable:
+        result = "No node can run it: not installed on any node that is up and not in maintenance"
+        return result + (f" ({', '.join(by_kind['down'])} did not answer)" if "down" in by_kind else "")
+    if not passing:
+        return "Model must run on CPU"
+    return f"Not on GPU for now ({'; '.join(passing)}): it runs on CPU meanwhile"
 
 
 # ------------------------------------------------------------------------------------------------ route
@@ -347,7 +392,7 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
     facts = ["has no GPU" if _has_gpu(best) is False else "has the model installed"]
     if best.loaded_model(key) is not None:
         facts.append("already runs it")
-    facts.append(f"{mb(_ram_held(best))}MB held in RAM by loaded models")
+    facts.append(f"{size_text(_ram_held(best))} held in RAM by loaded models")
     why = f"No GPU can hold it fully; {best.name} {', '.join(facts)}"
     if len(candidates) > 1:
         why += f" (best of {len(candidates)} CPU candidates)"
@@ -615,6 +660,38 @@ def plan(
     return Plan(tuple(_steps(packer, copies, state.layers)), tuple(unplaced), tuple(already))
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """The plan for every priority model puts `model` elsewhere than routing it alone would, and why."""
+
+    model: str
+    route_node: str | None
+    plan_node: str
+    reason: str
+
+
+def divergences(state: ClusterState, p: Plan, now: float) -> tuple[Divergence, ...]:
+    """Each load of the plan whose node is not the one `route` picks for that model alone.
+
+    `route` answers for one model now (the most free VRAM wins); the plan places every priority model together
+    in priority order, so a model may go to a smaller node to leave the larger one to another priority model.
+    """
+    found = []
+    for load in p.loads:
+        alone = route(state, load.model, now)
+        if alone.node == load.node and alone.processor == "GPU":
+            continue
+        where = f"{alone.node} ({alone.processor})" if alone.node else "no node"
+        others = sorted({s.model for s in p.loads if s.node == alone.node and s.model != load.model})
+        if others:
+            why = f"the plan for all priority models keeps {alone.node} for {', '.join(others)}"
+        else:
+            why = "the plan places all priority models together, in priority order"
+        reason = f"optimize places it on {load.node}, while routing it alone picks {where}: {why}"
+        found.append(Divergence(load.model, alone.node, load.node, reason))
+    return tuple(found)
+
+
 def _load_reason(item: _Item, b: int, copy: LoadedModel | None) -> str:
     why = f"put {item.key} on GPU ({sizing_text(item.needs[b])})"
     if copy is not None:
@@ -705,7 +782,7 @@ def _steps(
             free[b] += victim.size_vram
             staying[b] -= 1
             others -= 1
-            why = f"make room for {item.key} (idle, {mb(victim.size_vram)}MB)"
+            why = f"make room for {item.key} (idle, {size_text(victim.size_vram)})"
             steps.append(Step("evict", model_key(victim.name), bin_.name, why, for_model=item.key))
         spent[b] += size
         free[b] += own - need.bytes

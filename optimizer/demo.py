@@ -34,9 +34,9 @@ from optimizer.jobs import ActionRecord
 from optimizer.localstack import REPO, Alertmanager, Prometheus, fast_alertmanager, fast_rules, free_port
 from optimizer.service import OptimizerHandle, start_optimizer
 from proxy.service import ProxyHandle, start_proxy
-from simulator.run import DEMO_FLEET, Fleet, load_fleet
+from simulator.run import DEMO_FLEET, DEMO_PRIORITY, Fleet, load_fleet
 
-PRIORITY = ["mxbai-embed-large", "llama3.1:latest"]
+PRIORITY = list(DEMO_PRIORITY)
 VICTIM = "mxbai-embed-large:latest"  # the priority model the story knocks onto CPU
 SPOKEN = "llama3.1:latest"  # the model the proxy's part of the story asks for (a GPU node and the CPU node have it)
 STORY_TIMEOUT = 60.0
@@ -55,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _port(preferred: int) -> int:
-    """The preferred port when it is free, else any free one (the demo never fails for a busy port)."""
+    """The preferred port when it is free, else any free one (the demo never fails for a busy port).
+
+    The probe sets SO_REUSEADDR as the servers do, so a port that recent connections left in TIME_WAIT counts
+    as free (the servers can bind it)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", preferred))
         except OSError:
@@ -180,8 +184,10 @@ def main(args: argparse.Namespace) -> int:
             if args.with_prometheus:
                 stack = _start_prometheus(Path(tmp), exporter.url, optimizer.url, story)
             ok = _tell(story, fleet, config, stack) and _route(story, fleet, proxy)
-            _urls(story, fleet, exporter.url, optimizer.url, stack, proxy.url)
-            if not args.once:
+            if args.once:  # everything stops now: no address to visit
+                story.say("\nEverything is stopped (--once). Run `gpu-router demo` without --once to keep it serving.")
+            else:
+                _urls(story, fleet, exporter.url, optimizer.url, stack, proxy.url)
                 story.say("\nServing until Ctrl-C.")
                 stop.wait()
         finally:
@@ -209,7 +215,7 @@ def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
     client = OllamaClient(fleet.urls[holder], read_timeout=60)
     client.load(VICTIM, num_gpu=0, keep_alive=-1, embedding=True)
     client.close()
-    story.say(f"   {_where(story.observer.poll(), VICTIM)}  ← on CPU: 5–10× slower, and nobody would notice")
+    story.say(f"   {_where(story.observer.poll(), VICTIM)} ← on CPU: 5–10× slower, and nobody would notice")
 
     how = "Prometheus rule → Alertmanager → webhook" if stack else "its reconcile loop"
     story.heading(f"3. THE OPTIMIZER NOTICES ({how}) AND MOVES IT BACK")
@@ -220,7 +226,7 @@ def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
         if prometheus is None:
             return
         for alert in prometheus.alerts():
-            key = f"{alert['labels']['alertname']} {alert['labels'].get('node', '')} {alert['state']}"
+            key = alert_line(alert)
             if alert["labels"].get("model") == VICTIM and key not in seen:
                 seen.add(key)
                 story.say(f"   [prometheus] {key}")
@@ -253,6 +259,12 @@ def _route(story: Story, fleet: Fleet, proxy: ProxyHandle) -> bool:
     story.say(f"   The proxy sent {SPOKEN} to {node}, where it is fully on GPU: {ratio:.1f}× the CPU node's speed.")
     story.say(f"   Point applications at it: OLLAMA_HOST={proxy.url}, or the OpenAI base URL {proxy.url}/v1")
     return bool(served)
+
+
+def alert_line(alert: dict[str, Any]) -> str:
+    """`GPURouterPriorityModelOnCPU node=gpu-small firing`: the alert's name, its node when it has one, its state."""
+    node = alert["labels"].get("node")
+    return " ".join(p for p in (alert["labels"]["alertname"], f"node={node}" if node else "", alert["state"]) if p)
 
 
 def _start_prometheus(workdir: Path, exporter_url: str, optimizer_url: str, story: Story) -> list[Any]:

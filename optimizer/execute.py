@@ -20,12 +20,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from exporter import eras
 from exporter.config import model_key
 from exporter.hidden import inferred_hidden
 from exporter.ollama import LoadedModel, OllamaClient, OllamaError
 from exporter.room import Room
 from exporter.state import ClusterState
 from exporter.units import mb
+from exporter.urls import redact
 from optimizer.decide import Plan, Step, is_busy
 
 Event = Callable[[str, Step, str], None]  # (start|progress|done|failed, step, detail)
@@ -153,7 +155,7 @@ class _Runner:
             except Exception as exc:  # never raised: whatever is left is recorded as failed
                 for i in indexes:
                     if i not in outcomes:
-                        outcomes[i] = self._record(steps[i], False, f"internal error: {exc!r}", self.clock())
+                        outcomes[i] = self._record(steps[i], False, redact(f"internal error: {exc!r}"), self.clock())
 
     def _job(self, model: str, steps: tuple[Step, ...], indexes: list[int], outcomes: dict[int, Outcome]) -> None:
         """Evictions and the load on the target (holding its slot), then the removals once verified."""
@@ -223,7 +225,9 @@ class _Runner:
         except OllamaError as exc:
             return self._record(step, False, str(exc), started, evicted=self._gone(step, loaded))
         loads = step.action == "load"
-        return self._record(step, True, detail, started, verified=loads, evicted=self._gone(step, loaded))
+        gone = self._gone(step, loaded)
+        hidden = self._refused_by_ollama(step, loaded) if gone else 0
+        return self._record(step, True, detail, started, verified=loads, evicted=gone, hidden=hidden)
 
     def _gone(self, step: Step, before: Mapping[str, LoadedModel]) -> tuple[str, ...]:
         """Models listed before a load that Ollama unloaded on its own meanwhile (not the loaded model)."""
@@ -301,6 +305,20 @@ class _Runner:
             return 0
         others = sum(m.size_vram for key, m in before.items() if key != model_key(step.model))
         return inferred_hidden(room.era, step.need, landed, room.total - others - node.hidden)
+
+    def _refused_by_ollama(self, step: Step, before: Mapping[str, LoadedModel]) -> int:
+        """What an eviction Ollama made on its own says is held outside Ollama: on llama-server Ollama evicts
+        when the prediction exceeds 80 % of the free memory, so where the router's own figures admitted the load,
+        at least the difference between the free memory it counted and the least that admits it is hidden."""
+        node = self.state.node(step.node)
+        room = Room.of(node) if node is not None else None
+        need = self.state.need(step.model, step.node)
+        if node is None or room is None or need is None or need.admission is None or need.era != eras.LLAMA_SERVER:
+            return 0
+        others = sum(m.size_vram for key, m in before.items() if key != model_key(step.model))
+        free = room.total - others - node.hidden
+        least = -(-need.admission.predicted(free) * 100 // 80)  # the smallest free memory Ollama admits it in
+        return max(0, free - least + 1) if need.admission.admits(free) else 0
 
     def _request_load(self, step: Step, num_gpu: int | None) -> None:
         self.clients[step.node].load(

@@ -9,9 +9,7 @@ and the metrics; nothing a job raises leaves its worker.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -21,11 +19,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from exporter import logfmt
 from exporter.config import Config, PriorityModel, model_key
 from exporter.observe import Observer
 from exporter.ollama import OllamaClient, OllamaError
 from exporter.state import ClusterState
 from exporter.units import mb
+from exporter.urls import redact
 from optimizer import decide, execute
 
 log = logging.getLogger("gpu_router.optimizer")
@@ -34,20 +34,11 @@ HISTORY = 200  # actions kept for /api/v1/actions
 ACTIONS = ("load", "unload", "evict")
 WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
 REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
-_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@]+")
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
-    """One log line `event=NAME key=value ...`; values with spaces or odd characters are JSON-quoted."""
-    if not log.isEnabledFor(level):
-        return
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        if value is None:
-            continue
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text if _PLAIN.fullmatch(text) else json.dumps(text)}")
-    log.log(level, " ".join(parts))
+    """One log line `event=NAME key=value ...` on the optimizer's logger (exporter.logfmt)."""
+    logfmt.log_event(log, level, event, **fields)
 
 
 class Metrics:
@@ -197,6 +188,12 @@ class JobQueue:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
 
+    def dead_workers(self) -> list[str]:
+        """The names of worker threads that ended although the queue was not stopped."""
+        if self.stopping.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
     def wake(self) -> None:
         """Make idle workers look at the queue again (after the injected clock moved)."""
         with self._cond:
@@ -255,9 +252,12 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------ workers
 
     def _work(self) -> None:
-        while (job := self._take()) is not None:
-            result = self._run(job)
-            self._finish(job, result)
+        try:
+            while (job := self._take()) is not None:
+                result = self._run(job)
+                self._finish(job, result)
+        except BaseException:  # the worker itself broke: say so; /healthz reports it from now on
+            log.exception("event=job.worker outcome=dead")
 
     def _take(self) -> Job | None:
         with self._cond:
@@ -278,8 +278,8 @@ class JobQueue:
         try:
             return self.run_job(job)
         except Exception as exc:  # a job must never take its worker down
-            log.exception("event=job.crash model=%s", job.model)
-            detail = f"{type(exc).__name__}: {exc}"
+            log.exception(logfmt.event_line("job.crash", model=job.model, outcome="failure"))
+            detail = redact(f"{type(exc).__name__}: {exc}")
             record = ActionRecord(wall, job.model, None, "job", "failure", self.clock() - started, detail)
             return JobResult(ok=False, actions=(record,), detail=detail)
 
@@ -472,7 +472,11 @@ class Remediator:
                 ]
                 if o.hidden:
                     in_place = o.step.num_gpu is not None
-                    why = f"{o.step.model} came up short by {mb(o.hidden)} MB"
+                    why = (
+                        f"Ollama unloaded {', '.join(o.evicted)} to admit {o.step.model}"
+                        if o.ok
+                        else f"{o.step.model} came up short by {mb(o.hidden)} MB"
+                    )
                     self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
         records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]

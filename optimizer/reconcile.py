@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from exporter.config import Config
+from exporter.config import Config, model_key
 from exporter.observe import Observer
 from optimizer import decide
 from optimizer.jobs import JobQueue, Metrics, log, log_event
@@ -47,6 +47,12 @@ class Reconciler:
         """One pass: the priority models not fully on GPU (queued, or only planned in monitor mode)."""
         state = self.observer.poll()
         missing = [p for p in self.config.priority_models if not state.on_gpu(p.name)]
+        down = [n.name for n in state.nodes if not n.up]
+        if len(down) == len(state.nodes):  # nothing can be read or done: say so, queue nothing
+            self.metrics.last_reconcile.set(self.wall())
+            reasons = "; ".join(f"{n.name}: {n.error or n.error_kind}" for n in state.nodes)
+            log_event(logging.WARNING, "reconcile", outcome="failure", reason=f"no node answered ({reasons})")
+            return [p.name for p in missing]
         if self.config.auto_optimize:
             for priority in missing:
                 self.queue.submit(priority.name, source="reconcile")
@@ -68,7 +74,13 @@ class Reconciler:
                 log_event(logging.WARNING, "reconcile.plan", model=model, outcome="unplaced", reason=why)
         self.metrics.last_reconcile.set(self.wall())
         names = [p.name for p in missing]
-        log_event(logging.INFO, "reconcile", outcome="ok", not_on_gpu=",".join(names) or "none")
+        log_event(
+            logging.WARNING if down else logging.INFO,
+            "reconcile",
+            outcome="partial" if down else "ok",
+            not_on_gpu=",".join(model_key(n) for n in names) or "none",
+            nodes_down=",".join(down) or None,
+        )
         return names
 
     def start(self) -> Reconciler:
@@ -82,6 +94,11 @@ class Reconciler:
         self._thread.start()
         return self
 
+    @property
+    def dead(self) -> bool:
+        """True when the loop's thread ended although nobody stopped it."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop after the pass in progress; True when the thread ended within `timeout`."""
         self._stop.set()
@@ -91,9 +108,12 @@ class Reconciler:
         return not self._thread.is_alive()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # a bad pass must not end the loop
-                log.exception("event=reconcile outcome=failure")
-            self._stop.wait(self.interval)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:  # a bad pass must not end the loop
+                    log.exception("event=reconcile outcome=failure")
+                self._stop.wait(self.interval)
+        except BaseException:  # the loop itself broke: say so; /healthz reports it from now on
+            log.exception("event=reconcile outcome=dead")

@@ -13,16 +13,29 @@ from exporter import catalog, eras
 from exporter.config import model_key
 from exporter.ollama import LoadedModel
 from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.units import GIB, mb
-from optimizer.decide import CheckResult, Plan, Route, Step, Verdict, check, is_busy, need_of, sizing_text
+from exporter.units import GIB, mb, size_text
+from exporter.urls import redact
+from optimizer.decide import (
+    CheckResult,
+    Divergence,
+    Plan,
+    Route,
+    Step,
+    Verdict,
+    check,
+    close_models,
+    divergences,
+    is_busy,
+    need_of,
+    plan,
+    route,
+    sizing_text,
+    uninstalled_priority,
+)
 from optimizer.execute import Execution, Outcome
 
 RULE = "=" * 70
 FOREVER = 20 * 365 * 86400  # `ollama ps` shows "Forever" past this
-
-
-def _size(num_bytes: int | None) -> str:
-    return "?" if num_bytes is None else f"{mb(num_bytes)} MB"
 
 
 def _mark(ok: bool) -> str:
@@ -63,7 +76,6 @@ def need_json(need: ModelNeed | None) -> dict[str, Any] | None:
     return {
         "node": need.node,
         "bytes": need.bytes,
-        "mb": mb(need.bytes),
         "source": need.source,
         "num_ctx": need.num_ctx,
         "context_source": need.context_source,
@@ -85,10 +97,20 @@ def need_groups(needs: dict[str, ModelNeed]) -> list[tuple[ModelNeed, list[str]]
     return sorted(groups.values(), key=lambda g: (g[0].bytes, g[1]))
 
 
-def needs_text(needs: dict[str, ModelNeed]) -> str:
+def not_installed_text(state: ClusterState, model: str) -> str:
+    """`not installed on any node (did you mean mxbai-embed-large:latest?)`."""
+    down = [n.name for n in state.nodes if not n.up]
+    where = "any node that answered" if down else "any node"
+    close = close_models(state, model)
+    return f"not installed on {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+
+
+def needs_text(needs: dict[str, ModelNeed], state: ClusterState, model: str) -> str:
     """`5024 MB at 4096 tokens (llama-server, estimated) on gpu-small; 8636 MB at 32768 ... on gpu-24`."""
     if not needs:
-        return "unknown (not installed anywhere, not in the catalog; set model_sizes)"
+        if model_key(model) in uninstalled_priority(state) or state.config.priority(model) is None:
+            return f"VRAM need unknown: {not_installed_text(state, model)}"
+        return "VRAM need unknown: set model_sizes for it"
     groups = need_groups(needs)
     if len(groups) == 1:
         return sizing_text(groups[0][0])
@@ -98,11 +120,11 @@ def needs_text(needs: dict[str, ModelNeed]) -> str:
 def verdict_json(v: Verdict) -> dict[str, Any]:
     return {
         "node": v.node,
-        "need": need_json(v.sizing),
         "fits": v.fits,
         "kind": v.kind,
         "reason": v.reason,
-        "need_bytes": v.need,
+        "need": need_json(v.sizing),
+        "takes_bytes": v.need,
         "usable_bytes": v.usable,
         "free_bytes": v.free,
         "evict": list(v.evict),
@@ -134,11 +156,19 @@ def step_json(s: Step) -> dict[str, Any]:
     }
 
 
-def plan_json(p: Plan) -> dict[str, Any]:
+def divergence_json(d: Divergence | None) -> dict[str, Any] | None:
+    """Where the plan for every priority model puts a model, when routing it alone picks another node."""
+    if d is None:
+        return None
+    return {"model": d.model, "route_node": d.route_node, "plan_node": d.plan_node, "reason": d.reason}
+
+
+def plan_json(p: Plan, state: ClusterState, now: float) -> dict[str, Any]:
     return {
         "steps": [step_json(s) for s in p.steps],
         "unplaced": [{"model": m, "reason": why} for m, why in p.unplaced],
         "already": [{"model": m, "node": n} for m, n in p.already],
+        "differs_from_route": [divergence_json(d) for d in divergences(state, p, now)],
     }
 
 
@@ -155,7 +185,7 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
 def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) -> dict[str, Any]:
     return {
         "name": node.name,
-        "url": node.config.url,
+        "url": redact(node.config.url),
         "up": node.up,
         "error": node.error,
         "version": node.version,
@@ -180,7 +210,7 @@ def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) 
     }
 
 
-def route_json(r: Route) -> dict[str, Any]:
+def route_json(r: Route, differs: Divergence | None = None) -> dict[str, Any]:
     return {
         "model": r.model,
         "needs": needs_json({v.node: v.sizing for v in r.verdicts if v.sizing is not None}),
@@ -188,7 +218,20 @@ def route_json(r: Route) -> dict[str, Any]:
         "processor": r.processor,
         "reason": r.reason,
         "verdicts": [verdict_json(v) for v in r.verdicts],
+        "plan_differs": divergence_json(differs),
     }
+
+
+def route_document(state: ClusterState, model: str, now: float) -> dict[str, Any]:
+    """`route`'s answer (command line and HTTP API alike): for a priority model, also where the plan differs."""
+    result = route(state, model, now)
+    return route_json(result, route_divergence(state, result, now))
+
+
+def route_divergence(state: ClusterState, result: Route, now: float) -> Divergence | None:
+    if state.config.priority(result.model) is None:
+        return None
+    return next((d for d in divergences(state, plan(state, now=now), now) if d.model == result.model), None)
 
 
 def check_json(c: CheckResult) -> dict[str, Any]:
@@ -226,10 +269,18 @@ def status_json(state: ClusterState, now: float) -> dict[str, Any]:
     return {
         "taken_at": state.taken_at,
         "nodes": [node_json(n, now, table[n.name]) for n in state.nodes],
-        "priority_models": [
-            {"model": model_key(p.name), "rank": i, "on_gpu": state.on_gpu(p.name)}
-            for i, p in enumerate(state.config.priority_models, start=1)
-        ],
+        "priority_models": [priority_json(state, p.name, i) for i, p in enumerate(state.config.priority_models, 1)],
+    }
+
+
+def priority_json(state: ClusterState, model: str, rank: int) -> dict[str, Any]:
+    """A priority model's standing: installed on some node that answered, fully on GPU somewhere."""
+    key = model_key(model)
+    return {
+        "model": key,
+        "rank": rank,
+        "installed": key not in uninstalled_priority(state),
+        "on_gpu": state.on_gpu(key),
     }
 
 
@@ -243,11 +294,13 @@ def status_text(state: ClusterState, now: float) -> list[str]:
     missing = [model_key(p.name) for p in state.config.priority_models if not state.on_gpu(p.name)]
     summary = f"Nodes: {up}/{len(state.nodes)} up; priority models on GPU: {len(on_gpu)}/{len(on_gpu) + len(missing)}"
     lines.append(summary + (f" (not on GPU: {', '.join(missing)})" if missing else ""))
+    for model in uninstalled_priority(state):
+        lines.append(f"❌ Priority model {model}: {not_installed_text(state, model)}")
     return lines
 
 
 def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tuple[str, Verdict]]) -> list[str]:
-    where = f"{node.name} ({node.config.url})"
+    where = f"{node.name} ({redact(node.config.url)})"
     if not node.up:
         return [f"Node: {where} - DOWN: {node.error or node.error_kind}"]
     kind = {"GPU": "GPU Node", "CPU": "CPU Node"}.get(_processor(node), "Node")
@@ -259,23 +312,23 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
     elif _processor(node) == "CPU":
         lines.append("   No GPU: models here run on CPU")
     else:
-        gpus = ", ".join(f"{g.name} {_size(g.total)}" for g in node.capacity.gpus)
+        gpus = ", ".join(f"{g.name} {size_text(g.total)}" for g in node.capacity.gpus)
         lines += [
             f"   GPUs: {gpus} (from {node.capacity.source})",
-            f"   Total VRAM: {_size(node.vram_total)}",
-            f"   Usable VRAM: {_size(node.vram_usable)} ({node.margin:.0%} safety)",
-            f"   Free VRAM: {_size(node.vram_free)}",
+            f"   Total VRAM: {size_text(node.vram_total)}",
+            f"   Usable VRAM: {size_text(node.vram_usable)} ({node.margin:.0%} safety)",
+            f"   Free VRAM: {size_text(node.vram_free)}",
         ]
         if node.hidden:
             lines.append(
-                f"   Also in use: ~{_size(node.hidden)} held outside Ollama, inferred because {node.hidden_why}"
+                f"   Also in use: ~{size_text(node.hidden)} held outside Ollama, inferred because {node.hidden_why}"
                 " (the capacity source cannot see other processes; it counts until a poll shows otherwise)"
             )
     if node.loaded:
         lines.append("   Loaded models:")
         width = max(len(m.name) for m in node.loaded)
         for m in node.loaded:
-            lines.append(f"      {m.name:<{width}}  {_size(m.size):>8}, {_where(m.gpu_ratio)}, {_until(m, now)}")
+            lines.append(f"      {m.name:<{width}}  {size_text(m.size):>8}, {_where(m.gpu_ratio)}, {_until(m, now)}")
     else:
         lines.append("   Loaded models: none")
     if _processor(node) == "GPU" and fits:
@@ -283,16 +336,17 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
         for model, v in fits:
             sizing = v.sizing or need_of(state, model, node)
             need = v.need if v.need is not None else getattr(sizing, "bytes", None)
-            lines.append(f"      {_mark(v.fits)} {model} ({_size(need)}) - {v.reason}")
+            lines.append(f"      {_mark(v.fits)} {model} ({size_text(need)}) - {v.reason}")
     return lines
 
 
 # ----------------------------------------------------------------------------------------- route / check
 
 
-def route_text(r: Route, state: ClusterState) -> list[str]:
+def route_text(r: Route, state: ClusterState, differs: Divergence | None = None) -> list[str]:
     lines = [f"ROUTING DECISION FOR: {r.model}", RULE]
-    lines.append(f"   Model size: {needs_text({v.node: v.sizing for v in r.verdicts if v.sizing is not None})}")
+    needs = {v.node: v.sizing for v in r.verdicts if v.sizing is not None}
+    lines.append(f"   Model size: {needs_text(needs, state, r.model)}")
     lines.append("")
     for v in r.verdicts:
         node = state.node(v.node)
@@ -303,11 +357,14 @@ def route_text(r: Route, state: ClusterState) -> list[str]:
     else:
         lines.append(f"   Best choice: {r.node} ({r.processor})")
         lines.append(f"      Reason: {r.reason}")
+    if differs is not None:
+        lines.append(f"   Note: {differs.reason}")
     return lines
 
 
-def check_text(c: CheckResult) -> list[str]:
-    lines = [f"CHECKING FIT FOR: {c.model}", RULE, f"Model size: {needs_text(c.needs)}", "", "Node compatibility:"]
+def check_text(c: CheckResult, state: ClusterState) -> list[str]:
+    size = needs_text(c.needs, state, c.model)
+    lines = [f"CHECKING FIT FOR: {c.model}", RULE, f"Model size: {size}", "", "Node compatibility:"]
     lines += [f"   {_mark(v.fits)} {v.node}: {v.reason}" for v in c.verdicts]
     return [*lines, "", f"Result: {c.result}"]
 
@@ -333,11 +390,9 @@ def model_rows(state: ClusterState) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         needs = model_needs(state, name)
-        largest = max((n.bytes for n in needs.values()), default=None)
         rows.append(
             {
                 "model": name,
-                "need_bytes": largest,
                 "needs": needs_json(needs),
                 "in_catalog": catalog.find(name) is not None,
                 "priority_rank": state.config.priority_rank(name),
@@ -346,7 +401,7 @@ def model_rows(state: ClusterState) -> list[dict[str, Any]]:
                 "loaded_on": [n.name for n in state.nodes if n.loaded_model(name)],
             }
         )
-    rows.sort(key=lambda r: (r["need_bytes"] is None, r["need_bytes"] or 0, r["model"]))
+    rows.sort(key=lambda r: (not r["needs"], max((n["bytes"] for n in r["needs"]), default=0), r["model"]))
     return rows
 
 
@@ -367,7 +422,7 @@ def models_text(state: ClusterState, rows: list[dict[str, Any]]) -> list[str]:
         if r["loaded_on"]:
             facts.append(f"loaded on {', '.join(r['loaded_on'])}")
         if not groups:
-            lines.append(f"   {r['model']:<{width}}{'?':>6} MB  size unknown: set model_sizes")
+            lines.append(f"   {r['model']:<{width}}{'?':>6} MB  {needs_text({}, state, r['model'])}")
         for i, (need, nodes) in enumerate(groups):
             size = f"{mb(need.bytes):>6} MB ({need.bytes / GIB:.2f} GB)"
             where = f"{eras.LABELS[need.era]}, {need.num_ctx} tokens, {need.source}"
@@ -381,20 +436,21 @@ def models_text(state: ClusterState, rows: list[dict[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- optimize
 
 
-def plan_text(p: Plan, state: ClusterState) -> list[str]:
+def plan_text(p: Plan, state: ClusterState, now: float) -> list[str]:
     """The guide's "OPTIMIZING N PRIORITY MODELS": per model, already on GPU / best choice / why not."""
     count = len(state.config.priority_models)
     lines = [f"OPTIMIZING {count} PRIORITY MODEL{'S' if count != 1 else ''}", RULE]
+    differs = {d.model: d for d in divergences(state, p, now)}
     for pm in state.config.priority_models:
         key = model_key(pm.name)
         lines.append(f"Routing decision for: {key}")
-        lines += [f"   {line}" for line in model_plan_lines(key, p)]
+        lines += [f"   {line}" for line in model_plan_lines(key, p, differs.get(key))]
     if not state.config.priority_models:
         lines.append("No priority models configured (priority_models in the configuration).")
     return lines
 
 
-def model_plan_lines(key: str, p: Plan) -> list[str]:
+def model_plan_lines(key: str, p: Plan, differs: Divergence | None = None) -> list[str]:
     """What the plan does for one model, as the lines under its name."""
     already = dict(p.already)
     if key in already:
@@ -407,6 +463,8 @@ def model_plan_lines(key: str, p: Plan) -> list[str]:
     if load is None:
         return ["(not in this plan)"]
     lines = [f"✅ Best choice: {load.node} (GPU)"]
+    if differs is not None:
+        lines.append(f"   Note: {differs.reason}")
     lines += [f"   - {step_line(s)}" for s in steps]
     return lines
 
@@ -441,22 +499,37 @@ def execution_summary(e: Execution, p: Plan) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def plan_state(key: str, p: Plan) -> tuple[str, str | None, str | None]:
+    """What the plan does for one model: (already | load | unplaced | none, node, reason)."""
+    already = dict(p.already)
+    if key in already:
+        return "already", already[key], None
+    unplaced = dict(p.unplaced)
+    if key in unplaced:
+        return "unplaced", None, unplaced[key]
+    load = next((s for s in p.loads if s.serves == key), None)
+    return ("load", load.node, load.reason) if load is not None else ("none", None, None)
+
+
 def report_models(state: ClusterState, p: Plan, now: float) -> list[dict[str, Any]]:
+    """Per priority model: its standing, what it needs, every copy, and the plan's part for it (codes, bytes)."""
+    differs = {d.model: d for d in divergences(state, p, now)}
     rows = []
     for rank, pm in enumerate(state.config.priority_models, start=1):
         key = model_key(pm.name)
+        action, node, reason = plan_state(key, p)
         rows.append(
             {
-                "model": key,
-                "rank": rank,
+                **priority_json(state, key, rank),
                 "needs": needs_json(model_needs(state, key)),
-                "placements": [
-                    {"node": n.name, "gpu_ratio": round(m.gpu_ratio, 4), "until": _until(m, now)}
-                    for n, m in state.placements(key)
-                ],
-                "on_gpu": state.on_gpu(key),
-                "optimize_would": model_plan_lines(key, p),
-                "steps": [step_json(s) for s in p.steps if s.serves == key],
+                "placements": [{"node": n.name, **loaded_json(m, now)} for n, m in state.placements(key)],
+                "plan": {
+                    "action": action,
+                    "node": node,
+                    "reason": reason,
+                    "steps": [step_json(s) for s in p.steps if s.serves == key],
+                    "differs_from_route": divergence_json(differs.get(key)),
+                },
             }
         )
     return rows
@@ -466,10 +539,12 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     lines = [*status_text(state, now), "", "PRIORITY MODELS", RULE]
     if not state.config.priority_models:
         lines.append("No priority models configured.")
-    for row in report_models(state, p, now):
-        lines.append(f"{row['rank']}. {row['model']} ({needs_text(model_needs(state, row['model']))})")
-        where = ", ".join(f"{pl['node']} {_where(pl['gpu_ratio'])}, {pl['until']}" for pl in row["placements"])
+    differs = {d.model: d for d in divergences(state, p, now)}
+    for rank, pm in enumerate(state.config.priority_models, start=1):
+        key = model_key(pm.name)
+        lines.append(f"{rank}. {key} ({needs_text(model_needs(state, key), state, key)})")
+        where = ", ".join(f"{n.name} {_where(m.gpu_ratio)}, {_until(m, now)}" for n, m in state.placements(key))
         lines.append(f"   Where: {where or 'not loaded anywhere'}")
         lines.append("   Optimize would:")
-        lines += [f"      {line}" for line in row["optimize_would"]]
+        lines += [f"      {line}" for line in model_plan_lines(key, p, differs.get(key))]
     return lines

@@ -17,15 +17,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging.handlers import QueueHandler, QueueListener
-from typing import Any
 
 from flask import Flask
-from waitress import wasyncore
-from waitress.server import create_server
 
+from exporter import logfmt
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
 from exporter.server import parse_listen
+from exporter.wsgiserve import Served, serve
 from optimizer import webhook
 from optimizer.app import create_app
 from optimizer.auth import Authenticator
@@ -67,23 +66,17 @@ class OptimizerHandle:
     app: Flask
     queue: JobQueue
     reconciler: Reconciler | None
-    _server: Any
-    _thread: threading.Thread
-    _serving: threading.Event
+    _served: Served
     _close: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking requests, jobs and steps; wait up to `timeout` for the work in flight. Idempotent."""
-        if not self._serving.is_set():
+        if not self._served.serving:
             return
         self.queue.stopping.set()  # from now on no call goes to a node
         if self.reconciler is not None:
             self.reconciler.stop(timeout)
-        self._serving.clear()
-        self._server.pull_trigger()  # wakes the loop, which sees the flag and returns
-        self._thread.join(timeout)
-        self._server.task_dispatcher.shutdown(timeout=timeout)
-        wasyncore.close_all(self._server._map)  # the listening socket, open connections, the trigger
+        self._served.stop(timeout)
         if not self.queue.stop(timeout):
             log_event(logging.WARNING, "stop", outcome="a job was still running; abandoned")
         for close in self._close:
@@ -110,72 +103,53 @@ def start_optimizer(
     metrics = Metrics()
     job = run_job or Remediator(config, observer, dry_run=not config.auto_optimize, stop=stop)
     queue = JobQueue(config, job, metrics=metrics, stop=stop).start()
-    app = create_app(config, observer=observer, queue=queue, metrics=metrics, auth=auth, state_max_age=state_max_age)
-    server = create_server(
-        app,
-        host=host,
-        port=port,
-        threads=threads,
-        ident="gpu-router-optimizer",
-        # waitress buffers a body before the app sees it: cap that well above the app's own JSON-answered limit
-        max_request_body_size=4 * webhook.MAX_BODY,
-    )
-    serving = threading.Event()
-    serving.set()
-    thread = threading.Thread(target=_serve, args=(server, serving), name="optimizer-http", daemon=True)
-    thread.start()
     reconciler = None
     if reconcile:
         leftovers = job.leftovers if isinstance(job, Remediator) else list
-        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers).start()
-    shown = f"[{host}]" if ":" in host else host
-    handle = OptimizerHandle(
-        url=f"http://{shown}:{server.effective_port}",
-        app=app,
+        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers)
+    app = create_app(
+        config,
+        observer=observer,
         queue=queue,
+        metrics=metrics,
+        auth=auth,
+        state_max_age=state_max_age,
         reconciler=reconciler,
-        _server=server,
-        _thread=thread,
-        _serving=serving,
     )
+    # waitress buffers a body before the app sees it: cap that well above the app's own JSON-answered limit
+    served = serve(
+        app,
+        host,
+        port,
+        name="gpu-router-optimizer",
+        threads=threads,
+        json_errors=True,
+        max_request_body_size=4 * webhook.MAX_BODY,
+    )
+    if reconciler is not None:
+        reconciler.start()
+    handle = OptimizerHandle(url=served.url, app=app, queue=queue, reconciler=reconciler, _served=served)
     if owned:
         handle._close.append(observer.close)
     return handle
 
 
-def _serve(server: Any, serving: threading.Event) -> None:
-    """waitress's I/O loop, one pass at a time while `serving` is set. Its sockets are closed by `stop` once
-    this thread has ended (closing them from inside the loop would race with threads pulling its trigger)."""
-    adj = server.adj
-    while serving.is_set():
-        wasyncore.loop(timeout=adj.asyncore_loop_timeout, use_poll=adj.asyncore_use_poll, map=server._map, count=1)
-
-
 def setup_logging(level: str) -> QueueListener:
-    """One line per event on stderr: `time=... level=... event=... key=value ...`.
+    """One line per event on stderr in the format of every service (exporter.logfmt).
 
     Lines are written by a thread of their own: a request thread that waited on the log's file would hand
     the interpreter lock to waitress's busy I/O loop and wait for it back, which under a burst of
     notifications multiplies the answer time. The caller stops the returned listener to flush the log.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine("time=%(asctime)s level=%(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
     root.handlers[:] = [QueueHandler(records)]
     root.setLevel(level)
     # waitress warns once per request queued behind busy threads; a burst of notifications is routine here.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    listener = QueueListener(records, handler)
+    listener = QueueListener(records, logfmt.handler())
     listener.start()
     return listener
-
-
-class _OneLine(logging.Formatter):
-    """Tracebacks and multi-line messages folded into the event's one line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", "\\n")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exporter.config import Config
 from exporter.ollama import parse_go_time
+from exporter.urls import redact
 from optimizer.auth import Authenticator
 from proxy.choose import Choice, choose
 from proxy.heal import Healer
@@ -369,7 +370,7 @@ class Proxy:
         return web.json_response({"object": "list", "data": rows}, dumps=_dumps)
 
     async def management(self, request: web.Request) -> web.Response:
-        nodes = ", ".join(f"{n.name} ({n.url})" for n in self.config.nodes if not n.maintenance)
+        nodes = ", ".join(f"{n.name} ({redact(n.url)})" for n in self.config.nodes if not n.maintenance)
         action = request.path.split("/")[2]
         message = f"gpu-router proxy does not {action} models: send /api/{action} to a node itself: {nodes}"
         return error("ollama", 400, message)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from exporter import catalog, eras
-from exporter.units import GIB, parse_size
-from exporter.yamlfile import read_yaml
+from exporter.units import GIB, MAX_SIZE, parse_size
+from exporter.yamlfile import closest, read_yaml, show
 from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
@@ -23,6 +23,7 @@ PRELOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "main_gpu", "num_thread", 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CPU_SLOWDOWN = 8.0  # a model fully on CPU generates this many times slower than fully on GPU (5–10× in practice)
 CURRENT_VERSION = "0.32.15"  # the newest stable release when this was written (llama-server era)
+MAX_INTEGER = 1 << 24  # larger than any count, context or option a fleet needs
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
 
 
@@ -102,29 +103,30 @@ class _Errors:
 
     def keys(self, data: object, allowed: tuple[str, ...], path: str) -> Mapping[str, Any]:
         if not isinstance(data, Mapping):
-            self.fail(path, f"expected a mapping, got {data!r}")
+            self.fail(path, f"expected a mapping, got {show(data)}")
         for key in data:  # type: ignore[union-attr]
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(allowed)}"
-                self.fail(f"{path}.{key}" if path else str(key), f"unknown key{hint}")
+                close = closest(key, allowed)
+                hint = f" (did you mean {close!r}?)" if close else f"; known keys: {', '.join(allowed)}"
+                shown = show(key).strip("'")
+                self.fail(f"{path}.{shown}" if path else shown, f"unknown key{hint}")
         return data  # type: ignore[return-value]
 
-    def integer(self, value: object, path: str, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, value: object, path: str, minimum: int = 0, maximum: int = MAX_INTEGER) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(path, f"expected an integer ≥ {minimum}, got {value!r}")
-        if maximum is not None and value > maximum:  # type: ignore[operator]
-            self.fail(path, f"expected an integer ≤ {maximum}, got {value!r}")
+            self.fail(path, f"expected an integer ≥ {minimum}, got {show(value)}")
+        if value > maximum:  # type: ignore[operator]
+            self.fail(path, f"expected an integer ≤ {maximum}, got {show(value)}")
         return value  # type: ignore[return-value]
 
-    def number(self, value: object, path: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            self.fail(path, f"expected a number ≥ 0, got {value!r}")
+    def number(self, value: object, path: str, maximum: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= maximum:
+            self.fail(path, f"expected a number from 0 to {maximum:g}, got {show(value)}")
         return float(value)  # type: ignore[arg-type]
 
     def size(self, value: object, path: str, plain_unit: str = "MiB") -> int:
         """A size; plain numbers are MiB (like the configuration) or bytes where `plain_unit` says so."""
-        if plain_unit == "B" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if plain_unit == "B" and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE:
             return value
         try:
             return parse_size(value)
@@ -133,14 +135,14 @@ class _Errors:
 
     def text(self, value: object, path: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
         if not isinstance(value, str) or not value or (pattern is not None and not pattern.match(value)):
-            self.fail(path, f"expected {what or 'a non-empty string'}, got {value!r}")
+            self.fail(path, f"expected {what or 'a non-empty string'}, got {show(value)}")
         return value  # type: ignore[return-value]
 
     def items(self, value: object, path: str) -> list:
         if value is None:
             return []
         if not isinstance(value, list):
-            self.fail(path, f"expected a list, got {value!r}")
+            self.fail(path, f"expected a list, got {show(value)}")
         return value  # type: ignore[return-value]
 
 
@@ -157,11 +159,11 @@ def _models(err: _Errors, value: object, path: str) -> tuple[str, ...]:
         name = err.text(item, where, what="a model name")
         if catalog.find(name) is None:
             known = [spec.name for spec in catalog.CATALOG]
-            close = difflib.get_close_matches(display_name(name), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
-            err.fail(where, f"unknown model {name!r}{hint}")
+            close = closest(display_name(name), known)
+            hint = f" (did you mean {close!r}?)" if close else f"; known: {', '.join(known)}"
+            err.fail(where, f"unknown model {show(name)}{hint}")
         if display_name(name) in names:
-            err.fail(where, f"model {name!r} is listed twice")
+            err.fail(where, f"model {show(name)} is listed twice")
         names.append(display_name(name))
     return tuple(names)
 
@@ -175,16 +177,18 @@ def _gpus(err: _Errors, value: object, path: str) -> tuple[GpuSpec, ...]:
             err.fail(f"{where}.vram", "missing (a size like 8GiB)")
         vram = err.size(gpu["vram"], f"{where}.vram")
         if vram <= 0:
-            err.fail(f"{where}.vram", f"expected a size > 0, got {gpu['vram']!r}")
+            err.fail(f"{where}.vram", f"expected a size > 0, got {show(gpu['vram'])}")
         gpus.append(GpuSpec(err.text(gpu.get("name", "NVIDIA GPU"), f"{where}.name"), vram))
     return tuple(gpus)
 
 
 def _keep_alive(err: _Errors, value: object, path: str) -> float:
     try:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(value)
         return parse_keep_alive(value)
-    except ValueError as exc:
-        err.fail(path, f"expected a duration like 5m, -1 or 300, got {value!r} ({exc})")
+    except ValueError:
+        err.fail(path, f"expected a duration like 5m, -1 or 300, got {show(value)}")
 
 
 def _preload(err: _Errors, value: object, path: str, models: tuple[str, ...]) -> tuple[PreloadSpec, ...]:
@@ -195,13 +199,13 @@ def _preload(err: _Errors, value: object, path: str, models: tuple[str, ...]) ->
         model = err.text(entry.get("model"), f"{where}.model", what="a model name")
         spec = catalog.find(model)
         if spec is None or all(catalog.find(m) is not spec for m in models):
-            err.fail(f"{where}.model", f"{model!r} is not among this node's models")
+            err.fail(f"{where}.model", f"{show(model)} is not among this node's models")
         options: dict[str, Any] = {}
         for key in PRELOAD_OPTIONS:
             if key in entry:
                 if key == "use_mmap":
                     if not isinstance(entry[key], bool):
-                        err.fail(f"{where}.{key}", f"expected true or false, got {entry[key]!r}")
+                        err.fail(f"{where}.{key}", f"expected true or false, got {show(entry[key])}")
                     options[key] = entry[key]
                 else:
                     options[key] = err.integer(entry[key], f"{where}.{key}", minimum=-1 if key == "num_gpu" else 0)
@@ -224,7 +228,7 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         ram=err.size(node["ram"], f"{path}.ram") if "ram" in node else defaults.ram,
         models=models,
         version=err.text(node.get("version", defaults.version), f"{path}.version", _VERSION, 'a version like "0.12.6"'),
-        latency_ms=err.integer(node.get("latency_ms", 0), f"{path}.latency_ms"),
+        latency_ms=err.integer(node.get("latency_ms", 0), f"{path}.latency_ms", maximum=600_000),
         load_speed=err.size(node.get("load_speed", 0), f"{path}.load_speed", plain_unit="B"),
         max_loaded_models=err.integer(node.get("max_loaded_models", 0), f"{path}.max_loaded_models"),
         num_parallel=err.integer(node.get("num_parallel", 1), f"{path}.num_parallel", minimum=1),
@@ -235,9 +239,9 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         ),
         gpu_overhead=err.size(node.get("gpu_overhead", 0), f"{path}.gpu_overhead", plain_unit="B"),
         keep_alive=_keep_alive(err, node.get("keep_alive", "5m"), f"{path}.keep_alive"),
-        token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate"),
+        token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate", maximum=1e9),
         cpu_token_rate=(
-            err.number(node["cpu_token_rate"], f"{path}.cpu_token_rate")
+            err.number(node["cpu_token_rate"], f"{path}.cpu_token_rate", maximum=1e9)
             if node.get("cpu_token_rate") is not None
             else None
         ),
@@ -260,7 +264,7 @@ def fleet_from_dict(data: object, source: str = "<fleet>") -> FleetSpec:
     for i, item in enumerate(raw_nodes):
         node = _node(err, item, f"nodes[{i}]")
         if node.name in names:
-            err.fail(f"nodes[{i}].name", f"duplicate node name {node.name!r} (also nodes[{names[node.name]}])")
+            err.fail(f"nodes[{i}].name", f"duplicate node name {show(node.name)} (also nodes[{names[node.name]}])")
         if node.port and node.port in ports:
             err.fail(f"nodes[{i}].port", f"port {node.port} is already used by {ports[node.port]}")
         names[node.name] = i

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from exporter.logfmt import event_line
+
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 MAX_BODY = 64 * 1024 * 1024
@@ -103,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             response = self.server.app(request)
         except Exception as exc:  # the server never dies on a request
-            log.exception("simulator: %s %s failed", self.command, self.path)
+            log.exception(event_line("simulator.request", method=self.command, path=self.path, outcome="failure"))
             response = error_response(500, f"simulator error: {exc}")
         self._write(response)
 
@@ -180,7 +182,7 @@ class _Server(ThreadingHTTPServer):
         except OSError:
             pass
         except Exception:
-            log.exception("simulator: connection from %s failed", client_address)
+            log.exception(event_line("simulator.connection", remote=str(client_address), outcome="failure"))
         finally:
             with self._lock:
                 self._connections.pop(request, None)
@@ -223,7 +225,10 @@ class HttpServer:
         with self._lock:
             if self._server is not None:
                 return
-            server = _Server(self.port, self._app)
+            try:
+                server = _Server(self.port, self._app)
+            except OSError as exc:  # name the port: "Address already in use" alone does not say which
+                raise OSError(exc.errno, f"cannot listen on {HOST}:{self.port}: {exc.strerror or exc}") from None
             self.port = server.server_address[1]
             self._server = server
             self._thread = threading.Thread(

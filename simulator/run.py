@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+import yaml
+
+from exporter import logfmt
 from simulator.control import ControlApi
 from simulator.fleet import FleetSpec, fleet_from_dict, load_fleet
 from simulator.httpserver import HttpServer
 from simulator.node import SimNode
 from simulator.scheduler import Clock
 
-__all__ = ["DEMO_FLEET", "Fleet", "add_arguments", "fleet_from_dict", "load_fleet", "main", "serve"]
+__all__ = ["DEMO_FLEET", "DEMO_PRIORITY", "Fleet", "add_arguments", "fleet_from_dict", "load_fleet", "main", "serve"]
 DEMO_FLEET = Path(__file__).with_name("demo-fleet.yaml")
+DEMO_PRIORITY = ("mxbai-embed-large", "llama3.1:latest")  # the guide's priority models (the demo's too)
 
 
 class Fleet:
@@ -54,15 +61,38 @@ class Fleet:
             raise KeyError(f"unknown node {name!r}; nodes: {', '.join(self._nodes)}") from None
 
     def start(self) -> Fleet:
-        """Open every server (OSError if a port is taken; ValueError if a preload fails); all or nothing."""
+        """Open every server (OSError naming the port and the server if a port is taken; ValueError if a
+        preload fails); all or nothing."""
+        server = ""
         try:
             for node in self._nodes.values():
+                server = f"node {node.spec.name}"
                 node.start()
+            server = "the control server"
             self._control.open()
+        except OSError as exc:
+            self.stop()
+            raise OSError(exc.errno, f"{server}: {exc.strerror or exc}") from None
         except BaseException:
             self.stop()
             raise
         return self
+
+    def router_config(self) -> dict[str, Any]:
+        """A router configuration for this fleet: static capacity as its nodes declare it, and the guide's
+        priority models that some node has installed."""
+        nodes: list[dict[str, Any]] = []
+        installed: set[str] = set()
+        for spec in self.spec.nodes:
+            entry: dict[str, Any] = {"name": spec.name, "url": self.urls[spec.name]}
+            if spec.gpus:
+                entry["gpus"] = [{"name": g.name, "vram": f"{g.vram}B"} for g in spec.gpus]
+            else:
+                entry["vram"] = 0
+            nodes.append(entry)
+            installed.update(m if ":" in m else f"{m}:latest" for m in spec.models)
+        wanted = [m for m in DEMO_PRIORITY if (m if ":" in m else f"{m}:latest") in installed]
+        return {"nodes": nodes, "priority_models": wanted}
 
     def stop(self) -> None:
         """Close every socket and join the server threads."""
@@ -80,7 +110,8 @@ class Fleet:
 def serve(
     fleet_path: str, control_port: int | None = None, out: TextIO = sys.stdout, log_dir: str | None = None
 ) -> int:
-    """Run a fleet until SIGINT/SIGTERM: one "NAME URL" line per node, then "control URL".
+    """Run a fleet until SIGINT/SIGTERM: one "NAME URL" line per node, then "control URL", then "config PATH":
+    a router configuration for this fleet (removed when the fleet stops), and on stderr the command that uses it.
 
     Returns 0 after a clean stop, 2 for a bad fleet file, 1 when a server cannot start.
     """
@@ -95,22 +126,28 @@ def serve(
         print(str(exc), file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"{fleet_path}: cannot start the fleet: {exc}", file=sys.stderr)
+        print(f"gpu-router simulate: {fleet_path}: cannot start the fleet: {exc.strerror or exc}", file=sys.stderr)
         return 1
     stopping = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_: stopping.set())
+    workdir = Path(tempfile.mkdtemp(prefix="gpu-router-simulate-"))
     try:
+        config = workdir / "gpu_router_config.yaml"
+        config.write_text(yaml.safe_dump(fleet.router_config(), sort_keys=False), encoding="utf-8")
         for name, url in fleet.urls.items():
             print(f"{name} {url}", file=out)
         print(f"control {fleet.control_url}", file=out)
+        print(f"config {config}", file=out)
         out.flush()
+        print(f"gpu-router simulate: serving until Ctrl-C; try: gpu-router --config {config} status", file=sys.stderr)
         while not stopping.wait(0.5):
             pass
     finally:
         fleet.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
@@ -130,4 +167,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    logfmt.setup(logging.INFO)
     return serve(args.fleet, args.control_port, log_dir=args.log_dir)

@@ -76,8 +76,8 @@ def test_example_1_status(tmp_path, capsys):
     assert "Judged as: llama-server era; default context 4096 tokens (vram tier)" in out
     assert "   Total VRAM: 4096 MB\n   Usable VRAM: 3277 MB (80% safety)\n   Free VRAM: 2671 MB" in out
     assert "✅ mxbai-embed-large:latest (606 MB) - Already loaded fully on GPU" in out
-    assert "✅ llama3.2:3b (2439 MB) - Fits in 3277MB VRAM (2671MB free)" in out  # 5.6 MiB more than it needs
-    assert "❌ llama3.1:latest (5024 MB) - Model too large (5024MB > 3277MB usable VRAM)" in out
+    assert "✅ llama3.2:3b (2439 MB) - Fits in 3277 MB VRAM (2671 MB free)" in out  # 5.6 MiB more than it needs
+    assert "❌ llama3.1:latest (5024 MB) - Model too large (5024 MB > 3277 MB usable VRAM)" in out
 
 
 def test_example_2_route(tmp_path, capsys):
@@ -85,17 +85,17 @@ def test_example_2_route(tmp_path, capsys):
         code, out, _ = gpu_router(config, "route", "mxbai-embed-large", capsys=capsys)
     assert code == 0
     assert "ROUTING DECISION FOR: mxbai-embed-large:latest" in out
-    assert "Model size: 606MB at 512 tokens (llama-server, observed)" in out
-    assert "✅ gpu (GPU): Already loaded fully on GPU (606MB)" in out
+    assert "Model size: 606 MB at 512 tokens (llama-server, observed)" in out
+    assert "✅ gpu (GPU): Already loaded fully on GPU (606 MB)" in out
     assert "❌ cpu (CPU): Node has no GPU" in out
-    assert "Best choice: gpu (GPU)\n      Reason: Already loaded fully on GPU (606MB)" in out
+    assert "Best choice: gpu (GPU)\n      Reason: Already loaded fully on GPU (606 MB)" in out
 
 
 def test_example_2_route_to_free_vram(tmp_path, capsys):
     nodes = [{**GUIDE[0], "preload": []}, GUIDE[1]]
     with cluster(tmp_path, nodes, []) as (_, config):
         code, out, _ = gpu_router(config, "route", "mxbai-embed-large", capsys=capsys)
-    assert code == 0 and "Best choice: gpu (GPU)\n      Reason: Fits in 3277MB VRAM (3277MB free)" in out
+    assert code == 0 and "Best choice: gpu (GPU)\n      Reason: Fits in 3277 MB VRAM (3277 MB free)" in out
 
 
 def test_example_3_check_large_model(tmp_path, capsys):
@@ -103,8 +103,8 @@ def test_example_3_check_large_model(tmp_path, capsys):
         code, out, _ = gpu_router(config, "check", "llama3.1:latest", capsys=capsys)
     assert code == 0
     assert "CHECKING FIT FOR: llama3.1:latest" in out
-    assert "Model size: 5024MB at 4096 tokens (llama-server, estimated)" in out
-    assert "❌ gpu: Model too large (5024MB > 3277MB usable VRAM)" in out
+    assert "Model size: 5024 MB at 4096 tokens (llama-server, estimated)" in out
+    assert "❌ gpu: Model too large (5024 MB > 3277 MB usable VRAM)" in out
     assert "❌ cpu: Node has no GPU" in out
     assert out.rstrip().endswith("Result: Model must run on CPU")
 
@@ -228,8 +228,10 @@ def test_optimize_dry_run_changes_nothing(tmp_path, capsys):
         before = counts(fleet)
         code, out, _ = gpu_router(config, "optimize", "--dry-run", capsys=capsys)
         assert code == 0 and "dry run: --dry-run" in out
-        assert "Would load mxbai-embed-large:latest on GPU at gpu-large" in out
-        assert "Would unload mxbai-embed-large:latest from gpu-small" in out
+        assert "- load mxbai-embed-large:latest on GPU at gpu-large" in out
+        assert out.count("load mxbai-embed-large:latest on GPU at gpu-large") == 1  # each step said once
+        assert "Nothing changed: 2 step(s) above would run." in out
+        assert "- unload mxbai-embed-large:latest from gpu-small" in out
         assert counts(fleet) == before
 
 
@@ -302,11 +304,11 @@ def test_report_shows_where_each_priority_model_is_and_what_optimize_would_do(tm
         code, out, _ = gpu_router(config, "report", capsys=capsys)
         assert code == 0 and "INTELLIGENT GPU ROUTING STATUS" in out and "PRIORITY MODELS" in out
         assert (
-            "1. mxbai-embed-large:latest (606MB at 512 tokens (llama-server, estimated))\n   Where: gpu-small CPU"
+            "1. mxbai-embed-large:latest (606 MB at 512 tokens (llama-server, estimated))\n   Where: gpu-small CPU"
             in out
         )
         assert "load mxbai-embed-large:latest on GPU at gpu-large" in out  # current sizes: both fit gpu-large
-        assert "2. llama3.1:latest (5024MB at 4096 tokens (llama-server, estimated))\n   Where: not loaded" in out
+        assert "2. llama3.1:latest (5024 MB at 4096 tokens (llama-server, estimated))\n   Where: not loaded" in out
         code, out, _ = gpu_router(config, "--json", "report", capsys=capsys)
         report = json.loads(out)
         assert [m["model"] for m in report["priority_models"]] == ["mxbai-embed-large:latest", "llama3.1:latest"]

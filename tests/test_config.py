@@ -22,8 +22,8 @@ nodes:
 # Priority models to keep on GPU
 # These will be automatically moved to GPU if detected on CPU
 priority_models:
-  - mxbai-embed-large    # Embedding model (705MB)
-  - nomic-embed-text     # Alternative embedding (274MB)
+  - mxbai-embed-large    # Embedding model (705 MB)
+  - nomic-embed-text     # Alternative embedding (274 MB)
   # - llama3.2:3b        # Small chat model (1.9GB)
 
 check_interval: 300
@@ -136,6 +136,42 @@ BAD_FILES = [
         "nodes:\n  - {name: x, url: http://a:1}\n  - {name: y, url: http://a:1}\n",
         "nodes[1].url: duplicate url 'http://a:1'",
     ),
+    ("nodes: ['HTTP://A:1', 'http://a:1']\n", "nodes[1].name: duplicate name 'a:1' (also nodes[0])"),
+    ("nodes: ['http://127.0.0.1:11434', 'http://localhost:11434/']\n", "nodes[1].url: duplicate url"),
+    ("nodes: ['http://[::1]:11434', 'http://localhost:11434']\n", "nodes[1].url: duplicate url"),
+    ("nodes: [{name: x, url: 'http://a'}, {name: y, url: 'http://a:80'}]\n", "nodes[1].url: duplicate url"),
+    ("nodes: [{name: x, url: 'https://a:443'}, {name: y, url: 'https://u:p@a'}]\n", "nodes[1].url: duplicate url"),
+    (
+        "nodes:\n  - {name: x, url: http://a:1}\n  - {name: y, url: 'http://A:1'}\n",
+        "nodes[1].url: duplicate url 'http://A:1' (also nodes[0])",
+    ),
+    ("nodes: [http://a:1]\nlog_level: INFO\nlog_level: DEBUG\n", "line 3: invalid YAML: duplicate key 'log_level'"),
+    ("nodes: [http://a:1]\nmodel_sizes: {x: .inf}\n", "model_sizes.x: expected a size like 8GiB, got inf"),
+    ("nodes: [http://a:1]\nmodel_sizes: {x: 1.0e+300}\n", "model_sizes.x: expected a size up to 1 PiB, got 1e+300"),
+    ("nodes:\n  - {url: http://a:1, vram: .nan}\n", "nodes[0].vram: expected a size like 8GiB, got nan"),
+    ("nodes:\n  - {url: http://a:1, gpus: [{vram: 1.0e+300}]}\n", "nodes[0].gpus[0].vram: expected a size up to 1 PiB"),
+    ("nodes:\n  - {url: http://a:1, context_length: .inf}\n", "nodes[0].context_length: expected a finite number"),
+    ("nodes:\n  - {url: http://a:1, num_parallel: 1.0e+300}\n", "nodes[0].num_parallel: expected a number ≤ 256"),
+    ("nodes: [http://a:1]\npriority_models: [{name: a, num_ctx: 1.0e+300}]\n", "num_ctx: expected a number ≤ 16777216"),
+    ("nodes: [http://a:1]\npriority_models: [{name: a, num_ctx: 0}]\n", "num_ctx: expected a number ≥ 1, got 0"),
+    ("nodes: [http://a:1]\ncheck_interval: .nan\n", "check_interval: expected a finite number, got nan"),
+    ("nodes: [http://a:1]\ncheck_interval: 1.0e+300\n", "check_interval: expected a number ≤ 86400, got 1e+300"),
+    ("nodes: [http://a:1]\nrequest_timeout: .nan\n", "request_timeout: expected a finite number, got nan"),
+    ("nodes: [http://a:1]\nrequest_timeout: .inf\n", "request_timeout: expected a finite number, got inf"),
+    ("nodes: [http://a:1]\nrequest_timeout: 1.0e+300\n", "request_timeout: expected a number ≤ 3600, got 1e+300"),
+    ("nodes: [http://a:1]\noptimizer: {load_timeout: .nan}\n", "optimizer.load_timeout: expected a finite number"),
+    ("nodes: [http://a:1]\noptimizer: {cooldown_seconds: .nan}\n", "optimizer.cooldown_seconds: expected a finite"),
+    ("nodes: [http://a:1]\noptimizer: {max_loads_per_node: .inf}\n", "optimizer.max_loads_per_node: expected a finite"),
+    ("nodes: [http://a:1]\noptimizer: {max_loads_per_node: 1.0e+300}\n", "max_loads_per_node: expected a number ≤ 64"),
+    ("nodes: [http://a:1]\nprometheus: {max_age: .nan}\n", "prometheus.max_age: expected a finite number"),
+    ("nodes: [http://a:1]\nvram_safety_margin: .nan\n", "vram_safety_margin: expected a finite number, got nan"),
+    (
+        "nodes: [http://a:1]\npriority_models: [{name: a, keep_alive: forever}]\n",
+        "priority_models[0].keep_alive: expected seconds (-1 = forever) or a duration like 5m or 1h30m, got 'forever'",
+    ),
+    ("nodes: [http://a:1]\npriority_models: [{name: a, keep_alive: '-1'}]\n", "keep_alive: expected seconds"),
+    ("nodes: [http://a:1]\npriority_models: [{name: a, keep_alive: .inf}]\n", "keep_alive: expected seconds"),
+    ("nodes: [http://a:1]\npriority_models: [{name: a, keep_alive: 1.0e+300}]\n", "keep_alive: expected seconds"),
     ("nodes: [http://a:1]\nvram_safety_margin: 0\n", "vram_safety_margin: expected a fraction in (0, 1], got 0"),
     ("nodes: [http://a:1]\nvram_safety_margin: 1.5\n", "vram_safety_margin: expected a fraction in (0, 1]"),
     ("nodes: [http://a:1]\ncheck_interval: -5\n", "check_interval: expected a number ≥ 0, got -5"),
@@ -190,19 +226,44 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gpu-router: gpu_router_config.yaml: nodes[1].vram: expected a size like 8GiB, got 'eight'"
+        f"gpu-router: {path}: nodes[1].vram: expected a size like 8GiB, got 'eight'"  # the file's full path
+    ]
+
+
+@pytest.mark.parametrize("keep_alive", [-1, 0, 300, 0.5, "5m", "1h30m", "-1m", "0", "300ms"])
+def test_keep_alive_takes_what_ollama_takes(keep_alive: object) -> None:
+    config = parse_config(
+        {"nodes": ["http://127.0.0.1:1"], "priority_models": [{"name": "a", "keep_alive": keep_alive}]}
+    )
+    assert config.priority_models[0].keep_alive == keep_alive
+
+
+def test_infinite_numbers_exit_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "nodes: [http://a:1]\ncheck_interval: .nan\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer.cli", "optimizer", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gpu-router: {path}: check_interval: expected a finite number, got nan"
     ]
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("4GiB", 4 * GIB), ("4096MiB", 4 * GIB), ("4.5GB", 4_500_000_000), ("705MB", 705_000_000), (705, 705 * MIB)],
+    [("4GiB", 4 * GIB), ("4096MiB", 4 * GIB), ("4.5GB", 4_500_000_000), ("705 MB", 705_000_000), (705, 705 * MIB)],
 )
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected
 
 
-@pytest.mark.parametrize("value", ["eight", "4 parsecs", -1, True, None, "", [4]])
+@pytest.mark.parametrize(
+    "value", ["eight", "4 parsecs", -1, True, None, "", [4], float("inf"), float("nan"), "9" * 400]
+)
 def test_bad_sizes(value: object) -> None:
     with pytest.raises(ValueError, match="expected a size like 8GiB"):
         parse_size(value)

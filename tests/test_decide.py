@@ -115,11 +115,11 @@ def test_guide_example_2_and_3_reasons_read_like_the_guide():
     )
     fit = {v.node: v for v in check(state, "mxbai", NOW).verdicts}
     assert fit["gpu"].kind == "fits_free" and fit["gpu"].fits
-    assert fit["gpu"].reason == "Fits in 3277MB VRAM (2572MB free)"
+    assert fit["gpu"].reason == "Fits in 3277 MB VRAM (2572 MB free)"
     assert fit["cpu"].kind == "not_installed"
     big = check(state, "llama3.1", NOW)
     assert kinds(big)["gpu"] == "too_large"
-    assert big.verdicts[0].reason == "Model too large (4700MB > 3277MB usable VRAM)"
+    assert big.verdicts[0].reason == "Model too large (4700 MB > 3277 MB usable VRAM)"
     assert big.result == "Model must run on CPU"
 
 
@@ -220,7 +220,7 @@ def test_route_preference_order_and_most_free_vram():
         needs=need,
     )
     r = route(free, "m", NOW)
-    assert (r.node, r.processor) == ("big", "GPU") and r.reason.startswith("Fits in 6554MB VRAM")
+    assert (r.node, r.processor) == ("big", "GPU") and r.reason.startswith("Fits in 6554 MB VRAM")
     evict = build(
         [
             node("full", (8192,), loaded=(lm("x", 6000, expires=NOW + 60),), installed=("m",)),
@@ -244,7 +244,7 @@ def test_route_cpu_fallback_prefers_a_node_without_gpu_and_explains():
     )
     r = route(state, "llama3.1", NOW)
     assert (r.node, r.processor) == ("cpu1", "CPU")
-    assert "cpu1 has no GPU" in r.reason and "0MB held in RAM" in r.reason
+    assert "cpu1 has no GPU" in r.reason and "0 MB held in RAM" in r.reason
 
 
 def test_route_nowhere_when_not_installed_on_any_up_node():

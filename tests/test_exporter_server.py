@@ -7,8 +7,10 @@ import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -273,7 +275,8 @@ def test_malloc_arenas_are_capped_on_glibc() -> None:
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:9877") == ("127.0.0.1", 9877)
     assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("9877", "host:", ":80", "h:99999", "h:x"):
+    assert parse_listen(":9877") == ("0.0.0.0", 9877)  # every Prometheus exporter's habit: all interfaces
+    for bad in ("9877", "host:", "h:99999", "h:x", "::1:9877", "[]:80"):
         with pytest.raises(Exception, match="expected HOST:PORT"):
             parse_listen(bad)
 
@@ -299,7 +302,8 @@ def test_the_command_serves_and_stops_on_sigterm(fleet: Fleet, tmp_path: Path) -
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
-        match = re.search(r"serving (http://127\.0\.0\.1:\d+)/metrics for 3 node\(s\)", line)
+        assert re.match(r"time=\S+ level=INFO event=listening ", line), line  # the optimizer's format
+        match = re.search(r"url=(http://127\.0\.0\.1:\d+)/metrics nodes=3 config=", line)
         assert match, line
         text = requests.get(f"{match.group(1)}/metrics", timeout=10).text
         assert 'gpu_router_node_up{node="gpu-large"} 1.0' in text
@@ -317,13 +321,42 @@ def test_the_command_rejects_bad_usage_in_one_line(tmp_path: Path) -> None:
     assert process.returncode == 2 and err.strip().count("\n") == 0 and "missing.yaml: no such file" in err
     process = cli("exporter", "--config", str(tmp_path / "missing.yaml"), "--listen", "nowhere")
     _, err = process.communicate(timeout=30)
-    assert process.returncode == 2 and "expected HOST:PORT like 127.0.0.1:9877, got 'nowhere'" in err
+    assert (
+        process.returncode == 2 and "expected HOST:PORT, [IPv6]:PORT or :PORT like 127.0.0.1:9877, got 'nowhere'" in err
+    )
 
 
 def test_a_taken_port_is_a_clear_error(fleet: Fleet, tmp_path: Path, exporter: ExporterServer) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"nodes": [fleet.urls["gpu-large"]]}))
-    host, port = exporter.server_address[:2]
+    host, port = exporter.url.removeprefix("http://").rsplit(":", 1)
     process = cli("exporter", "--config", str(config), "--listen", f"{host}:{port}")
     _, err = process.communicate(timeout=30)
     assert process.returncode == 1 and f"cannot listen on {host}:{port}" in err and err.count("\n") == 1
+
+
+def test_idle_connections_hold_no_thread_and_a_burst_is_not_held_back(exporter: ExporterServer) -> None:
+    host, port = exporter.url.removeprefix("http://").rsplit(":", 1)
+    address = (host, int(port))
+    scrape(exporter)  # the poll's worker threads exist from now on
+    threads = threading.active_count()
+    idle = [socket.create_connection(address, timeout=10) for _ in range(50)]
+    try:
+        for sock in idle:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # a request that never ends
+        assert scrape(exporter)[0]  # answered behind them: they have all been accepted by now
+        assert threading.active_count() - threads < 10
+    finally:
+        for sock in idle:
+            sock.close()
+    gate = threading.Barrier(200)
+
+    def connect(_: int) -> float:
+        gate.wait()
+        started = time.monotonic()
+        with socket.create_connection(address, timeout=10):
+            return time.monotonic() - started
+
+    with ThreadPoolExecutor(200) as pool:
+        waits = list(pool.map(connect, range(200)))
+    assert max(waits) < 1.0  # a dropped SYN (backlog full) is sent again only after 1 s

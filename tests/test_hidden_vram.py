@@ -100,3 +100,35 @@ def test_a_model_ollama_evicts_on_its_own_is_recorded():
         recorded = {(a.node, a.model) for a in records if a.step in ("evict", "unload") and a.outcome != "failure"}
         counted = {(node, model) for node in ("gpu", "cpu") for model in unloads(fleet, node)}
         assert counted == recorded
+
+
+def test_after_ollama_evicts_a_priority_model_to_admit_a_load_no_plan_asks_for_that_again():
+    """Blind to a 1.8 GiB process, the first load makes Ollama's 80 % admission test evict the other priority
+    model (recorded); the eviction says how much is held elsewhere, so no later plan repeats it."""
+    preload = [{"model": "nomic-embed-text", "keep_alive": "5m"}]
+    nodes = [
+        {"name": "gpu", "gpus": [{"vram": "8GiB"}], "models": [PRIORITY, *OTHERS], "preload": preload},
+        {"name": "cpu", "models": [PRIORITY], "preload": [{"model": PRIORITY, "keep_alive": -1}]},
+    ]
+    with optimizer_parts(nodes, [PRIORITY, "nomic-embed-text"], {"gpu": "8GiB", "cpu": 0}) as parts:
+        fleet, observer, reconciler, queue = parts
+        fleet.node("gpu").inject("vram_hog", bytes=int(1.8 * GIB))
+        reconciler.run_once()
+        assert queue.wait_idle(30)
+        steps = [(a.step, a.model, a.outcome) for a in queue.actions()]
+        assert ("evict", "nomic-embed-text:latest", "by_ollama") in steps  # the first surprise, recorded
+        assert observer.poll().node("gpu").hidden > 0
+        # the router puts things back as a client would find them: the big model on CPU, the embedder on GPU
+        fleet.node("gpu").scheduler.unload_all()
+        requests.post(
+            fleet.urls["gpu"] + "/api/embed", json={"model": "nomic-embed-text", "input": []}, timeout=30
+        ).raise_for_status()
+        fleet.node("cpu").scheduler.unload_all()
+        requests.post(
+            fleet.urls["cpu"] + "/api/generate", json={"model": PRIORITY, "prompt": "", "keep_alive": -1}, timeout=30
+        ).raise_for_status()
+        evictions = unloads(fleet, "gpu").get("nomic-embed-text:latest", 0)
+        reconciler.run_once()
+        assert queue.wait_idle(30)
+        assert unloads(fleet, "gpu").get("nomic-embed-text:latest", 0) == evictions  # not asked for again
+        assert [m["model"] for m in fleet.node("gpu").state()["loaded"]] == ["nomic-embed-text:latest"]

@@ -6,6 +6,7 @@ broken proxy sends); the well-behaved paths run against the simulator in the int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -183,3 +184,61 @@ def test_one_session_reuses_connections(node: ThreadingHTTPServer) -> None:
     client = client_for(node)
     assert [client.version() for _ in range(3)] == ["0.12.6"] * 3
     assert len(client.session.adapters["http://"].poolmanager.pools) == 1
+
+
+# ------------------------------------------------------------------------ transport errors, each its own words
+
+
+def _closing_server(reply: bytes = b"") -> tuple[socket.socket, str]:
+    """A listener on 127.0.0.1 that reads a request, sends `reply` (maybe nothing) and closes the connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def _failure(url: str, **timeouts: float) -> OllamaError:
+    with pytest.raises(OllamaError) as caught:
+        OllamaClient(url, **timeouts).version()
+    return caught.value
+
+
+def test_a_name_that_does_not_resolve_is_not_called_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def lookup(host: object, *args: object, **kwargs: object) -> object:
+        if host == "no-such-node.invalid":  # answered here: the test sends nothing to a DNS server
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    error = _failure("http://no-such-node.invalid:11434")
+    assert error.kind == "name_lookup" and "host name does not resolve" in str(error)
+    assert "refused" not in str(error)
+
+
+def test_refused_reset_tls_and_timeout_each_get_their_own_words() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    refused = _failure(f"http://127.0.0.1:{free}")
+    assert refused.kind == "refused" and "connection refused" in str(refused) and "reset" not in str(refused)
+    server, where = _closing_server()
+    with server:
+        reset = _failure(f"http://{where}")
+        assert reset.kind == "reset" and "closed it before answering" in str(reset) and "refused" not in str(reset)
+    server, where = _closing_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    with server:
+        tls = _failure(f"https://{where}")
+    assert tls.kind == "tls" and "TLS handshake failed" in str(tls)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never answers
+        slow = _failure(f"http://127.0.0.1:{silent.getsockname()[1]}", read_timeout=0.2)
+    assert slow.kind == "timeout" and "no answer within 0.2s" in str(slow)

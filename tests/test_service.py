@@ -4,10 +4,14 @@ the reconcile loop, monitor mode, bad nodes, the command (`gpu-router optimizer`
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import http.client
+import json
 import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -228,7 +232,7 @@ def test_a_failing_reconcile_pass_does_not_end_the_loop(caplog):
     runs: list[str] = []
 
     class Flaky:
-        """Raises on the first poll, then reports every node down (so LLAMA is not on GPU)."""
+        """Raises on the first poll, then reports every node down (so nothing can be done)."""
 
         def __init__(self) -> None:
             self.calls = 0
@@ -244,14 +248,47 @@ def test_a_failing_reconcile_pass_does_not_end_the_loop(caplog):
     jobs = JobQueue(config, lambda job: runs.append(job.model) or JobResult(ok=True)).start()
     loop = Reconciler(config, flaky, jobs, metrics=jobs.metrics, interval=0.05).start()
     try:
-        wait_for(lambda: runs and flaky.calls >= 2, what="a pass after the failing one")
+        wait_for(lambda: "no node answered" in caplog.text, what="a pass after the failing one")
     finally:
         assert loop.stop(5)
         assert jobs.stop(5)
         flaky.observer.close()
-    assert runs[0] == LLAMA
+    assert runs == []  # every node down: nothing queued, and the pass says it failed (never outcome=ok)
     assert "event=reconcile outcome=failure" in caplog.text and "first poll breaks" in caplog.text
+    assert "outcome=ok" not in caplog.text
+    assert 'event=reconcile outcome=failure reason="no node answered (127.0.0.1:9: ' in caplog.text
     assert (jobs.metrics.registry.get_sample_value("gpu_router_optimizer_last_reconcile_timestamp_seconds") or 0) > 0
+
+
+def failing_health(handle: OptimizerHandle) -> dict | None:
+    """/healthz's body when it answers 503."""
+    answer = requests.get(handle.url + "/healthz", timeout=5)
+    return answer.json() if answer.status_code == 503 else None
+
+
+def test_healthz_fails_naming_the_reconcile_loop_when_it_died():
+    with Fleet(fleet_from_dict(fleet_spec([]))) as fleet:
+        config = parse_config(router_config(fleet, [LLAMA]))
+        broken = dataclasses.replace(config, check_interval=1e300)  # what the configuration now refuses
+        handle = start_optimizer(broken, reconcile=True)
+        try:
+            body = wait_for(lambda: failing_health(handle), what="/healthz failing")
+            assert body["status"] == "failing" and body["dead"] == ["optimizer-reconcile"]
+            assert "optimizer-reconcile" in body["error"]
+        finally:
+            handle.stop()
+
+
+def test_healthz_fails_naming_a_job_worker_that_died():
+    with Fleet(fleet_from_dict(fleet_spec([LLAMA]))) as fleet:
+        config = parse_config(router_config(fleet, [LLAMA]))
+        handle = start_optimizer(config, reconcile=False, run_job=lambda job: None)  # type: ignore[arg-type,return-value]
+        try:
+            assert requests.get(handle.url + "/healthz", timeout=5).status_code == 200
+            handle.queue.submit(LLAMA)
+            assert wait_for(lambda: failing_health(handle), what="/healthz failing")["dead"] == ["optimizer-job-0"]
+        finally:
+            handle.stop()
 
 
 def test_monitor_mode_logs_plans_and_never_acts(caplog):
@@ -278,7 +315,8 @@ def test_monitor_mode_logs_plans_and_never_acts(caplog):
 def test_listen_addresses():
     assert parse_listen("127.0.0.1:9878") == ("127.0.0.1", 9878)
     assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("9878", "host:", ":9878", "host:port", "host:70000"):
+    assert parse_listen(":9878") == ("0.0.0.0", 9878) and parse_listen("[::1]:9878") == ("::1", 9878)
+    for bad in ("9878", "host:", "host:port", "host:70000"):
         with pytest.raises(ValueError, match="--listen: expected HOST:PORT"):
             parse_listen(bad)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
@@ -298,6 +336,7 @@ def test_refuses_a_public_address_without_credentials(tmp_path, capsys):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"nodes": ["http://127.0.0.1:9"], "priority_models": ["x"]}))
     assert service.main(_args(path, "0.0.0.0:9878")) == 2
+    assert service.main(_args(path, ":9878")) == 2  # all interfaces: the same rule
     err = capsys.readouterr().err
     assert "refusing to listen on 0.0.0.0" in err and "--insecure" in err
     assert service.main(_args(path, "nonsense")) == 2
@@ -367,3 +406,28 @@ def test_the_command_serves_then_stops_cleanly_on_sigterm(tmp_path):
             child.stop()
         size, vram = loaded(fleet, "gpu-large")[LLAMA]
         assert size == vram
+
+
+def raw_request(url: str, head: str) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (request line and headers, no body) as is; the status, headers and body of the answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "words"),
+    [
+        (f"POST /webhook HTTP/1.1\nHost: x\nContent-Length: {64 * 1024 * 1024}\n", 413, "Request Entity Too Large"),
+        ("POST /webhook HTTP/1.1\nHost: x\nTransfer-Encoding: chunked, identity\n", 501, "Not Implemented"),
+        ("GET /healthz HTTP/1.1\nHost: x\nContent-Length: nine\n", 400, "Bad Request"),
+    ],
+)
+def test_the_servers_own_errors_are_json_too(head: str, status: int, words: str):
+    with running(fleet_spec([]), [LLAMA]) as (_, handle, _):
+        code, headers, body = raw_request(handle.url, head)
+    assert code == status and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"].startswith(words)

@@ -1,0 +1,112 @@
+"""Serving a WSGI application on waitress, the same way for the exporter and the optimizer.
+
+One I/O thread accepts and reads every connection; a bounded pool of `threads` runs the requests. The listen
+backlog is `BACKLOG` (a burst of scrapes waits there instead of having its SYNs dropped), an idle keep-alive
+connection holds no thread and is closed after `IDLE_TIMEOUT` seconds, and at most `CONNECTION_LIMIT`
+connections are open at once (further ones wait in the backlog). With `json_errors`, the answers waitress
+makes itself — 400 malformed request, 413 body too large, 431 headers too large, 501 transfer encoding not
+supported — are `{"error": "..."}` with `Content-Type: application/json`, like the application's own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import create_server
+from waitress.task import ErrorTask
+
+BACKLOG = 1024
+IDLE_TIMEOUT = 60  # seconds a connection may stay idle (Prometheus keeps one per target between scrapes)
+CONNECTION_LIMIT = 512
+
+
+class _JsonErrorTask(ErrorTask):
+    """waitress's error answer, as JSON: `{"error": "Request Entity Too Large: exceeds max_body of 8388608"}`."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        body = json.dumps({"error": f"{error.reason}: {error.body}"}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _JsonErrorChannel(HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
+class Served:
+    """A WSGI application served in background threads: `url`, `port`, and `stop()`."""
+
+    def __init__(self, server: Any, name: str) -> None:
+        self._server = server
+        self._serving = threading.Event()
+        self._serving.set()
+        self.thread = threading.Thread(target=self._loop, name=f"{name}-http", daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.effective_port)
+
+    @property
+    def url(self) -> str:
+        host = str(self._server.effective_host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
+    def serving(self) -> bool:
+        return self._serving.is_set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, wait up to `timeout` for the requests being answered, close every socket. Idempotent."""
+        if not self._serving.is_set():
+            return
+        self._serving.clear()
+        self._server.pull_trigger()  # wakes the loop, which sees the flag and returns
+        self.thread.join(timeout)
+        self._server.task_dispatcher.shutdown(timeout=timeout)
+        wasyncore.close_all(self._server._map)  # the listening socket, open connections, the trigger
+
+    def _loop(self) -> None:
+        """waitress's I/O loop, one pass at a time while serving. Its sockets are closed by `stop` once this
+        thread has ended (closing them from inside the loop would race with threads pulling its trigger)."""
+        adj = self._server.adj
+        while self._serving.is_set():
+            wasyncore.loop(adj.asyncore_loop_timeout, adj.asyncore_use_poll, self._server._map, count=1)
+
+
+def serve(
+    app: Callable[..., Any],
+    host: str,
+    port: int,
+    *,
+    name: str,
+    threads: int,
+    json_errors: bool = False,
+    max_request_body_size: int = 1024 * 1024,
+) -> Served:
+    """Serve `app` on (host, port) (port 0 = any free port); OSError when the address cannot be bound."""
+    server = create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        ident=name,
+        backlog=BACKLOG,
+        channel_timeout=IDLE_TIMEOUT,
+        cleanup_interval=min(10, IDLE_TIMEOUT),
+        connection_limit=CONNECTION_LIMIT,
+        max_request_body_size=max_request_body_size,
+        clear_untrusted_proxy_headers=True,
+    )
+    if json_errors:
+        server.channel_class = _JsonErrorChannel
+    return Served(server, name)

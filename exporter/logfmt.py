@@ -16,7 +16,7 @@ from typing import TextIO
 
 from exporter.config import model_key
 
-_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@]+")
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/+,\-@]+")
 _MODEL_KEYS = frozenset(("model", "for_model"))
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 

@@ -80,14 +80,15 @@ def _likeness(wanted: str, name: str) -> float:
 
 
 def close_models(state: ClusterState, model: str, limit: int = 3, cutoff: float = 0.6) -> list[str]:
-    """Names close to `model`: the installed (or loaded) ones first, catalog names only when none is close."""
+    """Names close to `model` (the closest and those nearly as close): the installed (or loaded) ones first,
+    catalog names only when no installed one is close."""
     key = model_key(model)
     catalog_names = sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)})
     for names in (installed_models(state), catalog_names):
         scored = sorted(((_likeness(key, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
-        close = [n for score, n in scored if score >= cutoff][:limit]
-        if close:
-            return close
+        if scored and scored[0][0] >= cutoff:  # the best, and those nearly as close (not every distant cousin)
+            floor = max(cutoff, scored[0][0] - 0.15)
+            return [n for score, n in scored if score >= floor][:limit]
     return []
 
 
@@ -111,6 +112,22 @@ def _priority_keys(state: ClusterState) -> frozenset[str]:
 
 
 # ------------------------------------------------------------------------------------------------ check
+
+
+KIND_WORDS = {  # a verdict's kind (a code, for JSON) in words, for people
+    "loaded_on_gpu": "on GPU now",
+    "fits_free": "fits now",
+    "fits_after_eviction": "fits after evicting idle models",
+    "cpu": "runs on CPU here",
+    "no_gpu": "no GPU",
+    "capacity_unknown": "GPU capacity unknown",
+    "size_unknown": "VRAM need unknown",
+    "too_large": "too large",
+    "not_enough_free": "no room now",
+    "down": "node down",
+    "maintenance": "in maintenance",
+    "not_installed": "not installed",
+}
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,12 @@ def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
     return fixed
 
 
+def alert_line(alert: dict[str, Any]) -> str:
+    """`GPURouterPriorityModelOnCPU node=gpu-small firing`: the alert's name, its node when it has one, its state."""
+    node = alert["labels"].get("node")
+    return " ".join(p for p in (alert["labels"]["alertname"], f"node={node}" if node else "", alert["state"]) if p)
+
+
 def _route(story: Story, fleet: Fleet, proxy: ProxyHandle) -> bool:
     """One request through the proxy (it picks the GPU node) beside the same request straight to the CPU node."""
     story.heading(f"5. ONE ENDPOINT FOR YOUR APPLICATIONS: gpu-router proxy ({proxy.url})")
@@ -259,12 +265,6 @@ def _route(story: Story, fleet: Fleet, proxy: ProxyHandle) -> bool:
     story.say(f"   The proxy sent {SPOKEN} to {node}, where it is fully on GPU: {ratio:.1f}× the CPU node's speed.")
     story.say(f"   Point applications at it: OLLAMA_HOST={proxy.url}, or the OpenAI base URL {proxy.url}/v1")
     return bool(served)
-
-
-def alert_line(alert: dict[str, Any]) -> str:
-    """`GPURouterPriorityModelOnCPU node=gpu-small firing`: the alert's name, its node when it has one, its state."""
-    node = alert["labels"].get("node")
-    return " ".join(p for p in (alert["labels"]["alertname"], f"node={node}" if node else "", alert["state"]) if p)
 
 
 def _start_prometheus(workdir: Path, exporter_url: str, optimizer_url: str, story: Story) -> list[Any]:

@@ -53,7 +53,7 @@ def _until(model: LoadedModel, now: float) -> str:
     return f"unloads in {int(left // 60)}m{int(left % 60):02d}s"
 
 
-def _where(ratio: float) -> str:
+def where_text(ratio: float) -> str:
     """Where a copy runs, from size_vram / size."""
     return "100% GPU" if ratio >= 1 else ("CPU" if ratio == 0 else f"{ratio:.0%} GPU / {1 - ratio:.0%} CPU")
 
@@ -328,7 +328,9 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
         lines.append("   Loaded models:")
         width = max(len(m.name) for m in node.loaded)
         for m in node.loaded:
-            lines.append(f"      {m.name:<{width}}  {size_text(m.size):>8}, {_where(m.gpu_ratio)}, {_until(m, now)}")
+            lines.append(
+                f"      {m.name:<{width}}  {size_text(m.size):>8}, {where_text(m.gpu_ratio)}, {_until(m, now)}"
+            )
     else:
         lines.append("   Loaded models: none")
     if _processor(node) == "GPU" and fits:
@@ -543,7 +545,7 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     for rank, pm in enumerate(state.config.priority_models, start=1):
         key = model_key(pm.name)
         lines.append(f"{rank}. {key} ({needs_text(model_needs(state, key), state, key)})")
-        where = ", ".join(f"{n.name} {_where(m.gpu_ratio)}, {_until(m, now)}" for n, m in state.placements(key))
+        where = ", ".join(f"{n.name} {where_text(m.gpu_ratio)}, {_until(m, now)}" for n, m in state.placements(key))
         lines.append(f"   Where: {where or 'not loaded anywhere'}")
         lines.append("   Optimize would:")
         lines += [f"      {line}" for line in model_plan_lines(key, p, differs.get(key))]

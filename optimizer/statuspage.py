@@ -13,7 +13,9 @@ from html import escape
 from typing import Any
 
 from exporter.eras import LABELS as ERA_LABELS
-from exporter.units import GIB, mb
+from exporter.units import size_text
+from optimizer.decide import KIND_WORDS
+from optimizer.render import where_text
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -31,12 +33,8 @@ th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
-def _gb(num_bytes: int | None) -> str:
-    return "–" if num_bytes is None else f"{num_bytes / GIB:.2f} GB"
-
-
 def _mb(num_bytes: int | None) -> str:
-    return "–" if num_bytes is None else f"{mb(num_bytes)} MB"
+    return "–" if num_bytes is None else size_text(num_bytes)
 
 
 def _attr(value: Any) -> str:
@@ -70,8 +68,8 @@ def _node(node: Mapping[str, Any]) -> str:
             f'<div class="usable" style="left:{usable_pct:.1f}%"></div></div>'
         )
         lines.append(
-            f"<div>VRAM total <b>{_gb(total)}</b> · usable {_gb(usable)} · used {_gb(used)} · "
-            f'free <b>{_gb(free)}</b> <span class="muted">({escape(source)})</span></div>'
+            f"<div>VRAM total <b>{_mb(total)}</b> · usable {_mb(usable)} · used {_mb(used)} · "
+            f'free <b>{_mb(free)}</b> <span class="muted">({escape(source)})</span></div>'
         )
     elif source == "none":
         lines.append('<div>No GPU <span class="muted">(none)</span></div>')
@@ -102,14 +100,13 @@ def _loaded_rows(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
     for node in nodes:
         for m in node.get("loaded", []):
             ratio = m["gpu_ratio"]
-            where = "GPU" if ratio >= 1 else ("CPU" if ratio == 0 else f"{1 - ratio:.0%}/{ratio:.0%} CPU/GPU")
             css = "ok" if ratio >= 1 else "bad"
             rows.append(
                 f'<tr class="loaded" data-node="{_attr(node["name"])}" data-model="{_attr(m["model"])}" '
                 f'data-ratio="{ratio}" data-size="{m["size_bytes"]}" data-vram="{m["size_vram_bytes"]}">'
                 f"<td>{escape(node['name'])}</td><td>{escape(m['model'])}</td>"
                 f'<td class="num">{_mb(m["size_bytes"])}</td><td class="num">{_mb(m["size_vram_bytes"])}</td>'
-                f'<td class="{css}">{ratio:.0%} GPU ({where})</td>'
+                f'<td class="{css}">{where_text(ratio)}</td>'
                 f"<td>{escape(str(m.get('context_length') or '–'))}</td></tr>"
             )
     return rows
@@ -129,17 +126,18 @@ def _fit_matrix(nodes: list[Mapping[str, Any]]) -> str:
         tds = []
         for node in nodes:
             fit = cells.get((node["name"], model))
-            if fit is None:
-                tds.append('<td class="muted">not installed</td>')
+            if fit is None:  # a node that is down lists nothing: its installed models are not known now
+                tds.append('<td class="muted">not installed</td>' if node["up"] else '<td class="bad">node down</td>')
                 continue
             mark, css = ("✓", "ok") if fit["fits"] else ("✗", "bad")
             need = fit.get("need") or {}
-            sizing = f"<br><small>{_mb(need['bytes'])} at {need['num_ctx']} tokens</small>" if need else ""
+            sizing = f" · {_mb(need['bytes'])} at {need['num_ctx']} tokens" if need else ""
             tds.append(
                 f'<td class="fit {css}" data-node="{_attr(node["name"])}" data-model="{_attr(model)}" '
                 f'data-fits="{int(bool(fit["fits"]))}" data-need="{_attr(need.get("bytes"))}" '
-                f'data-ctx="{_attr(need.get("num_ctx"))}" title="{_attr(fit["reason"])}">'
-                f"{mark} {escape(fit['kind'])}{sizing}</td>"
+                f'data-ctx="{_attr(need.get("num_ctx"))}" data-kind="{_attr(fit["kind"])}">'
+                f"{mark} {escape(KIND_WORDS.get(fit['kind'], fit['kind']))}<br><small>{escape(fit['reason'])}"
+                f"{sizing}</small></td>"
             )
         rows.append(f"<tr><td>{escape(model)}</td>{''.join(tds)}</tr>")
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"

@@ -353,7 +353,7 @@ def test_bad_setting_exits_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "gpu-router: gpu_router_config.yaml: nodes[0].ollama_log.fiel: unknown key (did you mean 'file'?)"
+        f"gpu-router: {path}: nodes[0].ollama_log.fiel: unknown key (did you mean 'file'?)"
     ]
 
 

@@ -1,0 +1,342 @@
+"""Issue 12, operator-grade behaviour: every message true, every flag real, one log format, one answer.
+
+Each test asserts one point of the issue against the simulated demo cluster (or the code that says it)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+from exporter import logfmt
+from exporter.config import load_config
+from exporter.observe import Observer
+from optimizer import demo, statuspage
+from optimizer.app import create_app
+from optimizer.cli import main
+from optimizer.localstack import wait_for
+from optimizer.render import status_json
+from simulator.fleet import FleetSpec
+from simulator.run import DEMO_FLEET, Fleet, load_fleet
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = {Path(f).stem: json.loads(Path(f).read_text()) for f in glob.glob(str(ROOT / "docs" / "schemas" / "*.json"))}
+REGISTRY = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in SCHEMAS.values())
+
+
+def demo_fleet_spec() -> FleetSpec:
+    """The built-in demo cluster on ephemeral ports, loads instant."""
+    spec = load_fleet(DEMO_FLEET)
+    nodes = tuple(dataclasses.replace(n, port=0, load_speed=0) for n in spec.nodes)
+    return dataclasses.replace(spec, control_port=0, nodes=nodes)
+
+
+@contextlib.contextmanager
+def demo_cluster(tmp_path: Path, priority: list[str] | None = None) -> Iterator[tuple[Fleet, str]]:
+    """The demo cluster and the router configuration `gpu-router simulate` writes for it."""
+    with Fleet(demo_fleet_spec()) as fleet:
+        config = fleet.router_config()
+        if priority is not None:
+            config["priority_models"] = priority
+        path = tmp_path / "gpu_router_config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        yield fleet, str(path)
+
+
+def run(config: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(["--config", config, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def schema_errors(name: str, document: dict) -> list[str]:
+    validator = Draft202012Validator(SCHEMAS[name], registry=REGISTRY)
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
+
+
+# ------------------------------------------------------------------------------------------ untrue (2–8)
+
+
+def test_2_the_fit_matrix_says_a_node_is_down_not_that_models_are_not_installed(tmp_path):
+    with demo_cluster(tmp_path) as (fleet, path):
+        fleet.node("gpu-small").inject("down")
+        with Observer(load_config(path)) as observer:
+            state = observer.poll()
+        page = statuspage.render(status_json(state, state.taken_at), [])
+    matrix = page.split("Where each model fits", 1)[1]
+    rows = re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", matrix)
+    assert rows
+    for _, cells in rows:
+        small = re.findall(r"<td[^>]*>.*?</td>", cells)[0]  # gpu-small's column comes first
+        assert "node down" in small and "not installed" not in small, small
+
+
+def test_3_did_you_mean_offers_installed_models_first(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (_, path):
+        code, out, err = run(path, "route", "llama9", capsys=capsys)
+    assert code == 2 and out == ""
+    assert "llama3.2:1b" in err and "llama3.2:latest" not in err  # installed on gpu-small; the catalog alias not
+
+
+def test_4_a_misspelt_priority_model_is_called_not_installed_and_flagged(tmp_path, capsys):
+    with demo_cluster(tmp_path, ["mxbai-embed-larg", "llama3.1:latest"]) as (_, path):
+        for command in ("status", "report"):
+            code, out, _ = run(path, command, capsys=capsys)
+            assert code == 2, command
+            assert (
+                "❌ Priority model mxbai-embed-larg:latest: not installed on any node "
+                "(did you mean mxbai-embed-large:latest?)" in out
+            )
+            assert "set model_sizes" not in out
+        code, out, _ = run(path, "--json", "status", capsys=capsys)
+        assert code == 2 and json.loads(out)["priority_models"][0]["installed"] is False
+        code, _, err = run(path, "check", "mxbai-embed-larg", capsys=capsys)
+        assert code == 2 and "did you mean mxbai-embed-large:latest" in err
+
+
+def test_5_check_names_the_node_that_is_down_instead_of_saying_cpu(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (fleet, path):
+        fleet.node("gpu-large").inject("down")
+        code, out, _ = run(path, "check", "llama3.1:latest", capsys=capsys)
+    assert code == 1
+    result = out.rsplit("Result: ", 1)[1]
+    assert "Model must run on CPU" not in result and "gpu-large did not answer" in result
+
+
+def test_6_the_same_verdict_gets_the_same_exit_status(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (fleet, path):
+        # installed only on a node that is in no state to run it: no node can run it, for route and check alike
+        fleet.node("cpu-node").inject("down")
+        route_code = run(path, "route", "codellama:7b", capsys=capsys)[0]
+        check_code = run(path, "check", "codellama:7b", capsys=capsys)[0]
+        assert route_code == check_code == 1
+        for command in (["status"], ["models"], ["report"], ["optimize", "--dry-run"]):
+            assert run(path, *command, capsys=capsys)[0] == 1, command  # a node did not answer
+        fleet.node("cpu-node").clear()
+        for command in (["status"], ["models"], ["report"], ["optimize", "--dry-run"], ["check", "codellama:7b"]):
+            assert run(path, *command, capsys=capsys)[0] == 0, command
+    help_text = subprocess.run(
+        [sys.executable, "-m", "optimizer.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "exit status:" in help_text and "    1  the job failed" in help_text
+
+
+def test_7_route_and_optimize_both_say_when_the_plan_places_a_model_elsewhere(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (_, path):
+        code, out, _ = run(path, "route", "mxbai-embed-large", capsys=capsys)
+        assert code == 0 and "Best choice: gpu-large (GPU)" in out
+        note = "optimize places it on gpu-small, while routing it alone picks gpu-large (GPU): the plan for all"
+        assert note in out and "keeps gpu-large for llama3.1:latest" in out
+        code, out, _ = run(path, "optimize", "--dry-run", capsys=capsys)
+        assert code == 0 and note in out
+        code, out, _ = run(path, "--json", "route", "mxbai-embed-large", capsys=capsys)
+        differs = json.loads(out)["plan_differs"]
+        assert (differs["route_node"], differs["plan_node"]) == ("gpu-large", "gpu-small")
+
+
+# --------------------------------------------------------------------------------------- flags (9–14)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["exporter", "--json"], "unrecognized arguments: --json"),
+        (["--json", "optimizer"], "`gpu-router optimizer` prints no JSON document"),
+        (["--json", "simulate"], "`gpu-router simulate` prints no JSON document"),
+        (["demo", "--json"], "unrecognized arguments: --json"),
+        (["simulate", "--config", "/nonexistent.yaml"], "unrecognized arguments: --config"),
+        (["--config", "/nonexistent.yaml", "simulate"], "reads no router configuration"),
+        (["--config", "x.yaml", "demo", "--once"], "reads no router configuration"),
+    ],
+)
+def test_9_flags_that_would_do_nothing_are_refused(argv, words, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_11_a_reader_that_stops_early_gets_no_traceback_and_the_answer_keeps_its_status(tmp_path):
+    with demo_cluster(tmp_path) as (fleet, path):
+        fleet.node("gpu-small").inject("down")
+        for args, expected in ((["report", "--json"], 1), (["models"], 1), (["route", "nope-model"], 2)):
+            process = subprocess.Popen(
+                [sys.executable, "-m", "optimizer.cli", "--config", path, *args],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert process.stdout is not None and process.stderr is not None
+            process.stdout.close()  # `| true`: the reader is gone before the first line
+            err = process.stderr.read()
+            assert process.wait(timeout=60) == expected, err
+            assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
+def test_12_simulate_prints_a_router_configuration_and_the_next_command(tmp_path):
+    fleet_file = tmp_path / "fleet.yaml"
+    raw = yaml.safe_load(DEMO_FLEET.read_text())
+    raw["control_port"] = 0
+    for node in raw["nodes"]:
+        node["port"] = 0
+    fleet_file.write_text(yaml.safe_dump(raw))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        lines = [process.stdout.readline().strip() for _ in range(5)]
+        assert [line.split(" ", 1)[0] for line in lines] == ["gpu-small", "cpu-node", "gpu-large", "control", "config"]
+        config = lines[4].split(" ", 1)[1]
+        hint = process.stderr.readline()
+        assert f"gpu-router --config {config} status" in hint
+        status = subprocess.run(
+            [sys.executable, "-m", "optimizer.cli", "--config", config, "status"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        assert "Nodes: 3/3 up" in status.stdout
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    assert not Path(config).exists()
+
+
+def test_14_a_port_clash_names_the_port_and_the_server(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        fleet_file = tmp_path / "fleet.yaml"
+        fleet_file.write_text(yaml.safe_dump({"control_port": 0, "nodes": [{"name": "a", "port": port}]}))
+        done = subprocess.run(
+            [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"node a: cannot listen on 127.0.0.1:{port}" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_14_the_demo_port_probe_counts_a_port_in_time_wait_as_free():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server side closes first: its port is left in TIME_WAIT
+    wait_for(lambda: client.recv(1) == b"", what="the close to reach the client")
+    client.close()
+    listener.close()
+    assert demo._port(port) == port
+
+
+# ------------------------------------------------------------------------------------- one voice (15–18)
+
+
+def test_15_log_lines_are_logfmt_with_normalised_model_names():
+    line = logfmt.event_line("job.start", model="mxbai-embed-large", models="llama3.1,mxbai-embed-large", note="a b")
+    assert (
+        line
+        == 'event=job.start model=mxbai-embed-large:latest models=llama3.1:latest,mxbai-embed-large:latest note="a b"'
+    )
+    record = logging.LogRecord("waitress", logging.WARNING, __file__, 1, "Task queue depth is %d", (3,), None)
+    formatted = logfmt.Formatter().format(record)
+    assert re.fullmatch(r'time=\S+ level=WARNING event=log logger=waitress msg="Task queue depth is 3"', formatted)
+
+
+def test_16_one_unit_style_and_words_not_codes_for_people(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (_, path):
+        assert run(path, "optimize", capsys=capsys)[0] == 0
+        texts = [
+            run(path, *c, capsys=capsys)[1] for c in (["status"], ["route", "codellama:7b"], ["check", "llama3.2:3b"])
+        ]
+        with Observer(load_config(path)) as observer:
+            state = observer.poll()
+        page = statuspage.render(status_json(state, state.taken_at), [])
+    for text in texts:
+        assert not re.search(r"\d(MB|GB|MiB|GiB)\b", text), re.search(r".*\d(MB|GB|MiB|GiB)\b.*", text)
+    visible = re.sub(r"<[^>]+>", " ", page)
+    assert " GB" not in visible and "(GPU)" not in visible and "100% GPU" in visible
+    for code in ("fits_free", "not_enough_free", "loaded_on_gpu", "fits_after_eviction", "not_installed"):
+        assert code not in visible
+    assert "fits now" in visible or "no room now" in visible
+
+
+def test_17_nothing_is_said_twice(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (_, path):
+        _, out, _ = run(path, "route", "mxbai-embed-large", capsys=capsys)
+        assert out.count("ROUTING DECISION FOR") == 1 and "Routing decision for" not in out
+        _, out, _ = run(path, "optimize", "--dry-run", capsys=capsys)
+        for line in (line.strip() for line in out.splitlines() if line.strip().startswith("- ")):
+            assert out.count(line) == 1, line
+    assert demo.alert_line({"labels": {"alertname": "GPURouterPriorityModelNotOnGPU"}, "state": "firing"}) == (
+        "GPURouterPriorityModelNotOnGPU firing"
+    )
+
+
+def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (fleet, path):
+        fleet.node("gpu-small").inject("down")
+        commands = {
+            "status": ["status"],
+            "route": ["route", "mxbai-embed-large"],
+            "check": ["check", "llama3.1:latest"],
+            "models": ["models"],
+            "report": ["report"],
+            "optimize": ["optimize", "--dry-run"],
+        }
+        documents = {}
+        for name, argv in commands.items():
+            _, out, _ = run(path, "--json", *argv, capsys=capsys)
+            documents[name] = json.loads(out)
+            assert schema_errors(name, documents[name]) == [], name
+            assert not re.search(r"[\u2190-\u2bff\U0001f300-\U0001faff]", out), name  # no emoji or arrows
+        app = create_app(load_config(path), state_max_age=0)
+        client = app.test_client()
+        try:
+            for name, url in (
+                ("status", "/api/v1/status"),
+                ("route", "/api/v1/route?model=mxbai-embed-large"),
+                ("check", "/api/v1/check?model=llama3.1:latest"),
+                ("models", "/api/v1/models"),
+                ("error", "/api/v1/route?model=llama9"),
+            ):
+                answer = client.get(url).get_json()
+                assert schema_errors(name, answer) == [], name
+                if name not in ("error", "status"):
+                    assert answer.keys() == documents[name].keys(), name
+            assert "did you mean" in client.get("/api/v1/route?model=llama9").get_json()["error"]
+        finally:
+            app.extensions["gpu_router"].queue.stop()
+    # the need is one object everywhere: the same keys in route, check, models and report
+    shapes = {
+        tuple(documents["route"]["needs"][0]),
+        tuple(documents["check"]["needs"][0]),
+        tuple(documents["models"]["models"][-1]["needs"][0]),
+        tuple(documents["report"]["priority_models"][0]["needs"][0]),
+        tuple(documents["route"]["verdicts"][-1]["need"]),
+    }
+    assert len(shapes) == 1 and "bytes" in shapes.pop()
+
+
+def test_18_a_shape_that_drifts_fails_its_schema(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (_, path):
+        _, out, _ = run(path, "--json", "route", "mxbai-embed-large", capsys=capsys)
+    document = json.loads(out)
+    document["needs"][0]["mb"] = 606  # the old duplicate of bytes
+    assert schema_errors("route", document)

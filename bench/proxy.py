@@ -4,8 +4,9 @@ The simulated fleet and the proxy each run as their own process (`gpu-router sim
 the clients are aiohttp tasks in this one. Figures:
 
 - overhead: the same small non-streaming generate requests straight to a simulated node and through the
-  proxy, p50/p99 of each and the difference, at 1, 50 and 200 concurrent clients; the same for the time to
-  the first byte of a stream; the most concurrent open streams held without error, with the proxy's RSS;
+  proxy, p50/p99 of each and the difference, at 1, 50 and 200 concurrent clients, and the proxy's own CPU time
+  per request; the same for the time to the first byte of a stream; concurrent open streams held without error
+  (spread by the proxy over four simulated nodes of 256 slots, Ollama's most per runner), with the proxy's RSS;
 - value: the demo fleet with the priority model llama3.1 pushed onto CPU on gpu-large (its only GPU home) and
   running on CPU on cpu-node; clients spreading requests round-robin over the nodes that have the model (what
   a plain load balancer does) versus the same clients through the proxy (which asks the optimizer to heal the
@@ -44,16 +45,23 @@ from proxy.service import raise_open_files_limit  # noqa: E402
 FAST, SLOW, BIG = "llama3.2:1b", "qwen2.5-coder:1.5b", "llama3.1:latest"
 
 
+SLOW_NODES = 4  # 256 slots each (Ollama's most): 1024 streams at once
+
+
 def bench_fleet() -> dict:
-    """`fast` answers at once (overhead), `slow` streams 2 tokens/s (held streams); both hold 1024 slots."""
-    common = {"gpus": [{"name": "H100", "vram": "512GiB"}], "num_parallel": 1024, "context_length": 2048}
+    """`fast` answers at once (overhead); `slow-1..4` stream 2 tokens/s (held streams); 256 slots per runner."""
+    common = {"gpus": [{"name": "H100", "vram": "512GiB"}], "num_parallel": 256, "context_length": 2048}
+    slow = [
+        {**common, "name": f"slow-{i}", "port": free_port(), "models": [SLOW], "token_rate": 2,
+         "preload": [{"model": SLOW, "keep_alive": -1}]}
+        for i in range(1, SLOW_NODES + 1)
+    ]  # fmt: skip
     return {
         "control_port": free_port(),
         "nodes": [
             {**common, "name": "fast", "port": free_port(), "models": [FAST], "token_rate": 0,
              "preload": [{"model": FAST, "keep_alive": -1}]},
-            {**common, "name": "slow", "port": free_port(), "models": [SLOW], "token_rate": 2,
-             "preload": [{"model": SLOW, "keep_alive": -1}]},
+            *slow,
         ],
     }  # fmt: skip
 
@@ -61,15 +69,19 @@ def bench_fleet() -> dict:
 class Process:
     """A `gpu-router` subcommand in its own process group; `stop()` ends it with SIGTERM."""
 
-    def __init__(self, *args: str) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "optimizer.cli", *args],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "optimizer.cli", *args],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def tail(self) -> str:
+        return " | ".join(self.log.read_text(errors="replace").splitlines()[-3:])
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
@@ -95,10 +107,10 @@ class Process:
 def start_fleet(tmp: Path, fleet: dict) -> tuple[Process, dict[str, str]]:
     path = tmp / "fleet.yaml"
     path.write_text(yaml.safe_dump(fleet))
-    process = Process("simulate", "--fleet", str(path))
+    process = Process(tmp / "simulator.log", "simulate", "--fleet", str(path))
     urls = {n["name"]: f"http://127.0.0.1:{n['port']}" for n in fleet["nodes"]}
     for url in urls.values():
-        wait_for(lambda u=url: requests.get(f"{u}/api/version", timeout=1).ok, 30, f"the simulated node {url}")
+        wait_for(lambda u=url: requests.get(f"{u}/api/version", timeout=1).ok, 30, f"{url} ({process.tail()})")
     return process, urls
 
 
@@ -106,9 +118,9 @@ def start_proxy(tmp: Path, config: dict) -> tuple[Process, str]:
     path = tmp / "gpu_router_config.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    process = Process("proxy", "--config", str(path), "--listen", f"127.0.0.1:{port}")
+    process = Process(tmp / "proxy.log", "proxy", "--config", str(path), "--listen", f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: requests.get(f"{url}/healthz", timeout=1).ok, 30, "the proxy")
+    wait_for(lambda: requests.get(f"{url}/healthz", timeout=1).ok, 30, f"the proxy ({process.tail()})")
     return process, url
 
 
@@ -328,7 +340,7 @@ def main() -> int:
         fleet, urls = start_fleet(tmp, bench_fleet())
         try:
             nodes = [
-                {"name": n, "url": u, "gpus": [{"name": "H100", "vram": "512GiB"}], "num_parallel": 1024,
+                {"name": n, "url": u, "gpus": [{"name": "H100", "vram": "512GiB"}], "num_parallel": 256,
                  "context_length": 2048}
                 for n, u in urls.items()
             ]  # fmt: skip

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,13 +202,16 @@ def test_12_simulate_prints_a_router_configuration_and_the_next_command(tmp_path
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+    errors: list[str] = []
+    for stream, into in ((process.stdout, lines), (process.stderr, errors)):
+        threading.Thread(target=lambda s=stream, i=into: i.extend(line.strip() for line in s), daemon=True).start()
+    config = ""
     try:
-        assert process.stdout is not None and process.stderr is not None
-        lines = [process.stdout.readline().strip() for _ in range(5)]
+        wait_for(lambda: len(lines) >= 5 and errors, 30, f"the fleet's lines (got {lines} {errors})")
         assert [line.split(" ", 1)[0] for line in lines] == ["gpu-small", "cpu-node", "gpu-large", "control", "config"]
         config = lines[4].split(" ", 1)[1]
-        hint = process.stderr.readline()
-        assert f"gpu-router --config {config} status" in hint
+        assert f"gpu-router --config {config} status" in errors[0]
         status = subprocess.run(
             [sys.executable, "-m", "optimizer.cli", "--config", config, "status"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,

@@ -92,7 +92,7 @@ def fits_free(node: NodeState, room: Room, need: ModelNeed) -> bool:
     if copy is not None and copy.fully_on_gpu:
         return True
     others = any(model_key(m.name) != need.model for m in node.loaded)
-    freed = copy.size_vram + node.exempt(need.model) if copy is not None else 0
+    freed = copy.size_vram if copy is not None else 0  # memory inferred held elsewhere counts, this copy's too
     return room.fits_free(need, freed=freed, others=others)
 
 

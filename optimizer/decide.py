@@ -238,7 +238,7 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     assert room is not None  # capacity known
     size = room.takes(need.bytes)
     reload = copy is not None and not is_busy(copy, now)
-    own = copy.size_vram + node.exempt(key) if reload and copy is not None else 0
+    own = copy.size_vram if reload and copy is not None else 0  # memory inferred held elsewhere counts here
     here = ""
     if copy is not None:
         here = f" (loaded here {copy.gpu_ratio:.0%} on GPU, "
@@ -278,8 +278,10 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     idle = [v for v in victims_of(node, priority, now) if model_key(v.name) != key]
     held = sorted(model_key(m.name) for m in others if m not in idle)
     why = _shortfall(room, need, own, bool(others), room_now)
-    if node.hidden and not node.exempt(key):
+    if node.hidden:
         why += f", ~{size_text(node.hidden)} of it inferred held outside Ollama because {node.hidden_why}"
+        if node.exempt(key) and reload:
+            why += "; the optimizer retests that with a reload in place, spaced by its cooldown"
     if idle:
         why += f", {size_text(max(0, room_now + sum(v.size_vram for v in idle)))} after evicting every idle model"
     if held:

@@ -132,3 +132,22 @@ def test_after_ollama_evicts_a_priority_model_to_admit_a_load_no_plan_asks_for_t
         assert queue.wait_idle(30)
         assert unloads(fleet, "gpu").get("nomic-embed-text:latest", 0) == evictions  # not asked for again
         assert [m["model"] for m in fleet.node("gpu").state()["loaded"]] == ["nomic-embed-text:latest"]
+
+
+def test_a_copy_short_of_memory_held_elsewhere_is_not_said_to_fit_and_the_optimizer_retests_it():
+    """A partial copy is the evidence of memory held elsewhere: status, check and the gauges count that memory
+    (no "fits"), while the optimizer still tries a reload in place, the only test that the memory came back."""
+    with cluster() as (fleet, observer, reconciler, queue):
+        fleet.node("gpu").inject("vram_hog", bytes=4 * GIB)
+        requests.post(fleet.urls["gpu"] + "/api/generate", json={"model": PRIORITY, "prompt": ""}, timeout=30)
+        state = observer.poll()
+        (copy,) = state.node("gpu").loaded
+        assert 0 < copy.size_vram < copy.size and state.node("gpu").hidden > 3 * GIB
+        verdict = next(v for v in check(state, PRIORITY, state.taken_at).verdicts if v.node == "gpu")
+        assert not verdict.fits and "held outside Ollama" in verdict.reason and "retests" in verdict.reason
+        assert fits_free(observer)[PRIORITY] is False
+        fleet.node("gpu").clear()  # the other process lets go: the retest heals it
+        reconciler.run_once()
+        assert queue.wait_idle(30)
+        (healed,) = fleet.node("gpu").state()["loaded"]
+        assert healed["size_vram"] == healed["size"]

@@ -16,22 +16,17 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 MAX_SIZE = 1024**5  # 1 PiB: larger than any GPU or model, small enough for exact arithmetic
 
-_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "kib": 1024,
-    "mb": 1000**2,
-    "mib": MIB,
-    "gb": 1000**3,
-    "gib": GIB,
-    "tb": 1000**4,
-    "tib": 1024**4,
+# MB and GB are read as the router prints them (and as GPU memory is sold: an "8GB" card has 8 GiB), so a
+# figure copied from any output or card label means the same bytes here.
+_UNITS = {"b": 1} | {
+    unit: 1024**power for power, prefix in enumerate("kmgtp", start=1) for unit in (f"{prefix}b", f"{prefix}ib")
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: object) -> int:
-    """Bytes from `4GiB`, `4096MiB`, `4.5GB`, `705MB`, `512B` or a plain number of MiB, up to `MAX_SIZE`.
+    """Bytes from `4GiB`, `4096MiB`, `4.5GB`, `705MB`, `512B` or a plain number of MiB, up to `MAX_SIZE`
+    (every prefix a power of 1024).
 
     Raises ValueError (with the accepted forms) for anything else, including negatives, booleans, .inf and .nan.
     """

@@ -255,7 +255,14 @@ def test_infinite_numbers_exit_2_with_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("4GiB", 4 * GIB), ("4096MiB", 4 * GIB), ("4.5GB", 4_500_000_000), ("705 MB", 705_000_000), (705, 705 * MIB)],
+    [
+        ("4GiB", 4 * GIB),
+        ("4096MiB", 4 * GIB),
+        ("4.5GB", int(4.5 * GIB)),
+        ("705 MB", 705 * MIB),
+        ("1PiB", 1024**5),
+        (705, 705 * MIB),
+    ],
 )
 def test_sizes(value: object, expected: int) -> None:
     assert parse_size(value) == expected

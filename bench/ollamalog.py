@@ -28,7 +28,7 @@ BUSY = (
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--mib", type=int, default=100, help="size of the log (default 100 MiB)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

@@ -57,7 +57,7 @@ def cluster(nodes: int, models: int, seed: int = 0) -> ClusterState:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--repeat", type=int, default=3, help="runs per size; the best is printed")
     args = parser.parse_args()
     print(f"{'nodes':>6} {'models':>6} {'plan s':>8} {'loads':>6} {'evicts':>6} {'unplaced':>8}")

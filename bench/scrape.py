@@ -177,7 +177,7 @@ def positive(text: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--nodes", type=positive, default=100)
     parser.add_argument("--latency-ms", type=positive, default=100)
     parser.add_argument("--models", type=int, choices=range(len(MODELS) + 1), default=2, help="models loaded per node")

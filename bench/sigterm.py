@@ -76,7 +76,7 @@ def one_run(fleet: Fleet, config: Path) -> tuple[int, float, bool]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()

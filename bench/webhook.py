@@ -192,7 +192,7 @@ def report(name: str, times: list[float], wall: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--senders", type=int, default=50)
     parser.add_argument("--requests", type=int, default=40, help="notifications per sender and phase")
     parser.add_argument("--load-seconds", type=float, default=30.0, help="how long the simulated load takes")

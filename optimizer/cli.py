@@ -72,9 +72,11 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported (all of them when none is chosen).
 
     --config and --json are accepted before the subcommand too (the later one wins), and only where they act.
+    No flag may be abbreviated (`--a` is not `--apply`). Each subcommand's parser is in `subcommand_parsers`.
     """
     parser = argparse.ArgumentParser(
         prog="gpu-router",
+        allow_abbrev=False,
         description="Keep priority Ollama models on GPU across a cluster.",
         epilog="exit status:\n" + exitcodes.table_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,7 +85,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     _json_flag(parser, default=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=text, description=text)
+        sub_parser = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         if name in TAKES_CONFIG:
             _config_flag(sub_parser, default=False)
         if name in TAKES_JSON:
@@ -92,20 +94,28 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             _decision_arguments(name, sub_parser)
         elif chosen in (None, name):
             importlib.import_module(module).add_arguments(sub_parser)
+    parser.set_defaults(subcommand_parsers=sub.choices)
     return parser
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-    """The arguments; a flag given before a subcommand that does not use it is a usage error (exit 2)."""
+    """The arguments; a flag given before a subcommand that does not use it is a usage error (exit 2).
+
+    Usage errors print the subcommand's usage line, not the top-level one.
+    """
     argv = list(argv)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     parser = build_parser(chosen)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    command_parser = args.subcommand_parsers[args.command]
+    del args.subcommand_parsers
+    if unknown:
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.json and args.command not in TAKES_JSON:
-        parser.error(f"--json: `gpu-router {args.command}` prints no JSON document")
+        command_parser.error(f"--json: `gpu-router {args.command}` prints no JSON document")
     if args.config is not None and args.command not in TAKES_CONFIG:
         what = "--fleet FILE" if args.command == "simulate" else "the built-in demo cluster"
-        parser.error(f"--config: `gpu-router {args.command}` reads no router configuration (it runs {what})")
+        command_parser.error(f"--config: `gpu-router {args.command}` reads no router configuration (it runs {what})")
     return args
 
 

@@ -170,6 +170,32 @@ def test_9_flags_that_would_do_nothing_are_refused(argv, words, capsys):
     assert stopped.value.code == 2 and words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["optimize", "--a"], "usage: gpu-router optimize "),
+        (["optimize", "--dry"], "usage: gpu-router optimize "),
+        (["status", "--js"], "usage: gpu-router status "),
+        (["--conf", "x.yaml", "status"], "usage: gpu-router "),
+        (["report", "--conf", "x.yaml"], "usage: gpu-router report "),
+        (["exporter", "--list", "127.0.0.1:0"], "usage: gpu-router exporter "),
+        (["status", "--bogus"], "usage: gpu-router status "),
+    ],
+)
+def test_9_no_flag_may_be_abbreviated_and_refusals_show_the_subcommand_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(usage), err
+
+
+def test_9_every_argument_parser_in_the_project_refuses_abbreviations():
+    sources = [p for p in ROOT.rglob("*.py") if "tests" not in p.parts and ".venv" not in p.parts]
+    makers = [(p, m) for p in sources for m in re.findall(r"ArgumentParser\((?:[^()]|\([^()]*\))*\)", p.read_text())]
+    assert makers and [str(p) for p, m in makers if "allow_abbrev=False" not in m] == []
+    assert "allow_abbrev=False" in Path(ROOT / "optimizer" / "cli.py").read_text().split("add_parser(")[1].split(")")[0]
+
+
 def test_11_a_reader_that_stops_early_gets_no_traceback_and_the_answer_keeps_its_status(tmp_path):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-small").inject("down")

@@ -22,6 +22,7 @@ from exporter.observe import Observer
 from exporter.state import ClusterState
 from optimizer import decide, render, statuspage, webhook
 from optimizer.auth import Authenticator
+from optimizer.execute import Execution
 from optimizer.jobs import JobQueue, Metrics, Remediator, log, log_event
 from optimizer.reconcile import Reconciler
 from optimizer.webhook import PayloadError
@@ -207,12 +208,12 @@ def _routes(app: Flask, s: Services) -> None:
         if dry_run:
             state, now = s.states.get(), time.time()
             plan = decide.restrict(decide.plan(state, now=now), [p.name for p in wanted])
-            return {"dry_run": True, "plan": render.plan_json(plan, state, now)}
+            return render.optimize_document(Execution(plan, (), dry_run=True), "dry_run", state, now)
         if not config.auto_optimize:
             raise ApiError(409, "auto_optimize is false (monitor only): ask with dry_run, or enable it")
         queued = [_submission(s.queue.submit(p.name, source="api")) for p in wanted]
         log_event(logging.INFO, "optimize", outcome="queued", models=",".join(q["model"] for q in queued))
-        return {"dry_run": False, "queued": queued}, 202
+        return {"command": "optimize", "dry_run": False, "mode": "auto_optimize", "queued": queued}, 202
 
     @app.get("/api/v1/actions")
     def actions() -> Any:

@@ -118,12 +118,13 @@ def _report(args: argparse.Namespace, state: ClusterState, now: float, _: Observ
 def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observer: Observer) -> int:
     config = state.config
     result = plan(state, now=now)
-    dry_run, why = _mode(args, config)
+    mode = _mode(args, config)
+    dry_run = mode in ("dry_run", "monitor_only")
     as_json = getattr(args, "json", False)
     if not as_json:
         print("\n".join(render.plan_text(result, state, now)))
         print()
-        print("Executing Routing Plan" if not dry_run else f"Routing Plan (dry run: {why})")
+        print("Executing Routing Plan" if not dry_run else f"Routing Plan (dry run: {render.MODE_TEXT[mode]})")
         print(render.RULE)
         if not result.steps:
             print("Nothing to do.")
@@ -140,15 +141,7 @@ def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observe
     down = [n.name for n in state.nodes if not n.up]
     code = exitcodes.OK if execution.ok else exitcodes.FAILED
     if as_json:
-        document = {
-            "command": "optimize",
-            "dry_run": dry_run,
-            "mode": why,
-            "plan": render.plan_json(result, state, now),
-            **render.execution_json(execution),
-            "nodes_down": down,
-        }
-        print(json.dumps(document, indent=2, default=str))
+        print(json.dumps(render.optimize_document(execution, mode, state, now), indent=2, default=str))
         return code
     print()
     if not dry_run:
@@ -159,15 +152,13 @@ def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observe
     return code
 
 
-def _mode(args: argparse.Namespace, config: Config) -> tuple[bool, str]:
-    """(dry run?, why): --dry-run, else --apply, else the configuration's auto_optimize."""
+def _mode(args: argparse.Namespace, config: Config) -> str:
+    """Why optimize acts or only plans (a key of render.MODE_TEXT): --dry-run, --apply, else auto_optimize."""
     if getattr(args, "dry_run", False):
-        return True, "--dry-run, nothing changed"
+        return "dry_run"
     if getattr(args, "apply", False):
-        return False, "--apply"
-    if not config.auto_optimize:
-        return True, "auto_optimize: false in the configuration, nothing changed; give --apply to act"
-    return False, "auto_optimize: true"
+        return "apply"
+    return "auto_optimize" if config.auto_optimize else "monitor_only"
 
 
 def _printer() -> Callable[[str, Step, str], None]:

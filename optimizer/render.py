@@ -247,6 +247,26 @@ def execution_json(e: Execution) -> dict[str, Any]:
     return {"dry_run": e.dry_run, "ok": e.ok, "outcomes": [outcome_json(o) for o in e.outcomes]}
 
 
+# why optimize acted or only planned: the code in JSON → the words for people
+MODE_TEXT = {
+    "dry_run": "--dry-run, nothing changed",
+    "apply": "--apply",
+    "monitor_only": "auto_optimize: false in the configuration, nothing changed; give --apply to act",
+    "auto_optimize": "auto_optimize: true",
+}
+
+
+def optimize_document(e: Execution, mode: str, state: ClusterState, now: float) -> dict[str, Any]:
+    """`gpu-router optimize --json` and POST /api/v1/optimize with dry_run: the plan, each step's outcome."""
+    return {
+        "command": "optimize",
+        "mode": mode,
+        "plan": plan_json(e.plan, state, now),
+        **execution_json(e),
+        "nodes_down": [n.name for n in state.nodes if not n.up],
+    }
+
+
 # ------------------------------------------------------------------------------------------------ status
 
 

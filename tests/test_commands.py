@@ -240,7 +240,7 @@ def test_auto_optimize_false_is_a_dry_run_unless_apply(tmp_path, capsys):
         before = counts(fleet)
         code, out, _ = gpu_router(config, "--json", "optimize", capsys=capsys)
         result = json.loads(out)
-        assert code == 0 and result["dry_run"] and "auto_optimize: false" in result["mode"]
+        assert code == 0 and result["dry_run"] and result["mode"] == "monitor_only"
         assert result["outcomes"] == [] and len(result["plan"]["steps"]) == 2
         assert counts(fleet) == before
         assert gpu_router(config, "optimize", "--apply", capsys=capsys)[0] == 0

@@ -351,6 +351,12 @@ def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api
                 if name not in ("error", "status"):
                     assert answer.keys() == documents[name].keys(), name
             assert "did you mean" in client.get("/api/v1/route?model=llama9").get_json()["error"]
+            planned = client.post("/api/v1/optimize", json={"dry_run": True}).get_json()
+            assert schema_errors("optimize", planned) == [] and planned.keys() == documents["optimize"].keys()
+            assert planned["plan"] == documents["optimize"]["plan"] and planned["nodes_down"] == ["gpu-small"]
+            assert planned["mode"] == documents["optimize"]["mode"] == "dry_run"
+            queued = client.post("/api/v1/optimize", json={})
+            assert queued.status_code == 202 and schema_errors("queued", queued.get_json()) == []
         finally:
             app.extensions["gpu_router"].queue.stop()
     # the need is one object everywhere: the same keys in route, check, models and report

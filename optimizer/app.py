@@ -276,11 +276,7 @@ def _model_query(s: Services) -> tuple[ClusterState, str]:
         raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
     state = s.states.get()
     if not decide.is_known(state, model):
-        close = decide.close_models(state, model)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ApiError(
-            404, f"unknown model {webhook.clip(model)!r}: not installed on any node, not in the catalog{hint}"
-        )
+        raise ApiError(404, render.unknown_model_text(state, webhook.clip(model)))
     return state, model
 
 

@@ -9,7 +9,7 @@ same status in every subcommand:
   optimize: a step failed (a load that did not land on GPU, an eviction that did not happen);
 - 2: bad usage or configuration: an unknown model (not installed or loaded anywhere, not in the catalog, not
   configured) gets a one-line error with close matches; a priority model installed on no node (when every
-  node answered) is flagged in status, report and optimize.
+  node answered), in every subcommand: status, report and optimize flag it in their answer, the others on stderr.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from exporter.config import Config, find_config, load_config
+from exporter.config import Config, find_config, load_config, model_key
 from exporter.observe import Observer
 from exporter.state import ClusterState
 from optimizer import exitcodes, render
-from optimizer.decide import Step, check, close_models, is_known, plan, route, uninstalled_priority
+from optimizer.decide import Step, check, is_known, plan, route, uninstalled_priority
 from optimizer.execute import execute
 
 
@@ -44,7 +44,11 @@ def main(args: argparse.Namespace) -> int:
         if code == exitcodes.USAGE and not _readable(state):
             return code
         down = exitcodes.FAILED if any(not n.up for n in state.nodes) else exitcodes.OK
-        missing = exitcodes.USAGE if args.command in _FLAGS_PRIORITY and _misconfigured(state) else exitcodes.OK
+        missing = exitcodes.USAGE if _misconfigured(state) else exitcodes.OK
+        if missing and args.command not in _SHOWS_PRIORITY:
+            for model in uninstalled_priority(state):
+                if model != model_key(getattr(args, "model", "")):  # already refused by name
+                    print(f"gpu-router: {render.unknown_model_text(state, model)}", file=sys.stderr)
         return exitcodes.worst(code, down, missing)
 
 
@@ -65,9 +69,7 @@ def _misconfigured(state: ClusterState) -> bool:
 
 
 def _unknown_model(state: ClusterState, model: str) -> int:
-    close = close_models(state, model)
-    hint = f" (did you mean {', '.join(close)}?)" if close else " (see `gpu-router models`)"
-    print(f"gpu-router: unknown model {model!r}: not installed on any node, not in the catalog{hint}", file=sys.stderr)
+    print(f"gpu-router: {render.unknown_model_text(state, model, ' (see `gpu-router models`)')}", file=sys.stderr)
     return exitcodes.USAGE
 
 
@@ -180,4 +182,4 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, ClusterState, float, Observer
     "optimize": _optimize,
     "report": _report,
 }
-_FLAGS_PRIORITY = frozenset(("status", "report", "optimize"))  # the commands that judge the priority models
+_SHOWS_PRIORITY = frozenset(("status", "report", "optimize"))  # the commands whose answer judges each priority model

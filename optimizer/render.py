@@ -105,6 +105,16 @@ def not_installed_text(state: ClusterState, model: str) -> str:
     return f"not installed on {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
 
 
+def unknown_model_text(state: ClusterState, model: str, fallback: str = "") -> str:
+    """Why a model name is refused: a configured priority model in the words status uses for it, else
+    `unknown model 'x': …` with the closest names (or `fallback` when none is close)."""
+    if state.config.priority(model) is not None:
+        return f"priority model {model_key(model)}: {not_installed_text(state, model)}"
+    close = close_models(state, model)
+    hint = f" (did you mean {', '.join(close)}?)" if close else fallback
+    return f"unknown model {model!r}: not installed on any node, not in the catalog{hint}"
+
+
 def needs_text(needs: dict[str, ModelNeed], state: ClusterState, model: str) -> str:
     """`5024 MB at 4096 tokens (llama-server, estimated) on gpu-small; 8636 MB at 32768 ... on gpu-24`."""
     if not needs:
@@ -444,7 +454,9 @@ def models_text(state: ClusterState, rows: list[dict[str, Any]]) -> list[str]:
         if r["loaded_on"]:
             facts.append(f"loaded on {', '.join(r['loaded_on'])}")
         if not groups:
-            lines.append(f"   {r['model']:<{width}}{'?':>6} MB  {needs_text({}, state, r['model'])}")
+            lines.append(
+                f"   {r['model']:<{width}}{'?':>6} MB  {'; '.join([needs_text({}, state, r['model']), *facts])}"
+            )
         for i, (need, nodes) in enumerate(groups):
             size = f"{mb(need.bytes):>6} MB ({need.bytes / GIB:.2f} GB)"
             where = f"{eras.LABELS[need.era]}, {need.num_ctx} tokens, {need.source}"

@@ -109,6 +109,30 @@ def test_4_a_misspelt_priority_model_is_called_not_installed_and_flagged(tmp_pat
         assert code == 2 and "did you mean mxbai-embed-large:latest" in err
 
 
+def test_4_a_priority_model_installed_nowhere_is_exit_2_and_named_in_every_subcommand(tmp_path, capsys):
+    with demo_cluster(tmp_path, ["nosuchmodel", "llama3.1:latest"]) as (fleet, path):
+        said = "priority model nosuchmodel:latest: not installed on any node"
+        for command in (["models"], ["route", "llama3.1"], ["check", "llama3.1"], ["--json", "models"]):
+            code, out, err = run(path, *command, capsys=capsys)
+            assert code == 2 and said in err, command
+        for command in (["route", "nosuchmodel"], ["check", "nosuchmodel"]):
+            code, out, err = run(path, *command, capsys=capsys)
+            assert code == 2 and err.count(said) == 1 and "not in the catalog" not in err, command
+        code, out, _ = run(path, "models", capsys=capsys)
+        assert re.search(
+            r"nosuchmodel:latest +\? MB  VRAM need unknown: not installed on any node.*; priority #1\n", out
+        )
+        app = create_app(load_config(path), state_max_age=0)
+        try:
+            answer = app.test_client().get("/api/v1/check?model=nosuchmodel")
+            assert answer.status_code == 404 and said in answer.get_json()["error"]
+        finally:
+            app.extensions["gpu_router"].queue.stop()
+        fleet.node("gpu-small").inject("down")  # it may be installed there: incomplete, not misconfigured
+        code, _, err = run(path, "models", capsys=capsys)
+        assert code == 1 and said not in err
+
+
 def test_5_check_names_the_node_that_is_down_instead_of_saying_cpu(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-large").inject("down")

@@ -197,7 +197,7 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/api/v1/models")
     def models() -> Any:
-        return {"command": "models", "models": render.model_rows(s.states.get())}
+        return render.models_document(s.states.get())
 
     @app.post("/api/v1/optimize")
     def optimize() -> Any:

@@ -100,8 +100,8 @@ def _check(args: argparse.Namespace, state: ClusterState, now: float, _: Observe
 
 
 def _models(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
-    rows = render.model_rows(state)
-    _emit(args, {"command": "models", "models": rows}, render.models_text(state, rows))
+    document = render.models_document(state)
+    _emit(args, document, render.models_text(state, document["models"]))
     return exitcodes.OK
 
 

@@ -437,6 +437,17 @@ def model_rows(state: ClusterState) -> list[dict[str, Any]]:
     return rows
 
 
+def models_document(state: ClusterState) -> dict[str, Any]:
+    """`gpu-router models --json` and GET /api/v1/models."""
+    return {"command": "models", "models": model_rows(state), "nodes_down": [n.name for n in state.nodes if not n.up]}
+
+
+def down_text(state: ClusterState) -> list[str]:
+    """`Nodes that did not answer: gpu-small (connection refused)`, or nothing when every node answered."""
+    down = [f"{n.name} ({n.error or n.error_kind})" for n in state.nodes if not n.up]
+    return [f"Nodes that did not answer: {', '.join(down)}"] if down else []
+
+
 def models_text(state: ClusterState, rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "KNOWN MODELS DATABASE",
@@ -464,7 +475,7 @@ def models_text(state: ClusterState, rows: list[dict[str, Any]]) -> list[str]:
                 where += f" on {', '.join(nodes)}"
             name = r["model"] if i == 0 else ""
             lines.append(f"   {name:<{width}}{size}  {'; '.join([where, *facts] if i == 0 else [where])}")
-    return lines
+    return lines + down_text(state)
 
 
 # ---------------------------------------------------------------------------------------------- optimize

@@ -133,6 +133,20 @@ def test_4_a_priority_model_installed_nowhere_is_exit_2_and_named_in_every_subco
         assert code == 1 and said not in err
 
 
+def test_4_every_subcommand_names_the_node_that_did_not_answer(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (fleet, path):
+        fleet.node("gpu-small").inject("down")
+        commands = (["status"], ["models"], ["report"], ["optimize", "--dry-run"], ["route", "llama3.1"])
+        for command in (*commands, ["check", "llama3.1"]):
+            for form in ([], ["--json"]):
+                code, out, err = run(path, *form, *command, capsys=capsys)
+                assert code == 1 and "gpu-small" in out + err, (form, command)
+        code, out, _ = run(path, "--json", "models", capsys=capsys)
+        assert json.loads(out)["nodes_down"] == ["gpu-small"]
+        code, out, _ = run(path, "models", capsys=capsys)
+        assert out.splitlines()[-1].startswith("Nodes that did not answer: gpu-small (")
+
+
 def test_5_check_names_the_node_that_is_down_instead_of_saying_cpu(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-large").inject("down")

@@ -338,30 +338,42 @@ def check(state: ClusterState, model: str, now: float) -> CheckResult:
     return CheckResult(model=key, verdicts=verdicts, result=_result(verdicts))
 
 
-def _result(verdicts: Sequence[Verdict]) -> str:
+def _by_kind(verdicts: Sequence[Verdict]) -> dict[str, list[str]]:
     by_kind: dict[str, list[str]] = {}
     for v in verdicts:
         by_kind.setdefault(v.kind, []).append(v.node)
+    return by_kind
+
+
+def _result(verdicts: Sequence[Verdict]) -> str:
+    by_kind = _by_kind(verdicts)
     if "loaded_on_gpu" in by_kind:
         return f"Already on GPU: {', '.join(by_kind['loaded_on_gpu'])}"
     fits = [v for v in verdicts if v.fits]
     if fits:
         parts = [v.node + (f" (after evicting {', '.join(v.evict)})" if v.evict else "") for v in fits]
         return f"Fits on GPU: {', '.join(parts)}"
-    # what keeps it off GPU for now (not for good): a node that did not answer, an unknown capacity, no room now
-    passing = [
-        f"{', '.join(by_kind['down'])} did not answer" if "down" in by_kind else "",
-        f"GPU capacity unknown on {', '.join(by_kind['capacity_unknown'])}" if "capacity_unknown" in by_kind else "",
-        f"no room now on {', '.join(by_kind['not_enough_free'])}" if "not_enough_free" in by_kind else "",
-    ]
-    passing = [p for p in passing if p]
     runnable = [v for v in verdicts if v.kind in ("cpu", "no_gpu", "too_large", "not_enough_free", "capacity_unknown")]
     if not runnable:
         result = "No node can run it: not installed on any node that is up and not in maintenance"
         return result + (f" ({', '.join(by_kind['down'])} did not answer)" if "down" in by_kind else "")
-    if not passing:
-        return "Model must run on CPU"
-    return f"Not on GPU for now ({'; '.join(passing)}): it runs on CPU meanwhile"
+    unknown, no_room = _off_gpu_causes(by_kind)
+    if unknown:
+        return f"Unknown whether a GPU can hold it ({'; '.join(unknown + no_room)})"
+    if no_room:
+        return f"Not on GPU for now ({'; '.join(no_room)}): it runs on CPU meanwhile"
+    return "Model must run on CPU"
+
+
+def _off_gpu_causes(by_kind: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """What keeps a model off GPU for now, not for good: (what is unknown — a node that did not answer, a GPU
+    capacity —, the nodes with no room now)."""
+    unknown = [
+        f"{', '.join(by_kind['down'])} did not answer" if "down" in by_kind else "",
+        f"GPU capacity unknown on {', '.join(by_kind['capacity_unknown'])}" if "capacity_unknown" in by_kind else "",
+    ]
+    no_room = [f"no room now on {', '.join(by_kind['not_enough_free'])}"] if "not_enough_free" in by_kind else []
+    return [u for u in unknown if u], no_room
 
 
 # ------------------------------------------------------------------------------------------------ route
@@ -412,7 +424,9 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
     if best.loaded_model(key) is not None:
         facts.append("already runs it")
     facts.append(f"{size_text(_ram_held(best))} held in RAM by loaded models")
-    why = f"No GPU can hold it fully; {best.name} {', '.join(facts)}"
+    causes = [c for group in _off_gpu_causes(_by_kind(result.verdicts)) for c in group] or ["no GPU can hold it fully"]
+    cause = "; ".join(causes)
+    why = f"{cause[0].upper()}{cause[1:]}; {best.name} {', '.join(facts)}"
     if len(candidates) > 1:
         why += f" (best of {len(candidates)} CPU candidates)"
     return Route(key, best.name, "CPU", why, result.verdicts)

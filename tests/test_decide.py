@@ -150,6 +150,18 @@ def test_every_rejection_kind_has_its_reason():
     assert "GPU capacity unknown on unknown" in result.result
 
 
+def test_an_unknown_capacity_is_named_as_the_cause_not_a_gpu_too_small():
+    state = build([node("big", None, installed=("m",)), node("cpu", (), installed=("other",))], needs={"m": 900})
+    result = check(state, "m", NOW)
+    assert result.result == "Unknown whether a GPU can hold it (GPU capacity unknown on big)"
+    best = route(state, "m", NOW)
+    assert (best.node, best.processor) == ("big", "CPU")
+    assert best.reason.startswith("GPU capacity unknown on big; big has the model installed")
+    roomless = build([node("gpu", loaded=(lm("busy", 3000, expires=NOW - 1),), installed=("m",))], needs={"m": 900})
+    assert route(roomless, "m", NOW).reason.startswith("No room now on gpu; gpu has the model installed")
+    assert check(roomless, "m", NOW).result.endswith("it runs on CPU meanwhile")
+
+
 def test_already_on_gpu_wins():
     state = build([node("a", loaded=(lm("m", 900),))], needs={"m": 900})
     result = check(state, "m", NOW)

@@ -24,7 +24,6 @@ import contextlib
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit
 from exporter.config import Config, NodeConfig
 from exporter.ollamalog import LogFile, command_capacity, file_capacity
 from exporter.promsource import PrometheusCapacity
-from exporter.state import Capacity, GpuInfo
+from exporter.state import Capacity, GpuInfo, read_each
 from exporter.urls import redact
 
 # A batch reader: the capacity of each of `nodes` (by name) within `timeout` seconds. A node it leaves out
@@ -157,12 +156,7 @@ class OllamaLogReader:
         self._files: dict[str, LogFile] = {}
 
     def read(self, nodes: Sequence[NodeConfig], timeout: float) -> dict[str, Capacity]:
-        if not nodes:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
-            return dict(
-                zip([n.name for n in nodes], pool.map(lambda n: self.read_node(n, timeout), nodes), strict=True)
-            )
+        return read_each(nodes, lambda n: self.read_node(n, timeout))
 
     def read_node(self, node: NodeConfig, timeout: float) -> Capacity:
         source = node.ollama_log

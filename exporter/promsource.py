@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +19,7 @@ import requests
 
 from exporter.config import NodeConfig, PrometheusSource
 from exporter.ollama import transport_error
-from exporter.state import Capacity, GpuInfo
+from exporter.state import Capacity, GpuInfo, read_each
 from exporter.urls import redact
 
 MIB = 1024 * 1024
@@ -150,12 +149,7 @@ class PrometheusCapacity:
         self.query = query or http_query(str(source.url))
 
     def read(self, nodes: Sequence[NodeConfig], timeout: float) -> dict[str, Capacity]:
-        if not nodes:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
-            return dict(
-                zip([n.name for n in nodes], pool.map(lambda n: self.read_node(n, timeout), nodes), strict=True)
-            )
+        return read_each(nodes, lambda n: self.read_node(n, timeout))
 
     def read_node(self, node: NodeConfig, timeout: float) -> Capacity:
         total_q, used_q, fresh_q = queries_for(self.source, node)

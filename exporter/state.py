@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -49,6 +50,14 @@ class Capacity:
         if not self.gpus or any(g.used is None for g in self.gpus):
             return None
         return sum(g.used or 0 for g in self.gpus)
+
+
+def read_each(nodes: Sequence[NodeConfig], read_node: Callable[[NodeConfig], Capacity]) -> dict[str, Capacity]:
+    """Node name → `read_node(node)`, the nodes read side by side (at most 16 at once)."""
+    if not nodes:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
+        return dict(zip([n.name for n in nodes], pool.map(read_node, nodes), strict=True))
 
 
 UNKNOWN = Capacity(source="unknown", reason="capacity not read")

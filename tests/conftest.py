@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,6 +16,13 @@ from exporter.observe import Observer
 from optimizer.jobs import JobQueue, Metrics, Remediator
 from optimizer.reconcile import Reconciler
 from simulator.run import Fleet, fleet_from_dict
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`gpu-router ARGS` in a fresh interpreter; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "optimizer.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def require_tool(name: str) -> str:

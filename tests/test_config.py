@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from exporter.config import ConfigError, load_config, model_key, parse_config
 from exporter.units import GIB, MIB, parse_size
@@ -217,13 +216,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "nodes:\n  - http://a:1\n  - {url: http://b:1, vram: eight}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", "status", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("status", "--config", str(path))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"gpu-router: {path}: nodes[1].vram: expected a size like 8GiB, got 'eight'"  # the file's full path
@@ -240,13 +233,7 @@ def test_keep_alive_takes_what_ollama_takes(keep_alive: object) -> None:
 
 def test_infinite_numbers_exit_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "nodes: [http://a:1]\ncheck_interval: .nan\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", "optimizer", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("optimizer", "--config", str(path))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"gpu-router: {path}: check_interval: expected a finite number, got nan"

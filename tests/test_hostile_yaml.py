@@ -3,12 +3,11 @@ line that shows no unbounded value; a key given twice is an error with its line.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from exporter.config import ConfigError, load_config
 from exporter.yamlfile import MAX_DEPTH, read_yaml
@@ -18,12 +17,6 @@ LAUGHS = "".join(
     for prev, name in zip([None, *"abcdefgh"], "abcdefghi", strict=True)
 )  # "i" expands to 9**9 strings: 387,420,489
 assert len(LAUGHS) < 600
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", *args], capture_output=True, text=True, timeout=30, check=False
-    )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from exporter.capacity import CapacityReader
 from exporter.config import ConfigError, parse_config
@@ -344,13 +345,7 @@ def test_bad_ollama_log_settings_name_the_problem(item: dict, message: str) -> N
 def test_bad_setting_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "gpu_router_config.yaml"
     path.write_text("nodes:\n  - {url: 'http://127.0.0.1:1', gpu_source: ollama_log, ollama_log: {fiel: /x}}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", "status", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("status", "--config", str(path))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"gpu-router: {path}: nodes[0].ollama_log.fiel: unknown key (did you mean 'file'?)"

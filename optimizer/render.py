@@ -580,6 +580,17 @@ def report_models(state: ClusterState, p: Plan, now: float) -> list[dict[str, An
     return rows
 
 
+def where_loaded_text(state: ClusterState, model: str, now: float) -> str:
+    """`gpu-large on GPU, until 10:04; unknown on gpu-small (did not answer)`: every copy, and the nodes that
+    may hold one unseen."""
+    copies = [f"{n.name} {where_text(m.gpu_ratio)}, {_until(m, now)}" for n, m in state.placements(model)]
+    down = [n.name for n in state.nodes if not n.up]
+    if down:
+        seen = "; ".join(copies) if copies else "not loaded on any node that answered"
+        return f"{seen}; unknown on {', '.join(down)} (did not answer)"
+    return "; ".join(copies) or "not loaded anywhere"
+
+
 def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     lines = [*status_text(state, now), "", "PRIORITY MODELS", RULE]
     if not state.config.priority_models:
@@ -588,8 +599,7 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     for rank, pm in enumerate(state.config.priority_models, start=1):
         key = model_key(pm.name)
         lines.append(f"{rank}. {key} ({needs_text(model_needs(state, key), state, key)})")
-        where = ", ".join(f"{n.name} {where_text(m.gpu_ratio)}, {_until(m, now)}" for n, m in state.placements(key))
-        lines.append(f"   Where: {where or 'not loaded anywhere'}")
+        lines.append(f"   Where: {where_loaded_text(state, key, now)}")
         lines.append("   Optimize would:")
         lines += [f"      {line}" for line in model_plan_lines(key, p, differs.get(key))]
     return lines

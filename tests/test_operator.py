@@ -147,6 +147,14 @@ def test_4_every_subcommand_names_the_node_that_did_not_answer(tmp_path, capsys)
         assert out.splitlines()[-1].startswith("Nodes that did not answer: gpu-small (")
 
 
+def test_7_where_a_model_is_loaded_is_unknown_on_a_node_that_did_not_answer(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (fleet, path):
+        fleet.node("gpu-small").inject("down")
+        code, out, _ = run(path, "report", capsys=capsys)
+        assert code == 1 and "not loaded anywhere" not in out
+        assert "Where: not loaded on any node that answered; unknown on gpu-small (did not answer)" in out
+
+
 def test_5_check_names_the_node_that_is_down_instead_of_saying_cpu(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-large").inject("down")

@@ -155,12 +155,11 @@ class NeedLedger:
         return self._shows.get(digest) if digest else None
 
     def missing_shows(self, nodes: Iterable[NodeState]) -> dict[str, tuple[NodeState, str]]:
-        """Digests installed on an up node whose /api/show is not cached yet → (node, model) to ask."""
+        """Digests installed on an up node whose /api/show is not cached yet → (node, model) to ask: the node that
+        answered this poll fastest among those holding it (a slow node delays no other node's figures)."""
         missing: dict[str, tuple[NodeState, str]] = {}
         with self._lock:
-            for node in nodes:
-                if not node.up:
-                    continue
+            for node in sorted((n for n in nodes if n.up), key=lambda n: n.poll_seconds):
                 for m in node.installed:
                     if m.digest and m.digest not in self._shows and m.digest not in missing:
                         missing[m.digest] = (node, m.name)

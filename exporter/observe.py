@@ -103,7 +103,7 @@ class Observer:
         capacities = capacity.result() if capacity.done() and not capacity.exception() else {}
         states = [self._node_state(node, reads[node.name], capacities.get(node.name), limit) for node in nodes]
         self.ledger.record(states)
-        self._fetch_shows(states, limit - (time.monotonic() - started))
+        unread = self._fetch_shows(states, limit - (time.monotonic() - started))
         needs, embedding = self.ledger.needs(states)
         state = ClusterState(
             config=self.config,
@@ -113,6 +113,7 @@ class Observer:
             embedding=embedding,
             layers=MappingProxyType(self.ledger.layers(states)),
             duration=time.monotonic() - started,
+            unread=unread,
         )
         self.hidden.observe(state)
         return replace(state, nodes=tuple(self._with_hidden(n) for n in state.nodes))
@@ -170,21 +171,34 @@ class Observer:
             poll_seconds=seconds,
         )
 
-    def _fetch_shows(self, states: list[NodeState], remaining: float) -> None:
+    def _fetch_shows(self, states: list[NodeState], remaining: float) -> tuple[str, ...]:
         """Ask /api/show once per digest not seen before, waiting at most `remaining` seconds; a late answer
-        still reaches the ledger (for the next poll), and a failed one is asked again next poll."""
+        still reaches the ledger (for the next poll), and a failed one is asked again next poll. Returns what
+        did not come in time, in words (those models' needs fall back to a coarser source this poll)."""
         with self._lock:
             missing = {d: v for d, v in self.ledger.missing_shows(states).items() if d not in self._asking}
             self._asking.update(missing)
-        futures = [self._pool.submit(self._show, digest, node.name, model) for digest, (node, model) in missing.items()]
+        futures = {
+            self._pool.submit(self._show, digest, node.name, model): (node.name, model)
+            for digest, (node, model) in missing.items()
+        }
         if futures and remaining > 0:
             wait(futures, timeout=remaining)
+        unread = []
+        for future, (node, model) in futures.items():
+            if not future.done():
+                unread.append(f"/api/show {model} on {node}: no answer within {self.config.request_timeout:g}s")
+            elif (error := future.exception() or future.result()) is not None:
+                unread.append(f"/api/show {model} on {node}: {error}")
+        return tuple(sorted(unread))
 
-    def _show(self, digest: str, node: str, model: str) -> None:
+    def _show(self, digest: str, node: str, model: str) -> str | None:
+        """Read one /api/show into the ledger; the error in words when it failed (asked again next poll)."""
         try:
             self.ledger.add_show(digest, self.clients[node].show(model, self.config.request_timeout))
-        except OllamaError:
-            pass  # asked again on the next poll
+            return None
+        except OllamaError as exc:
+            return str(exc)
         finally:
             with self._lock:
                 self._asking.discard(digest)

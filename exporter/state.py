@@ -164,6 +164,7 @@ class ClusterState:
     embedding: frozenset[str] = frozenset()  # models whose /api/show lists the `embedding` capability
     layers: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # block_count + 1 (output)
     duration: float = 0.0
+    unread: tuple[str, ...] = ()  # what this poll asked for and did not get, in words (the answer is incomplete)
 
     def node(self, name: str) -> NodeState | None:
         return next((n for n in self.nodes if n.name == name), None)

@@ -43,7 +43,9 @@ def main(args: argparse.Namespace) -> int:
         code = handler(args, state, now, observer)
         if code == exitcodes.USAGE and not _readable(state):
             return code
-        down = exitcodes.FAILED if any(not n.up for n in state.nodes) else exitcodes.OK
+        for what in state.unread:
+            print(f"gpu-router: incomplete answer: {what}", file=sys.stderr)
+        down = exitcodes.FAILED if any(not n.up for n in state.nodes) or state.unread else exitcodes.OK
         missing = exitcodes.USAGE if _misconfigured(state) else exitcodes.OK
         if missing and args.command not in _SHOWS_PRIORITY:
             for model in uninstalled_priority(state):

@@ -155,6 +155,19 @@ def test_7_where_a_model_is_loaded_is_unknown_on_a_node_that_did_not_answer(tmp_
         assert "Where: not loaded on any node that answered; unknown on gpu-small (did not answer)" in out
 
 
+def test_6_a_slow_node_changes_no_other_nodes_figures_and_a_missing_show_is_an_incomplete_answer(tmp_path, capsys):
+    with demo_cluster(tmp_path) as (fleet, path):
+        code, out, _ = run(path, "--json", "check", "codellama:7b", capsys=capsys)
+        before = json.loads(out)["needs"]
+        assert code == 0 and {n["source"] for n in before} == {"estimated"}
+        fleet.node("cpu-node").inject("slow", latency_ms=1500)
+        code, out, err = run(path, "--json", "check", "codellama:7b", capsys=capsys)
+        assert (code, json.loads(out)["needs"], err) == (0, before, "")
+        fleet.node("gpu-large").inject("slow", latency_ms=1500)  # every holder slow: /api/show comes too late
+        code, out, err = run(path, "check", "codellama:7b", capsys=capsys)
+        assert code == 1 and "gpu-router: incomplete answer: /api/show codellama:7b on " in err
+
+
 def test_5_check_names_the_node_that_is_down_instead_of_saying_cpu(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-large").inject("down")

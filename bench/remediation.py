@@ -65,12 +65,12 @@ def one_run(stack: Stack, seen: int) -> tuple[float, float, float]:
 
     def load_record() -> dict | None:
         actions = requests.get(f"{stack.optimizer_url}/api/v1/actions", timeout=5).json()["actions"]
-        return next((a for a in actions[seen:] if a["step"] == "load" and a["outcome"] == "success"), None)
+        return next((a for a in actions[seen:] if a["action"] == "load" and a["outcome"] == "success"), None)
 
     record = wait_for(load_record, 60, "the verified load", interval=0.05)
     wait_for(lambda: not stack.firing("GPURouterPriorityModelOnCPU"), 30, "the alert to resolve")
     wait_for(lambda: (c := _copy(stack)) and c["size_vram"] == c["size"], 30, "the model on GPU")
-    started, verified = record["time"], record["time"] + record["duration"]
+    started, verified = record["time"], record["time"] + record["duration_seconds"]
     return active - on_cpu, started - active, verified - started
 
 

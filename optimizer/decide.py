@@ -66,6 +66,19 @@ def need_of(state: ClusterState, model: str, node: NodeState) -> ModelNeed | Non
     return model_need(key, facts, Sizing.of(node))
 
 
+def model_needs(state: ClusterState, model: str) -> dict[str, ModelNeed]:
+    """What the model takes on every node that has (or may have) a GPU, installed there or not: the `needs`
+    of every answer (route, check, models, report)."""
+    needs = {}
+    for node in state.nodes:
+        if node.capacity.known and not node.vram_total:
+            continue  # a CPU node
+        need = need_of(state, model, node)
+        if need is not None:
+            needs[node.name] = need
+    return needs
+
+
 def installed_models(state: ClusterState) -> list[str]:
     """Every model installed or loaded on a node that answered, sorted."""
     names = {model_key(m.name) for n in state.nodes for m in (*n.installed, *n.loaded)}
@@ -159,17 +172,14 @@ class CheckResult:
 
     model: str
     verdicts: tuple[Verdict, ...]
-    result: str
+    result: str  # the overall answer in words
+    needs: Mapping[str, ModelNeed]  # node → what the model takes there (`model_needs`)
+    code: str  # the overall answer: a key of RESULT_CODES
 
     @property
     def fitting(self) -> tuple[Verdict, ...]:
         """The verdicts that fit, best first (route's order)."""
         return tuple(sorted((v for v in self.verdicts if v.fits), key=_preference))
-
-    @property
-    def needs(self) -> dict[str, ModelNeed]:
-        """Node → what the model takes there, where known."""
-        return {v.node: v.sizing for v in self.verdicts if v.sizing is not None}
 
 
 def _preference(v: Verdict) -> tuple[int, bool, int, str]:
@@ -335,7 +345,8 @@ def check(state: ClusterState, model: str, now: float) -> CheckResult:
     key = model_key(model)
     priority = _priority_keys(state)
     verdicts = tuple(_verdict(state, node, key, priority, now) for node in state.nodes)
-    return CheckResult(model=key, verdicts=verdicts, result=_result(verdicts))
+    code, result = _result(verdicts)
+    return CheckResult(model=key, verdicts=verdicts, result=result, needs=model_needs(state, key), code=code)
 
 
 def _by_kind(verdicts: Sequence[Verdict]) -> dict[str, list[str]]:
@@ -345,24 +356,36 @@ def _by_kind(verdicts: Sequence[Verdict]) -> dict[str, list[str]]:
     return by_kind
 
 
-def _result(verdicts: Sequence[Verdict]) -> str:
+# check's overall answer: the code (JSON) → what it means
+RESULT_CODES = {
+    "on_gpu": "already loaded fully on GPU on a node",
+    "fits_gpu": "fits on GPU on a node now, or after evicting idle models",
+    "gpu_unknown": "unknown whether a GPU can hold it (a node did not answer, or a GPU capacity is unknown)",
+    "no_room_now": "no GPU has room now: it runs on CPU meanwhile",
+    "cpu": "no GPU can hold it: it must run on CPU",
+    "nowhere": "no node can run it",
+}
+
+
+def _result(verdicts: Sequence[Verdict]) -> tuple[str, str]:
+    """(a key of RESULT_CODES, the sentence for people)."""
     by_kind = _by_kind(verdicts)
     if "loaded_on_gpu" in by_kind:
-        return f"Already on GPU: {', '.join(by_kind['loaded_on_gpu'])}"
+        return "on_gpu", f"Already on GPU: {', '.join(by_kind['loaded_on_gpu'])}"
     fits = [v for v in verdicts if v.fits]
     if fits:
         parts = [v.node + (f" (after evicting {', '.join(v.evict)})" if v.evict else "") for v in fits]
-        return f"Fits on GPU: {', '.join(parts)}"
+        return "fits_gpu", f"Fits on GPU: {', '.join(parts)}"
     runnable = [v for v in verdicts if v.kind in ("cpu", "no_gpu", "too_large", "not_enough_free", "capacity_unknown")]
     if not runnable:
         result = "No node can run it: not installed on any node that is up and not in maintenance"
-        return result + (f" ({', '.join(by_kind['down'])} did not answer)" if "down" in by_kind else "")
+        return "nowhere", result + (f" ({', '.join(by_kind['down'])} did not answer)" if "down" in by_kind else "")
     unknown, no_room = _off_gpu_causes(by_kind)
     if unknown:
-        return f"Unknown whether a GPU can hold it ({'; '.join(unknown + no_room)})"
+        return "gpu_unknown", f"Unknown whether a GPU can hold it ({'; '.join(unknown + no_room)})"
     if no_room:
-        return f"Not on GPU for now ({'; '.join(no_room)}): it runs on CPU meanwhile"
-    return "Model must run on CPU"
+        return "no_room_now", f"Not on GPU for now ({'; '.join(no_room)}): it runs on CPU meanwhile"
+    return "cpu", "Model must run on CPU"
 
 
 def _off_gpu_causes(by_kind: dict[str, list[str]]) -> tuple[list[str], list[str]]:
@@ -388,6 +411,7 @@ class Route:
     processor: str | None
     reason: str
     verdicts: tuple[Verdict, ...]
+    needs: Mapping[str, ModelNeed]  # node → what the model takes there (`model_needs`)
 
 
 def route(state: ClusterState, model: str, now: float) -> Route:
@@ -395,7 +419,7 @@ def route(state: ClusterState, model: str, now: float) -> Route:
     result = check(state, model, now)
     if result.fitting:
         best = result.fitting[0]
-        return Route(result.model, best.node, "GPU", best.reason, result.verdicts)
+        return Route(result.model, best.node, "GPU", best.reason, result.verdicts, result.needs)
     return _cpu_route(state, result)
 
 
@@ -414,7 +438,7 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
         n for n in state.nodes if n.up and not n.config.maintenance and (n.installed_model(key) or n.loaded_model(key))
     ]
     if not candidates:
-        return Route(key, None, None, result.result, result.verdicts)
+        return Route(key, None, None, result.result, result.verdicts, result.needs)
 
     def order(n: NodeState) -> tuple[bool, bool, int, str]:
         return (_has_gpu(n) is not False, n.loaded_model(key) is None, _ram_held(n), n.name)
@@ -429,7 +453,7 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
     why = f"{cause[0].upper()}{cause[1:]}; {best.name} {', '.join(facts)}"
     if len(candidates) > 1:
         why += f" (best of {len(candidates)} CPU candidates)"
-    return Route(key, best.name, "CPU", why, result.verdicts)
+    return Route(key, best.name, "CPU", why, result.verdicts, result.needs)
 
 
 # ------------------------------------------------------------------------------------------------- plan

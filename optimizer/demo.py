@@ -118,8 +118,8 @@ class Story:
         for record in records[self._shown :]:
             where = f" on {record.node}" if record.node else ""
             detail = f": {record.detail}" if record.detail else ""
-            took = f"{record.duration:.1f}s"
-            self.say(f"   [optimizer] {record.step} {record.model}{where} → {record.outcome} ({took}){detail}")
+            took = f"{record.duration_seconds:.1f}s"
+            self.say(f"   [optimizer] {record.action} {record.model}{where} → {record.outcome} ({took}){detail}")
         self._shown = len(records)
 
     def wait(self, done: Callable[[ClusterState], bool], what: str, extra: Callable[[], None] | None = None) -> bool:

@@ -75,7 +75,8 @@ class Metrics:
 
 @dataclass(frozen=True)
 class ActionRecord:
-    """One entry of the actions history. `step` is load/unload/evict, or plan/job for a job's own outcome;
+    """One entry of the actions history (GET /api/v1/actions), named as optimize's outcomes are. `action` is
+    load/unload/evict, or plan/job for a job's own outcome;
     `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
     dry-run (auto_optimize: false), unplaced (the plan found no node for the model) or by_ollama (an `evict`
     Ollama did on its own while a load of ours ran)."""
@@ -83,9 +84,9 @@ class ActionRecord:
     time: float  # Unix seconds when it started
     model: str
     node: str | None
-    step: str
+    action: str
     outcome: str
-    duration: float
+    duration_seconds: float
     detail: str = ""
 
 
@@ -286,17 +287,17 @@ class JobQueue:
     def _finish(self, job: Job, result: JobResult) -> None:
         now = self.clock()
         for record in result.actions:
-            if record.step in ACTIONS and record.outcome in ("success", "failure", "by_ollama"):
-                self.metrics.actions.labels(action=record.step, result=record.outcome).inc()
+            if record.action in ACTIONS and record.outcome in ("success", "failure", "by_ollama"):
+                self.metrics.actions.labels(action=record.action, result=record.outcome).inc()
             level = logging.WARNING if record.outcome in ("failure", "unplaced", "by_ollama") else logging.INFO
             log_event(
                 level,
                 "action",
                 model=record.model,
                 node=record.node,
-                action=record.step,
+                action=record.action,
                 outcome=record.outcome,
-                duration=record.duration,
+                duration=record.duration_seconds,
                 detail=record.detail or None,
             )
         if result.fixed:

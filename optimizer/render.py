@@ -26,6 +26,7 @@ from optimizer.decide import (
     close_models,
     divergences,
     is_busy,
+    model_needs,
     need_of,
     plan,
     route,
@@ -223,7 +224,7 @@ def node_json(node: NodeState, now: float, fits: Iterable[tuple[str, Verdict]]) 
 def route_json(r: Route, differs: Divergence | None = None) -> dict[str, Any]:
     return {
         "model": r.model,
-        "needs": needs_json({v.node: v.sizing for v in r.verdicts if v.sizing is not None}),
+        "needs": needs_json(r.needs),
         "node": r.node,
         "processor": r.processor,
         "reason": r.reason,
@@ -249,7 +250,8 @@ def check_json(c: CheckResult) -> dict[str, Any]:
         "model": c.model,
         "needs": needs_json(c.needs),
         "verdicts": [verdict_json(v) for v in c.verdicts],
-        "result": c.result,
+        "result": c.code,
+        "reason": c.result,
     }
 
 
@@ -377,8 +379,7 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
 
 def route_text(r: Route, state: ClusterState, differs: Divergence | None = None) -> list[str]:
     lines = [f"ROUTING DECISION FOR: {r.model}", RULE]
-    needs = {v.node: v.sizing for v in r.verdicts if v.sizing is not None}
-    lines.append(f"   Model size: {needs_text(needs, state, r.model)}")
+    lines.append(f"   Model size: {needs_text(r.needs, state, r.model)}")
     lines.append("")
     for v in r.verdicts:
         node = state.node(v.node)
@@ -399,18 +400,6 @@ def check_text(c: CheckResult, state: ClusterState) -> list[str]:
     lines = [f"CHECKING FIT FOR: {c.model}", RULE, f"Model size: {size}", "", "Node compatibility:"]
     lines += [f"   {_mark(v.fits)} {v.node}: {v.reason}" for v in c.verdicts]
     return [*lines, "", f"Result: {c.result}"]
-
-
-def model_needs(state: ClusterState, model: str) -> dict[str, ModelNeed]:
-    """What the model takes on every node that has (or may have) a GPU."""
-    needs = {}
-    for node in state.nodes:
-        if node.capacity.known and not node.vram_total:
-            continue  # a CPU node
-        need = need_of(state, model, node)
-        if need is not None:
-            needs[node.name] = need
-    return needs
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -235,7 +235,7 @@ def test_route_and_check_answer_for_a_known_model(client):
     needs = {n["node"]: n for n in check["needs"]}
     assert needs["gpu-large"]["bytes"] == 5 * GIB and needs["gpu-large"]["source"] == "configured"
     assert verdicts["gpu-large"]["need"] == needs["gpu-large"]
-    assert check["result"].startswith("Fits on GPU: gpu-large")
+    assert check["result"] == "fits_gpu" and check["reason"].startswith("Fits on GPU: gpu-large")
 
 
 @pytest.mark.parametrize("path", ["/api/v1/route", "/api/v1/check"])
@@ -352,9 +352,9 @@ def test_actions_history_and_jobs():
                 "time": NOW,
                 "model": "llama3.1:latest",
                 "node": "gpu-large",
-                "step": "load",
+                "action": "load",
                 "outcome": "success",
-                "duration": 1.5,
+                "duration_seconds": 1.5,
                 "detail": "on GPU",
             }
         ]

@@ -327,7 +327,7 @@ def test_json_gives_one_document(tmp_path, capsys, command):
         assert gpu["vram_usable_bytes"] == int(4096 * MIB * 0.8) and gpu["loaded"][0]["gpu_ratio"] == 1.0
     if command[0] == "check":
         assert [v["kind"] for v in document["verdicts"]] == ["too_large", "no_gpu"]
-        assert document["result"] == "Model must run on CPU"
+        assert (document["result"], document["reason"]) == ("cpu", "Model must run on CPU")
 
 
 def test_command_line_as_a_subprocess(tmp_path):

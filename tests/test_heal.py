@@ -85,6 +85,6 @@ def test_a_forced_load_that_runs_out_of_memory_leaves_the_model_served():
         one_pass(reconciler, queue)  # every layer forced while the other process holds the memory: out of memory
         entry = copy(fleet)  # loaded again the way Ollama places it by itself
         assert 0 < entry["size_vram"] < entry["size"]
-        (action,) = [a for a in queue.actions() if a.step == "load"]
+        (action,) = [a for a in queue.actions() if a.action == "load"]
         assert action.outcome == "failure"
         assert "out of memory" in action.detail and "loaded again" in action.detail and "stays served" in action.detail

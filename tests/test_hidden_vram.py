@@ -67,7 +67,7 @@ def test_after_the_first_surprise_the_fit_answers_are_honest():
         assert fits_free(observer)[PRIORITY]  # blind: it believes 8 GiB are free
         reconciler.run_once()
         assert queue.wait_idle(30)
-        (load,) = [a for a in queue.actions() if a.step == "load"]
+        (load,) = [a for a in queue.actions() if a.action == "load"]
         assert load.outcome == "failure" and "landed" in load.detail and "still served on cpu" in load.detail
         state = observer.poll()
         gpu = state.node("gpu")
@@ -89,7 +89,7 @@ def test_a_model_ollama_evicts_on_its_own_is_recorded():
         reconciler.run_once()
         assert queue.wait_idle(30)
         records = queue.actions()
-        steps = [(a.step, a.model, a.node, a.outcome) for a in records]
+        steps = [(a.action, a.model, a.node, a.outcome) for a in records]
         assert ("load", "llama3.1:8b", "gpu", "success") in steps
         assert ("evict", "nomic-embed-text:latest", "gpu", "by_ollama") in steps  # not in the plan, still recorded
         metric = queue.metrics.registry.get_sample_value(
@@ -97,7 +97,7 @@ def test_a_model_ollama_evicts_on_its_own_is_recorded():
         )
         assert metric == 1
         # every unload the simulator counted is one the router recorded
-        recorded = {(a.node, a.model) for a in records if a.step in ("evict", "unload") and a.outcome != "failure"}
+        recorded = {(a.node, a.model) for a in records if a.action in ("evict", "unload") and a.outcome != "failure"}
         counted = {(node, model) for node in ("gpu", "cpu") for model in unloads(fleet, node)}
         assert counted == recorded
 
@@ -115,7 +115,7 @@ def test_after_ollama_evicts_a_priority_model_to_admit_a_load_no_plan_asks_for_t
         fleet.node("gpu").inject("vram_hog", bytes=int(1.8 * GIB))
         reconciler.run_once()
         assert queue.wait_idle(30)
-        steps = [(a.step, a.model, a.outcome) for a in queue.actions()]
+        steps = [(a.action, a.model, a.outcome) for a in queue.actions()]
         assert ("evict", "nomic-embed-text:latest", "by_ollama") in steps  # the first surprise, recorded
         assert observer.poll().node("gpu").hidden > 0
         # the router puts things back as a client would find them: the big model on CPU, the embedder on GPU

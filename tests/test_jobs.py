@@ -64,7 +64,7 @@ def make_queue() -> Iterator[Callable[..., JobQueue]]:
 
 
 def record(model: str, step: str = "load", outcome: str = "success") -> ActionRecord:
-    return ActionRecord(time=1.0, model=model, node="gpu", step=step, outcome=outcome, duration=0.5)
+    return ActionRecord(time=1.0, model=model, node="gpu", action=step, outcome=outcome, duration_seconds=0.5)
 
 
 def test_a_submitted_job_runs_and_its_actions_are_kept(make_queue):
@@ -163,7 +163,7 @@ def test_a_crashing_job_is_recorded_and_the_worker_lives_on(make_queue):
     assert queue.wait_idle(5)
     assert calls == ["a:latest", "b:latest"]
     (failure,) = queue.actions()
-    assert (failure.model, failure.step, failure.outcome) == ("a:latest", "job", "failure")
+    assert (failure.model, failure.action, failure.outcome) == ("a:latest", "job", "failure")
     assert "RuntimeError: node exploded" in failure.detail
     assert "a:latest" in queue.cooldowns()
 

@@ -20,7 +20,7 @@ def test_a_copy_left_behind_is_removed_by_a_later_pass():
         wait_for(lambda: any(m["loading"] for m in fleet.node("gpu").state()["loaded"]), timeout=10)
         fleet.node("cpu").inject("error")  # the CPU node stops answering while the GPU copy loads
         assert queue.wait_idle(30)
-        unload = [a for a in queue.actions() if a.step == "unload"]
+        unload = [a for a in queue.actions() if a.action == "unload"]
         assert [(a.node, a.outcome) for a in unload] == [("cpu", "failure")]
         assert [m["model"] for m in fleet.node("cpu").state()["loaded"]] == [MODEL]  # left behind
         reconciler.run_once()
@@ -30,6 +30,6 @@ def test_a_copy_left_behind_is_removed_by_a_later_pass():
         reconciler.run_once()
         assert queue.wait_idle(30)
         assert fleet.node("cpu").state()["loaded"] == []
-        last = [a for a in queue.actions() if a.step == "unload"][-1]
+        last = [a for a in queue.actions() if a.action == "unload"][-1]
         assert (last.node, last.outcome) == ("cpu", "success")
         assert fleet.node("gpu").state()["loaded"][0]["size_vram"] > 0

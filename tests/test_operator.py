@@ -26,9 +26,11 @@ from referencing import Registry, Resource
 from exporter import logfmt
 from exporter.config import load_config
 from exporter.observe import Observer
-from optimizer import demo, statuspage
+from optimizer import demo, render, statuspage
 from optimizer.app import create_app
 from optimizer.cli import main
+from optimizer.decide import Step
+from optimizer.execute import Outcome
 from optimizer.localstack import wait_for
 from optimizer.render import status_json
 from simulator.fleet import FleetSpec
@@ -416,6 +418,14 @@ def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api
             assert planned["mode"] == documents["optimize"]["mode"] == "dry_run"
             queued = client.post("/api/v1/optimize", json={})
             assert queued.status_code == 202 and schema_errors("queued", queued.get_json()) == []
+            assert app.extensions["gpu_router"].queue.wait_idle(30)
+            history = client.get("/api/v1/actions").get_json()
+            assert history["actions"] and schema_errors("actions", history) == []
+            # one name for one fact: the actions history and optimize's outcomes
+            shared = {"action", "model", "node", "detail", "duration_seconds"}
+            assert shared <= history["actions"][0].keys()
+            outcome = Outcome(Step("load", "m:latest", "gpu-large", "why"), True, "on GPU", 0.0, 1.5)
+            assert shared <= render.outcome_json(outcome).keys()
         finally:
             app.extensions["gpu_router"].queue.stop()
     # the need is one object everywhere: the same keys in route, check, models and report
@@ -427,6 +437,14 @@ def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api
         tuple(documents["route"]["verdicts"][-1]["need"]),
     }
     assert len(shapes) == 1 and "bytes" in shapes.pop()
+    # one rule for which nodes `needs` covers: every node with (or maybe with) a GPU, installed there or not
+    rows = {r["model"]: r for r in documents["models"]["models"]}
+    for name in ("route", "check"):
+        model = documents[name]["model"]
+        assert [n["node"] for n in documents[name]["needs"]] == [n["node"] for n in rows[model]["needs"]], name
+    # codes in JSON, words for people
+    assert re.fullmatch(r"[a-z_]+", documents["check"]["result"]) and " " in documents["check"]["reason"]
+    assert re.fullmatch(r"[a-z_]+", documents["optimize"]["mode"])
 
 
 def test_18_a_shape_that_drifts_fails_its_schema(tmp_path, capsys):

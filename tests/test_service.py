@@ -117,7 +117,7 @@ def test_on_cpu_alert_ends_with_the_model_fully_on_gpu_and_the_cpu_copy_gone(pre
         assert LLAMA not in loaded(fleet, "cpu-node")
         actions = requests.get(handle.url + "/api/v1/actions").json()["actions"]
         assert {a["outcome"] for a in actions} == {"success"}
-        assert any(a["step"] == "load" and a["node"] == "gpu-large" for a in actions)
+        assert any(a["action"] == "load" and a["node"] == "gpu-large" for a in actions)
         assert metric(handle, "gpu_router_optimizer_actions_total", action="load", result="success") == 1
         assert metric(handle, "gpu_router_optimizer_remediation_seconds_count") == 1
         assert metric(handle, "gpu_router_optimizer_webhooks_total", outcome="accepted") == 1
@@ -173,7 +173,7 @@ def test_jobs_sharing_a_node_never_evict_each_other():
         assert fleet.node("gpu-large").counts()[on_gpu[0]]["unloads"] == 0  # never evicted
         other = SMALL if on_gpu[0] == LLAMA else LLAMA
         assert other in loaded(fleet, "cpu-node")  # its CPU copy still serves it
-        outcomes = {(a.model, a.step, a.outcome) for a in handle.queue.actions()}
+        outcomes = {(a.model, a.action, a.outcome) for a in handle.queue.actions()}
         assert (other, "plan", "unplaced") in outcomes
 
 
@@ -184,7 +184,7 @@ def test_a_down_node_is_recorded_and_cools_the_model_down():
         assert requests.post(handle.url + "/webhook", json=body, headers=AUTH).status_code == 202
         assert handle.queue.wait_idle(30)
         data = requests.get(handle.url + "/api/v1/actions").json()
-        assert [(a["step"], a["outcome"]) for a in data["actions"]] == [("plan", "unplaced")]
+        assert [(a["action"], a["outcome"]) for a in data["actions"]] == [("plan", "unplaced")]
         assert data["cooldowns"][LLAMA] > 25  # cooldown_seconds 30 by default
         again = requests.post(handle.url + "/webhook", json=body, headers=AUTH).json()
         assert again["queued"][0]["state"] == "cooldown" and again["queued"][0]["retry_in"] > 25
@@ -210,7 +210,10 @@ def test_stopping_during_a_load_takes_no_further_step():
         handle.stop()  # a second stop is a no-op
         assert LLAMA in loaded(fleet, "cpu-node")
         assert fleet.node("cpu-node").counts()[LLAMA]["unloads"] == 0
-        assert {(a.step, a.outcome) for a in handle.queue.actions()} == {("load", "abandoned"), ("unload", "abandoned")}
+        assert {(a.action, a.outcome) for a in handle.queue.actions()} == {
+            ("load", "abandoned"),
+            ("unload", "abandoned"),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- reconcile

@@ -22,8 +22,14 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 
 def value_text(value: object) -> str:
-    """A logfmt value: plain when it can be, else JSON-quoted."""
-    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    """A logfmt value: plain when it can be, else JSON-quoted; booleans `true`/`false`, floats to the
+    millisecond without trailing zeros (`300`, `1.5`, `0.001`)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float):
+        text = f"{value:.3f}".rstrip("0").rstrip(".") or "0"
+    else:
+        text = str(value)
     return text if _PLAIN.fullmatch(text) else json.dumps(text)
 
 

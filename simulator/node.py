@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from exporter import catalog, eras
 from exporter.catalog import ModelSpec
+from exporter.logfmt import log_event
 from simulator import serverlog
 from simulator.api import OllamaApi
 from simulator.faults import FAULTS, ONE_SHOT, check_fault
@@ -17,7 +19,7 @@ from simulator.gotypes import go_time
 from simulator.httpserver import HttpServer
 from simulator.options import merge_options
 from simulator.placement import placer_for
-from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError
+from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError, log
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class SimNode:
             keep_alive=spec.keep_alive,
             placer=placer_for(spec.version, spec.gpu_overhead),
             clock=clock,
+            node=spec.name,
         )
         pulled = clock() - 86400.0
         self.installed = tuple(
@@ -149,6 +152,7 @@ class SimNode:
     def inject(self, fault: str, **params: object) -> dict[str, dict[str, int]]:
         """Start a fault (ValueError if unknown or its parameters are wrong); returns the node's faults."""
         fault, checked = check_fault(fault, params)
+        log_event(log, logging.WARNING, "simulator.fault", node=self.spec.name, fault=fault, outcome="set", **checked)
         if fault not in ONE_SHOT:
             with self._lock:
                 self._faults[fault] = checked
@@ -169,8 +173,9 @@ class SimNode:
             raise ValueError(f"unknown fault {fault!r}; expected one of: {', '.join(FAULTS)}")
         with self._lock:
             names = list(self._faults) if fault is None else [fault]
-            for name in names:
-                self._faults.pop(name, None)
+            ended = [name for name in names if self._faults.pop(name, None) is not None]
+        for name in ended:
+            log_event(log, logging.INFO, "simulator.fault", node=self.spec.name, fault=name, outcome="cleared")
         if "down" in names and not self._stopping.is_set():
             self._server.open()
         if "gpu_lost" in names:

@@ -10,6 +10,7 @@ context when the context was automatic, else after evicting every other runner, 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,11 +19,14 @@ from dataclasses import dataclass, replace
 from exporter import eras
 from exporter.catalog import ModelSpec
 from exporter.estimate import effective_ctx
+from exporter.logfmt import log_event
 from exporter.units import MIB
 from simulator.fleet import GpuSpec
 from simulator.gotypes import human_bytes2
 from simulator.options import RunnerOptions
 from simulator.placement import Choice, ClassicPlacer, OutOfMemory, Placer
+
+log = logging.getLogger("gpu_router.simulator")
 
 Clock = Callable[[], float]
 _TICK = 0.05  # seconds between re-checks while waiting (expiry is lazy, so waits poll)
@@ -132,7 +136,9 @@ class Scheduler:
         keep_alive: float = 300.0,
         placer: Placer | None = None,
         clock: Clock = time.time,
+        node: str = "",
     ) -> None:
+        self.node = node  # the node's name in its log lines
         self._gpus = tuple(gpus)
         self.placer = placer or ClassicPlacer(gpu_overhead)
         self._ram = ram
@@ -182,7 +188,7 @@ class Scheduler:
             runner.refcount -= 1
             if runner.refcount == 0 and runner.alive:
                 if runner.session <= 0:
-                    self._unload(runner)
+                    self._unload(runner, "keep_alive")
                 else:
                     runner.expires_at = self._clock() + runner.session
             self._cond.notify_all()
@@ -202,7 +208,7 @@ class Scheduler:
                 runner.expires_at = self._clock()
                 runner.session = 0
                 if runner.refcount == 0 and not runner.loading:
-                    self._unload(runner)
+                    self._unload(runner, "keep_alive")
 
     # -- faults
 
@@ -210,7 +216,7 @@ class Scheduler:
         """Every runner gone at once (a restart), loading or busy ones included."""
         with self._cond:
             for runner in list(self._runners):
-                self._unload(runner)
+                self._unload(runner, "restart")
 
     def set_gpu_lost(self, lost: bool) -> None:
         """GPUs vanish (runners holding VRAM die; later loads go to CPU) or come back."""
@@ -218,7 +224,7 @@ class Scheduler:
             self._gpu_lost = lost
             if lost:
                 for runner in [r for r in self._runners if r.size_vram > 0]:
-                    self._unload(runner)
+                    self._unload(runner, "gpu_lost")
 
     def set_hog(self, size: int) -> None:
         """Another process holds `size` bytes of GPU 0."""
@@ -295,10 +301,12 @@ class Scheduler:
     def _count(self, name: str, what: str) -> None:
         self._counts.setdefault(name, {"loads": 0, "unloads": 0})[what] += 1
 
-    def _unload(self, runner: Runner) -> None:
+    def _unload(self, runner: Runner, why: str) -> None:
+        """Remove a runner; `why`: keep_alive (expired or asked), evicted, restart or gpu_lost."""
         runner.alive = False
         self._runners.remove(runner)
         self._count(runner.name, "unloads")
+        log_event(log, logging.INFO, "simulator.unload", node=self.node, model=runner.name, reason=why)
         self._cond.notify_all()
 
     def _reap(self) -> None:
@@ -306,12 +314,12 @@ class Scheduler:
         for r in list(self._runners):
             expired = r.session <= 0 or (r.expires_at is not None and r.expires_at <= now)
             if r.refcount == 0 and not r.loading and expired:
-                self._unload(r)
+                self._unload(r, "keep_alive")
 
     def _evict(self, victim: Runner) -> None:
         """Unload an idle victim now, or mark a busy one to go when its requests finish, and wait."""
         if victim.refcount == 0 and not victim.loading:
-            self._unload(victim)
+            self._unload(victim, "evicted")
             return
         victim.session = 0
         victim.evicting = True
@@ -330,13 +338,18 @@ class Scheduler:
         if system > available:
             if self._runners:
                 return None
-            raise SchedulerError(
-                500,
+            raise self._refused(
+                request,
                 f"model requires more system memory ({human_bytes2(system)}) "
                 f"than is available ({human_bytes2(max(0, available))})",
             )
         session = self._keep_alive if request.keep_alive is None else request.keep_alive
         return Runner(request, choice, session)
+
+    def _refused(self, request: LoadRequest, message: str) -> SchedulerError:
+        """The 500 out-of-memory answer to a load, logged."""
+        log_event(log, logging.WARNING, "simulator.oom", node=self.node, model=request.name, error=message)
+        return SchedulerError(500, message)
 
     def _out_of_memory(self, request: LoadRequest, failed: OutOfMemory, retried: set[str]) -> LoadRequest:
         """Ollama's answer to an out-of-memory start (§2.5): one retry — with the next smaller context when the
@@ -345,7 +358,7 @@ class Scheduler:
         smaller = 32768 if options.num_ctx > 32768 else 4096
         shrink = options.auto_ctx and smaller < min(options.num_ctx, request.spec.arch.context_length)
         if "once" in retried or not (shrink or self._runners):
-            raise SchedulerError(500, OOM_STARTUP.format(mib=failed.needed / MIB))
+            raise self._refused(request, OOM_STARTUP.format(mib=failed.needed / MIB))
         retried.add("once")
         for runner in list(self._runners):
             self._evict(runner)
@@ -386,4 +399,14 @@ class Scheduler:
             runner.loading = False
             runner.refcount += 1
             self._cond.notify_all()
-            return runner
+        log_event(
+            log,
+            logging.INFO,
+            "simulator.load",
+            node=self.node,
+            model=runner.name,
+            size=runner.size,
+            size_vram=runner.size_vram,
+            num_ctx=runner.context_length,
+        )
+        return runner

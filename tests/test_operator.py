@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
@@ -305,6 +306,25 @@ def test_12_simulate_prints_a_router_configuration_and_the_next_command(tmp_path
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
         assert "Nodes: 3/3 up" in status.stdout
+        # every event of the simulator is one logfmt line: loads, unloads, out-of-memory answers, faults
+        control, small = lines[3].split(" ", 1)[1], lines[0].split(" ", 1)[1]
+        fault = {"fault": "vram_hog", "bytes": 3900 * 2**20}
+        assert requests.post(f"{control}/nodes/gpu-small/fault", json=fault, timeout=10).ok
+        ask = {"model": "llama3.2:3b", "prompt": "hi", "stream": False, "keep_alive": 0, "options": {"num_gpu": 99}}
+        assert requests.post(f"{small}/api/generate", json=ask, timeout=30).status_code == 500
+        assert requests.delete(f"{control}/nodes/gpu-small/fault", timeout=10).ok
+        assert requests.post(f"{small}/api/generate", json=ask, timeout=30).ok
+        wanted = [
+            "level=WARNING event=simulator.fault node=gpu-small fault=vram_hog outcome=set bytes=4089446400",
+            "level=WARNING event=simulator.oom node=gpu-small model=llama3.2:3b error=",
+            "level=INFO event=simulator.fault node=gpu-small fault=vram_hog outcome=cleared",
+            "level=INFO event=simulator.load node=gpu-small model=llama3.2:3b size=",
+            "level=INFO event=simulator.unload node=gpu-small model=llama3.2:3b reason=keep_alive",
+        ]
+        wait_for(lambda: len(errors) > len(wanted), 10, "the simulator's event lines")
+        found = [next((i for i, e in enumerate(errors) if w in e), None) for w in wanted]
+        assert None not in found and found == sorted(found), errors
+        assert all(re.match(r"time=\S+ level=[A-Z]+ event=", e) for e in errors[1:]), errors
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
@@ -344,6 +364,9 @@ def test_15_log_lines_are_logfmt_with_normalised_model_names():
     assert (
         line
         == 'event=job.start model=mxbai-embed-large:latest models=llama3.1:latest,mxbai-embed-large:latest note="a b"'
+    )
+    assert logfmt.event_line("listening", auto_optimize=True, check_interval=300.0, took=0.0125, n=3) == (
+        "event=listening auto_optimize=true check_interval=300 took=0.013 n=3"
     )
     record = logging.LogRecord("waitress", logging.WARNING, __file__, 1, "Task queue depth is %d", (3,), None)
     formatted = logfmt.Formatter().format(record)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from exporter.goduration import FOREVER, parse_keep_alive
 from exporter.units import parse_size
 from exporter.urls import identity
-from exporter.yamlfile import closest, read_yaml, show
+from exporter.yamlfile import closest, read_yaml, show, show_key
 
 DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
 GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "ollama_log", "none")
@@ -220,7 +220,7 @@ class _Reader:
             if not isinstance(key, str) or key not in allowed:
                 close = closest(key, allowed)
                 hint = f" (did you mean {close!r}?)" if close else f" (known keys: {', '.join(allowed)})"
-                raise self.fail(_join(path, show(key).strip("'")), f"unknown key{hint}")
+                raise self.fail(_join(path, show_key(key)), f"unknown key{hint}")
         return value
 
     def string(self, value: Any, path: str) -> str:

@@ -13,6 +13,7 @@ import ctypes
 import gzip
 import html
 import logging
+import os
 import signal
 import sys
 import threading
@@ -52,6 +53,14 @@ def parse_listen(text: str, default: str = DEFAULT_LISTEN) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or (":" in host and not bracketed):
         raise ValueError(f"--listen: expected HOST:PORT, [IPv6]:PORT or :PORT like {default}, got {text!r}")
     return host, int(port)
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """`cannot listen on 127.0.0.1:9877: address already in use` — the same words from every server (the
+    system's reason for the error number; aiohttp's own wrapping and waitress's capitals left out)."""
+    shown = f"[{host}]" if ":" in host else host
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"cannot listen on {shown}:{port}: {reason[:1].lower()}{reason[1:]}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         server, thread = start_exporter(config, host, port)
     except OSError as exc:
-        print(f"gpu-router exporter: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"gpu-router exporter: {cannot_listen(host, port, exc)}", file=sys.stderr)
         return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

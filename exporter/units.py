@@ -59,3 +59,10 @@ def size_text(num_bytes: int | float | None) -> str:
 def format_mb(num_bytes: int | float) -> str:
     """`4700 MB (4.59 GB)`: the guide's way of printing a size."""
     return f"{mb(num_bytes)} MB ({num_bytes / GIB:.2f} GB)"
+
+
+def body_too_large(size: int | None, limit: int, setting: str = "") -> str:
+    """`body too large: 3000000 bytes, the limit is 2097152 bytes (proxy.max_body)` — the one phrasing of a
+    refused request body (its size left out when it is not known: a chunked body)."""
+    got = f"{size} bytes, " if size else ""
+    return f"body too large: {got}the limit is {limit} bytes" + (f" ({setting})" if setting else "")

@@ -20,17 +20,24 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
+from exporter.units import body_too_large
+
 BACKLOG = 1024
 IDLE_TIMEOUT = 60  # seconds a connection may stay idle (Prometheus keeps one per target between scrapes)
 CONNECTION_LIMIT = 512
 
 
 class _JsonErrorTask(ErrorTask):
-    """waitress's error answer, as JSON: `{"error": "Request Entity Too Large: exceeds max_body of 8388608"}`."""
+    """waitress's error answer, as JSON: `{"error": "Header Fields Too Large: …"}`; a body over its buffer
+    limit is refused in the application's words, naming the application's limit (`body_too_large`)."""
 
     def execute(self) -> None:
         error = self.request.error
-        body = json.dumps({"error": f"{error.reason}: {error.body}"}).encode()
+        if error.code == 413:
+            message = body_too_large(self.request.content_length, self.channel.server.body_limit)
+        else:
+            message = f"{error.reason}: {error.body}"
+        body = json.dumps({"error": message}).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
@@ -92,8 +99,11 @@ def serve(
     threads: int,
     json_errors: bool = False,
     max_request_body_size: int = 1024 * 1024,
+    body_limit: int | None = None,
 ) -> Served:
-    """Serve `app` on (host, port) (port 0 = any free port); OSError when the address cannot be bound."""
+    """Serve `app` on (host, port) (port 0 = any free port); OSError when the address cannot be bound.
+
+    `body_limit`: the limit a 413 names (the application's own, when waitress buffers more than it accepts)."""
     server = create_server(
         app,
         host=host,
@@ -107,6 +117,7 @@ def serve(
         max_request_body_size=max_request_body_size,
         clear_untrusted_proxy_headers=True,
     )
+    server.body_limit = body_limit or max_request_body_size
     if json_errors:
         server.channel_class = _JsonErrorChannel
     return Served(server, name)

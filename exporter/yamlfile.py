@@ -90,6 +90,14 @@ def _expanded(node: Node, depth: int, known: dict[int, tuple[int, int]], open_: 
     return values, height
 
 
+def show_key(key: Any) -> str:
+    """How an error message names a key read from a file, in a path (`nodes[0].KEY`): a string key bare, cut
+    like `show` cuts a value; any other key as `show` shows it."""
+    if isinstance(key, str):
+        return key if len(key) <= _SHOWN else key[:_SHOWN] + "…"
+    return show(key)
+
+
 def show(value: Any) -> str:
     """How an error message shows a value read from a file: its kind for a mapping or list, else its repr,
     cut to a few dozen characters (a value can be as long as the file)."""

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from exporter.config import Config, PriorityModel
 from exporter.observe import Observer
 from exporter.state import ClusterState
+from exporter.units import body_too_large
 from optimizer import decide, render, statuspage, webhook
 from optimizer.auth import Authenticator
 from optimizer.execute import Execution
@@ -263,7 +264,7 @@ def _body() -> bytes:
     try:
         return request.get_data(cache=False)
     except RequestEntityTooLarge:
-        raise PayloadError(f"body too large: {request.content_length} bytes, the limit is {webhook.MAX_BODY}") from None
+        raise PayloadError(body_too_large(request.content_length, webhook.MAX_BODY)) from None
 
 
 def _unauthorized(auth: Authenticator) -> Any:

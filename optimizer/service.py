@@ -26,7 +26,7 @@ from flask import Flask
 from exporter import logfmt
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
-from exporter.server import parse_listen
+from exporter.server import cannot_listen, parse_listen
 from exporter.wsgiserve import Served, serve
 from optimizer import webhook
 from optimizer.app import create_app
@@ -138,6 +138,7 @@ def start_optimizer(
         threads=threads,
         json_errors=True,
         max_request_body_size=4 * webhook.MAX_BODY,
+        body_limit=webhook.MAX_BODY,
     )
     if reconciler is not None:
         reconciler.start()
@@ -189,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             handle = start_optimizer(config, host, port, auth=auth)
         except OSError as exc:
-            print(f"gpu-router optimizer: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"gpu-router optimizer: {cannot_listen(host, port, exc)}", file=sys.stderr)
             return 1
         log_event(
             logging.INFO,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.config import Config, model_key
+from exporter.units import body_too_large
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; a large group of alerts is a few hundred KiB
 ACTIONABLE = (
@@ -99,7 +100,7 @@ class Triage:
 def parse(body: bytes) -> Payload:
     """Decode and validate a request body; raises PayloadError."""
     if len(body) > MAX_BODY:
-        raise PayloadError(f"body too large: {len(body)} bytes, the limit is {MAX_BODY}")
+        raise PayloadError(body_too_large(len(body), MAX_BODY))
     if not body.strip():
         raise PayloadError("empty body: expected an Alertmanager webhook payload (JSON)")
     try:

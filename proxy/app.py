@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exporter.config import Config
 from exporter.ollama import parse_go_time
+from exporter.units import body_too_large
 from exporter.urls import redact
 from optimizer.auth import Authenticator
 from proxy.choose import Choice, choose
@@ -152,8 +153,7 @@ class Proxy:
         try:
             raw = await _read(request, self.settings.max_body)
         except _TooLarge:
-            limit = f"{self.settings.max_body} bytes"
-            return error(dialect, 413, f"request body larger than {limit} (proxy.max_body)")
+            return error(dialect, 413, body_too_large(request.content_length, self.settings.max_body, "proxy.max_body"))
         data = _parse(raw, type_name)
         if isinstance(data, str):
             return error(dialect, 400, data)

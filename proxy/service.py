@@ -24,7 +24,7 @@ from aiohttp import web
 
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
-from exporter.server import parse_listen
+from exporter.server import cannot_listen, parse_listen
 from optimizer.auth import Authenticator
 from optimizer.jobs import log_event
 from optimizer.service import is_loopback, setup_logging
@@ -166,12 +166,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     listener = setup_logging(config.log_level)
     try:
-        return asyncio.run(_serve(config, host, port, args.listen))
+        return asyncio.run(_serve(config, host, port))
     finally:
         listener.stop()
 
 
-async def _serve(config: Config, host: str, port: int, listen: str) -> int:
+async def _serve(config: Config, host: str, port: int) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,7 +179,7 @@ async def _serve(config: Config, host: str, port: int, listen: str) -> int:
     try:
         running = await open_proxy(config, host, port)
     except OSError as exc:
-        print(f"gpu-router proxy: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"gpu-router proxy: {cannot_listen(host, port, exc)}", file=sys.stderr)
         return 1
     shown = f"[{host}]" if ":" in host else host
     log_event(

@@ -26,7 +26,8 @@ def check_fault(fault: object, params: Mapping[str, object]) -> tuple[str, dict[
     wanted = FAULTS[fault]
     extra = sorted(set(params) - set(wanted))
     if extra:
-        raise ValueError(f"fault {fault!r} takes no parameter {extra[0]!r}")
+        takes = f"its parameters: {', '.join(wanted)}" if wanted else "it takes none"
+        raise ValueError(f"fault {fault!r} takes no parameter {extra[0]!r} ({takes})")
     checked: dict[str, int] = {}
     for key in wanted:
         if key not in params:

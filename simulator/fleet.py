@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from exporter import catalog, eras
 from exporter.units import GIB, MAX_SIZE, parse_size
-from exporter.yamlfile import closest, read_yaml, show
+from exporter.yamlfile import closest, read_yaml, show, show_key
 from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
@@ -107,8 +107,8 @@ class _Errors:
         for key in data:  # type: ignore[union-attr]
             if key not in allowed:
                 close = closest(key, allowed)
-                hint = f" (did you mean {close!r}?)" if close else f"; known keys: {', '.join(allowed)}"
-                shown = show(key).strip("'")
+                hint = f" (did you mean {close!r}?)" if close else f" (known keys: {', '.join(allowed)})"
+                shown = show_key(key)
                 self.fail(f"{path}.{shown}" if path else shown, f"unknown key{hint}")
         return data  # type: ignore[return-value]
 

@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from exporter.logfmt import event_line
+from exporter.server import cannot_listen
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -228,7 +229,7 @@ class HttpServer:
             try:
                 server = _Server(self.port, self._app)
             except OSError as exc:  # name the port: "Address already in use" alone does not say which
-                raise OSError(exc.errno, f"cannot listen on {HOST}:{self.port}: {exc.strerror or exc}") from None
+                raise OSError(exc.errno, cannot_listen(HOST, self.port, exc)) from None
             self.port = server.server_address[1]
             self._server = server
             self._thread = threading.Thread(

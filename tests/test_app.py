@@ -167,7 +167,7 @@ def test_webhook_with_nothing_to_do_is_counted_as_ignored(parts, client):
         (b"", "empty body"),
         (b'{"version": "4"}', "status: missing"),
         (json.dumps(payload(alert(model=["x"]))).encode(), "alerts[0].labels.model: expected a string"),
-        (b" " * (webhook.MAX_BODY + 10), "body too large"),
+        (b" " * (webhook.MAX_BODY + 10), f"body too large: {webhook.MAX_BODY + 10} bytes, the limit is 2097152 bytes"),
     ],
 )
 def test_webhook_rejects_malformed_bodies_with_400(parts, client, data, message):

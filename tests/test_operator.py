@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from exporter import logfmt
-from exporter.config import load_config
+from exporter.config import ConfigError, load_config
 from exporter.observe import Observer
 from optimizer import demo, render, statuspage
 from optimizer.app import create_app
@@ -34,6 +34,7 @@ from optimizer.decide import Step
 from optimizer.execute import Outcome
 from optimizer.localstack import wait_for
 from optimizer.render import status_json
+from simulator.faults import check_fault
 from simulator.fleet import FleetSpec
 from simulator.run import DEMO_FLEET, Fleet, load_fleet
 
@@ -341,7 +342,32 @@ def test_14_a_port_clash_names_the_port_and_the_server(tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert done.returncode == 1
-    assert f"node a: cannot listen on 127.0.0.1:{port}" in done.stderr and done.stderr.count("\n") == 1
+    said = f"cannot listen on 127.0.0.1:{port}: address already in use"
+    assert f"node a: {said}" in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("server", ["exporter", "optimizer", "proxy"])
+def test_14_every_server_says_a_taken_port_the_same_way(server, tmp_path):
+    config = tmp_path / "gpu_router_config.yaml"
+    config.write_text("nodes: [http://127.0.0.1:9]\n")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "optimizer.cli", server, "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"gpu-router {server}: cannot listen on 127.0.0.1:{port}: address already in use\n" in done.stderr
+
+
+def test_12_messages_cut_a_long_name_cleanly_and_name_what_is_accepted(tmp_path):
+    path = tmp_path / "gpu_router_config.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [{"url": "http://127.0.0.1:9", "y" * 300: 1}]}))
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert f"nodes[0].{'y' * 60}…: unknown key (known keys: " in str(refused.value)
+    with pytest.raises(ValueError, match=r"fault 'slow' takes no parameter 'delay' \(its parameters: latency_ms\)"):
+        check_fault("slow", {"delay": 5})
 
 
 def test_14_the_demo_port_probe_counts_a_port_in_time_wait_as_free():

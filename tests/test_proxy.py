@@ -214,7 +214,8 @@ def test_malformed_or_oversized_requests_never_reach_a_node():
             assert (reply.status_code, reply.json()) == (400, {"error": message})
         big = json.dumps({"model": SMALL, "prompt": "x" * 2000})
         reply = requests.post(f"{proxy.url}/api/generate", data=big, timeout=5)
-        assert reply.status_code == 413 and "proxy.max_body" in reply.json()["error"]
+        said = f"body too large: {len(big)} bytes, the limit is 1024 bytes (proxy.max_body)"
+        assert (reply.status_code, reply.json()["error"]) == (413, said)
         reply = requests.post(f"{proxy.url}/v1/chat/completions", data=b"{bad", timeout=5)
         assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
         assert seen_gpu == seen_cpu == []

@@ -259,12 +259,12 @@ def transport_error(exc: BaseException, timeout: tuple[float, float] | float | N
     chain = _causes(exc)
     names = {type(e).__name__ for e in chain}
     if any(isinstance(e, socket.gaierror) for e in chain) or "NameResolutionError" in names:
-        return "name_lookup", "host name does not resolve (DNS lookup failed)"
+        return "name_lookup", "host name does not resolve: DNS lookup failed"
     if any(isinstance(e, (ssl.SSLError, requests.exceptions.SSLError)) for e in chain):
         detail = next((str(e.reason or e) for e in chain if isinstance(e, ssl.SSLError)), "")
-        return "tls", "TLS handshake failed" + (f" ({detail})" if detail else "")
+        return "tls", "TLS handshake failed" + (f": {detail}" if detail else "")
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
-        return "refused", "connection refused (nothing listens on that port, or the node is down)"
+        return "refused", "connection refused: nothing listens on that port, or the node is down"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return "timeout", "no connection within " + (f"{connect:g}s" if connect else "the time limit")
     if isinstance(exc, requests.exceptions.ReadTimeout) or any(isinstance(e, TimeoutError) for e in chain):

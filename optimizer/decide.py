@@ -127,6 +127,7 @@ def _priority_keys(state: ClusterState) -> frozenset[str]:
 # ------------------------------------------------------------------------------------------------ check
 
 
+NOT_INSTALLED = "Model not installed here (the router never pulls)"  # the reason of every not_installed verdict
 KIND_WORDS = {  # a verdict's kind (a code, for JSON) in words, for people
     "loaded_on_gpu": "on GPU now",
     "fits_free": "fits now",
@@ -222,8 +223,7 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
         return Verdict(name, False, "maintenance", "Node in maintenance: never a target", None, None, None)
     copy = node.loaded_model(key)
     if copy is None and node.installed_model(key) is None:
-        why = "Model not installed here (the router never pulls)"
-        return Verdict(name, False, "not_installed", why, None, None, None)
+        return Verdict(name, False, "not_installed", NOT_INSTALLED, None, None, None)
     usable, free = node.vram_usable, node.vram_free
     need = need_of(state, key, node)
     if copy is not None and copy.fully_on_gpu:
@@ -750,7 +750,7 @@ def divergences(state: ClusterState, p: Plan, now: float) -> tuple[Divergence, .
 
 
 def _load_reason(item: _Item, b: int, copy: LoadedModel | None) -> str:
-    why = f"put {item.key} on GPU ({sizing_text(item.needs[b])})"
+    why = f"put {item.key} on GPU: {sizing_text(item.needs[b])}"
     if copy is not None:
         why += f", reloading its {copy.gpu_ratio:.0%}-on-GPU copy in place with every layer on GPU"
     return why

@@ -1,6 +1,6 @@
 """`gpu-router demo`: the whole story on the built-in demo cluster, in one process.
 
-The guide's three nodes (a 4 GiB GPU node, a node without GPU, an 8 GiB GPU node) are simulated; the exporter
+The guide's three nodes (a 4096 MB GPU node, a node without GPU, an 8192 MB GPU node) are simulated; the exporter
 and the optimizer run against them. The optimizer first puts the priority models on GPU; then Ollama on one
 node restarts and a client's request loads a priority model on CPU; the optimizer notices (its reconcile loop,
 or with `--with-prometheus` the real alert rule → Alertmanager → webhook), reloads the model onto a GPU,
@@ -144,7 +144,7 @@ class Story:
 
 
 def _where(state: ClusterState, model: str) -> str:
-    copies = [f"{n.name} {m.gpu_ratio:.0%} on GPU" for n, m in state.placements(model)]
+    copies = [f"{n.name} {render.where_text(m.gpu_ratio)}" for n, m in state.placements(model)]
     return f"{model}: " + (", ".join(copies) if copies else "not loaded")
 
 
@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _tell(story: Story, fleet: Fleet, config: Config, stack: list[Any]) -> bool:
-    story.heading("GPU ROUTER DEMO: the guide's cluster (4 GiB GPU, no GPU, 8 GiB GPU), simulated")
+    story.heading("GPU ROUTER DEMO: the guide's cluster (4096 MB GPU, no GPU, 8192 MB GPU), simulated")
     story.say(f"Priority models: {', '.join(PRIORITY)}. The optimizer puts them on GPU first:")
     if not story.wait(_settled, "the priority models on GPU"):
         return False

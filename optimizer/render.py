@@ -587,7 +587,7 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     differs = {d.model: d for d in divergences(state, p, now)}
     for rank, pm in enumerate(state.config.priority_models, start=1):
         key = model_key(pm.name)
-        lines.append(f"{rank}. {key} ({needs_text(model_needs(state, key), state, key)})")
+        lines.append(f"{rank}. {key}: {needs_text(model_needs(state, key), state, key)}")
         lines.append(f"   Where: {where_loaded_text(state, key, now)}")
         lines.append("   Optimize would:")
         lines += [f"      {line}" for line in model_plan_lines(key, p, differs.get(key))]

@@ -14,7 +14,7 @@ from typing import Any
 
 from exporter.eras import LABELS as ERA_LABELS
 from exporter.units import size_text
-from optimizer.decide import KIND_WORDS
+from optimizer.decide import KIND_WORDS, NOT_INSTALLED
 from optimizer.render import where_text
 
 _STYLE = """
@@ -127,7 +127,10 @@ def _fit_matrix(nodes: list[Mapping[str, Any]]) -> str:
         for node in nodes:
             fit = cells.get((node["name"], model))
             if fit is None:  # a node that is down lists nothing: its installed models are not known now
-                tds.append('<td class="muted">not installed</td>' if node["up"] else '<td class="bad">node down</td>')
+                kind, reason = (
+                    ("not_installed", NOT_INSTALLED) if node["up"] else ("down", "its models are not known now")
+                )
+                tds.append(f'<td class="bad">✗ {escape(KIND_WORDS[kind])}<br><small>{escape(reason)}</small></td>')
                 continue
             mark, css = ("✓", "ok") if fit["fits"] else ("✗", "bad")
             need = fit.get("need") or {}

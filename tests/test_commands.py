@@ -304,11 +304,11 @@ def test_report_shows_where_each_priority_model_is_and_what_optimize_would_do(tm
         code, out, _ = gpu_router(config, "report", capsys=capsys)
         assert code == 0 and "INTELLIGENT GPU ROUTING STATUS" in out and "PRIORITY MODELS" in out
         assert (
-            "1. mxbai-embed-large:latest (606 MB at 512 tokens (llama-server, estimated))\n   Where: gpu-small CPU"
+            "1. mxbai-embed-large:latest: 606 MB at 512 tokens (llama-server, estimated)\n   Where: gpu-small CPU"
             in out
         )
         assert "load mxbai-embed-large:latest on GPU at gpu-large" in out  # current sizes: both fit gpu-large
-        assert "2. llama3.1:latest (5024 MB at 4096 tokens (llama-server, estimated))\n   Where: not loaded" in out
+        assert "2. llama3.1:latest: 5024 MB at 4096 tokens (llama-server, estimated)\n   Where: not loaded" in out
         code, out, _ = gpu_router(config, "--json", "report", capsys=capsys)
         report = json.loads(out)
         assert [m["model"] for m in report["priority_models"]] == ["mxbai-embed-large:latest", "llama3.1:latest"]

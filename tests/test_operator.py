@@ -88,6 +88,10 @@ def test_2_the_fit_matrix_says_a_node_is_down_not_that_models_are_not_installed(
     for _, cells in rows:
         small = re.findall(r"<td[^>]*>.*?</td>", cells)[0]  # gpu-small's column comes first
         assert "node down" in small and "not installed" not in small, small
+    # every cell the same shape: a mark, the verdict in words, its reason
+    for _, cells in rows:
+        for cell in re.findall(r"<td[^>]*>(.*?)</td>", cells):
+            assert re.fullmatch(r"[✓✗] [a-zA-Z ]+<br><small>.+</small>", cell), cell
 
 
 def test_3_did_you_mean_offers_installed_models_first(tmp_path, capsys):
@@ -427,6 +431,18 @@ def test_17_nothing_is_said_twice(tmp_path, capsys):
     assert demo.alert_line({"labels": {"alertname": "GPURouterPriorityModelNotOnGPU"}, "state": "firing"}) == (
         "GPURouterPriorityModelNotOnGPU firing"
     )
+
+
+def test_13_no_bracket_inside_a_bracket_in_any_text_answer(tmp_path, capsys):
+    commands = (["status"], ["route", "mxbai-embed-large"], ["check", "llama3.1"], ["models"], ["report"])
+    with demo_cluster(tmp_path) as (fleet, path):
+        for down in (False, True):
+            if down:
+                fleet.node("gpu-small").inject("down")
+            for command in (*commands, ["optimize", "--dry-run"], ["route", "codellama:7b"]):
+                _, out, err = run(path, *command, capsys=capsys)
+                nested = [line for line in (out + err).splitlines() if re.search(r"\([^()]*\(", line)]
+                assert nested == [], (command, nested)
 
 
 def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api(tmp_path, capsys):

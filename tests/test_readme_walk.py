@@ -80,7 +80,7 @@ def test_walk_through_the_readme_with_a_node_down(tmp_path):
     commands = readme_commands()
     assert {"gpu-router status", "gpu-router route MODEL", "gpu-router demo --once"} <= set(commands), commands
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    walked = 0
+    walked = abbreviated = 0
     with Fleet(spec) as fleet:
         (tmp_path / "gpu_router_config.yaml").write_text(yaml.safe_dump(fleet.router_config()), encoding="utf-8")
         fleet.node("gpu-small").inject("down")
@@ -103,7 +103,16 @@ def test_walk_through_the_readme_with_a_node_down(tmp_path):
                     assert done.returncode == expected(argv, "--json" in argv), where
                     assert done.stdout.count("\n") <= 1, where
                     walked += 1
-    assert walked >= 30
+                    if "--json" in argv and argv[0] in DECISIONS:  # no flag may be abbreviated, in any subcommand
+                        short = [a if a != "--json" else "--js" for a in argv]
+                        refused = subprocess.run(
+                            [sys.executable, "-m", "optimizer.cli", *short],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                        )  # fmt: skip
+                        assert refused.returncode == exitcodes.USAGE, short
+                        assert refused.stderr.startswith(f"usage: gpu-router {argv[0]} "), refused.stderr
+                        abbreviated += 1
+    assert walked >= 30 and abbreviated >= 6
 
 
 @pytest.mark.parametrize("command", ["gpu-router optimize [--dry-run|--apply]", "gpu-router check MODEL"])

@@ -151,7 +151,7 @@ def _routes(app: Flask, s: Services) -> None:
         except PayloadError as exc:
             s.metrics.webhooks.labels(outcome="invalid").inc()
             log_event(logging.WARNING, "webhook", outcome="invalid", reason=str(exc))
-            raise ApiError(400, str(exc)) from None
+            raise ApiError(exc.status, str(exc)) from None
         triage = webhook.triage(payload, config)
         queued = []
         for wanted in triage.wanted:
@@ -264,7 +264,7 @@ def _body() -> bytes:
     try:
         return request.get_data(cache=False)
     except RequestEntityTooLarge:
-        raise PayloadError(body_too_large(request.content_length, webhook.MAX_BODY)) from None
+        raise webhook.BodyTooLarge(body_too_large(request.content_length, webhook.MAX_BODY)) from None
 
 
 def _unauthorized(auth: Authenticator) -> Any:
@@ -287,7 +287,7 @@ def _optimize_request(config: Config) -> tuple[bool, list[PriorityModel]]:
         raw = _body()
         data = json.loads(raw) if raw.strip() else {}
     except PayloadError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(exc.status, str(exc)) from None
     except (ValueError, RecursionError):
         raise ApiError(400, 'invalid JSON: expected {"dry_run": true, "models": [...]}') from None
     if not isinstance(data, dict):

@@ -43,6 +43,14 @@ _ALERT_TYPES: dict[str, tuple[type, str]] = {
 class PayloadError(ValueError):
     """A body that is not a valid version-4 webhook payload; the message names the problem."""
 
+    status = 400
+
+
+class BodyTooLarge(PayloadError):
+    """A body over MAX_BODY (HTTP 413, like every other size limit of the router)."""
+
+    status = 413
+
 
 @dataclass(frozen=True)
 class Alert:
@@ -100,7 +108,7 @@ class Triage:
 def parse(body: bytes) -> Payload:
     """Decode and validate a request body; raises PayloadError."""
     if len(body) > MAX_BODY:
-        raise PayloadError(body_too_large(len(body), MAX_BODY))
+        raise BodyTooLarge(body_too_large(len(body), MAX_BODY))
     if not body.strip():
         raise PayloadError("empty body: expected an Alertmanager webhook payload (JSON)")
     try:

@@ -167,7 +167,6 @@ def test_webhook_with_nothing_to_do_is_counted_as_ignored(parts, client):
         (b"", "empty body"),
         (b'{"version": "4"}', "status: missing"),
         (json.dumps(payload(alert(model=["x"]))).encode(), "alerts[0].labels.model: expected a string"),
-        (b" " * (webhook.MAX_BODY + 10), f"body too large: {webhook.MAX_BODY + 10} bytes, the limit is 2097152 bytes"),
     ],
 )
 def test_webhook_rejects_malformed_bodies_with_400(parts, client, data, message):
@@ -176,6 +175,16 @@ def test_webhook_rejects_malformed_bodies_with_400(parts, client, data, message)
     assert answer.status_code == 400
     assert answer.get_json()["error"].startswith(message)
     assert metric(app, "gpu_router_optimizer_webhooks_total", outcome="invalid") == 1
+    assert queue.depth == 0 and job.runs == []
+
+
+@pytest.mark.parametrize("path", ["/webhook", "/api/v1/optimize"])
+def test_a_body_over_the_limit_is_413_as_everywhere_else(parts, client, path):
+    _, job, queue = parts
+    data = b" " * (webhook.MAX_BODY + 10)
+    answer = client.post(path, data=data, headers={**AUTH, "Content-Type": "application/json"})
+    assert answer.status_code == 413
+    assert answer.get_json()["error"] == f"body too large: {webhook.MAX_BODY + 10} bytes, the limit is 2097152 bytes"
     assert queue.depth == 0 and job.runs == []
 
 

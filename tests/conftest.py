@@ -13,6 +13,7 @@ import pytest
 
 from exporter.config import parse_config
 from exporter.observe import Observer
+from optimizer.cli import main
 from optimizer.jobs import JobQueue, Metrics, Remediator
 from optimizer.reconcile import Reconciler
 from simulator.run import Fleet, fleet_from_dict
@@ -23,6 +24,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "optimizer.cli", *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def gpu_router(config: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`gpu-router --config CONFIG ARGS` in this process: (exit status, stdout, stderr)."""
+    code = main(["--config", config, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def require_tool(name: str) -> str:

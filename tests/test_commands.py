@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import gpu_router
 
 from exporter.units import MIB
-from optimizer.cli import main
 from simulator.run import Fleet, fleet_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +37,6 @@ def cluster(tmp_path: Path, nodes: list[dict], priority: list, **settings) -> It
         path = tmp_path / "gpu_router_config.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         yield fleet, str(path)
-
-
-def gpu_router(config: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(["--config", config, *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def counts(fleet: Fleet) -> dict[str, dict[str, dict[str, int]]]:

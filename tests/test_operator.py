@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import gpu_router
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
@@ -62,12 +63,6 @@ def demo_cluster(tmp_path: Path, priority: list[str] | None = None) -> Iterator[
         yield fleet, str(path)
 
 
-def run(config: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(["--config", config, *args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def schema_errors(name: str, document: dict) -> list[str]:
     validator = Draft202012Validator(SCHEMAS[name], registry=REGISTRY)
     return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
@@ -96,7 +91,7 @@ def test_2_the_fit_matrix_says_a_node_is_down_not_that_models_are_not_installed(
 
 def test_3_did_you_mean_offers_installed_models_first(tmp_path, capsys):
     with demo_cluster(tmp_path) as (_, path):
-        code, out, err = run(path, "route", "llama9", capsys=capsys)
+        code, out, err = gpu_router(path, "route", "llama9", capsys=capsys)
     assert code == 2 and out == ""
     assert "llama3.2:1b" in err and "llama3.2:latest" not in err  # installed on gpu-small; the catalog alias not
 
@@ -104,16 +99,16 @@ def test_3_did_you_mean_offers_installed_models_first(tmp_path, capsys):
 def test_4_a_misspelt_priority_model_is_called_not_installed_and_flagged(tmp_path, capsys):
     with demo_cluster(tmp_path, ["mxbai-embed-larg", "llama3.1:latest"]) as (_, path):
         for command in ("status", "report"):
-            code, out, _ = run(path, command, capsys=capsys)
+            code, out, _ = gpu_router(path, command, capsys=capsys)
             assert code == 2, command
             assert (
                 "❌ Priority model mxbai-embed-larg:latest: not installed on any node "
                 "(did you mean mxbai-embed-large:latest?)" in out
             )
             assert "set model_sizes" not in out
-        code, out, _ = run(path, "--json", "status", capsys=capsys)
+        code, out, _ = gpu_router(path, "--json", "status", capsys=capsys)
         assert code == 2 and json.loads(out)["priority_models"][0]["installed"] is False
-        code, _, err = run(path, "check", "mxbai-embed-larg", capsys=capsys)
+        code, _, err = gpu_router(path, "check", "mxbai-embed-larg", capsys=capsys)
         assert code == 2 and "did you mean mxbai-embed-large:latest" in err
 
 
@@ -121,12 +116,12 @@ def test_4_a_priority_model_installed_nowhere_is_exit_2_and_named_in_every_subco
     with demo_cluster(tmp_path, ["nosuchmodel", "llama3.1:latest"]) as (fleet, path):
         said = "priority model nosuchmodel:latest: not installed on any node"
         for command in (["models"], ["route", "llama3.1"], ["check", "llama3.1"], ["--json", "models"]):
-            code, out, err = run(path, *command, capsys=capsys)
+            code, out, err = gpu_router(path, *command, capsys=capsys)
             assert code == 2 and said in err, command
         for command in (["route", "nosuchmodel"], ["check", "nosuchmodel"]):
-            code, out, err = run(path, *command, capsys=capsys)
+            code, out, err = gpu_router(path, *command, capsys=capsys)
             assert code == 2 and err.count(said) == 1 and "not in the catalog" not in err, command
-        code, out, _ = run(path, "models", capsys=capsys)
+        code, out, _ = gpu_router(path, "models", capsys=capsys)
         assert re.search(
             r"nosuchmodel:latest +\? MB  VRAM need unknown: not installed on any node.*; priority #1\n", out
         )
@@ -137,7 +132,7 @@ def test_4_a_priority_model_installed_nowhere_is_exit_2_and_named_in_every_subco
         finally:
             app.extensions["gpu_router"].queue.stop()
         fleet.node("gpu-small").inject("down")  # it may be installed there: incomplete, not misconfigured
-        code, _, err = run(path, "models", capsys=capsys)
+        code, _, err = gpu_router(path, "models", capsys=capsys)
         assert code == 1 and said not in err
 
 
@@ -147,39 +142,39 @@ def test_4_every_subcommand_names_the_node_that_did_not_answer(tmp_path, capsys)
         commands = (["status"], ["models"], ["report"], ["optimize", "--dry-run"], ["route", "llama3.1"])
         for command in (*commands, ["check", "llama3.1"]):
             for form in ([], ["--json"]):
-                code, out, err = run(path, *form, *command, capsys=capsys)
+                code, out, err = gpu_router(path, *form, *command, capsys=capsys)
                 assert code == 1 and "gpu-small" in out + err, (form, command)
-        code, out, _ = run(path, "--json", "models", capsys=capsys)
+        code, out, _ = gpu_router(path, "--json", "models", capsys=capsys)
         assert json.loads(out)["nodes_down"] == ["gpu-small"]
-        code, out, _ = run(path, "models", capsys=capsys)
+        code, out, _ = gpu_router(path, "models", capsys=capsys)
         assert out.splitlines()[-1].startswith("Nodes that did not answer: gpu-small (")
 
 
 def test_7_where_a_model_is_loaded_is_unknown_on_a_node_that_did_not_answer(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-small").inject("down")
-        code, out, _ = run(path, "report", capsys=capsys)
+        code, out, _ = gpu_router(path, "report", capsys=capsys)
         assert code == 1 and "not loaded anywhere" not in out
         assert "Where: not loaded on any node that answered; unknown on gpu-small (did not answer)" in out
 
 
 def test_6_a_slow_node_changes_no_other_nodes_figures_and_a_missing_show_is_an_incomplete_answer(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
-        code, out, _ = run(path, "--json", "check", "codellama:7b", capsys=capsys)
+        code, out, _ = gpu_router(path, "--json", "check", "codellama:7b", capsys=capsys)
         before = json.loads(out)["needs"]
         assert code == 0 and {n["source"] for n in before} == {"estimated"}
         fleet.node("cpu-node").inject("slow", latency_ms=1500)
-        code, out, err = run(path, "--json", "check", "codellama:7b", capsys=capsys)
+        code, out, err = gpu_router(path, "--json", "check", "codellama:7b", capsys=capsys)
         assert (code, json.loads(out)["needs"], err) == (0, before, "")
         fleet.node("gpu-large").inject("slow", latency_ms=1500)  # every holder slow: /api/show comes too late
-        code, out, err = run(path, "check", "codellama:7b", capsys=capsys)
+        code, out, err = gpu_router(path, "check", "codellama:7b", capsys=capsys)
         assert code == 1 and "gpu-router: incomplete answer: /api/show codellama:7b on " in err
 
 
 def test_5_check_names_the_node_that_is_down_instead_of_saying_cpu(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         fleet.node("gpu-large").inject("down")
-        code, out, _ = run(path, "check", "llama3.1:latest", capsys=capsys)
+        code, out, _ = gpu_router(path, "check", "llama3.1:latest", capsys=capsys)
     assert code == 1
     result = out.rsplit("Result: ", 1)[1]
     assert "Model must run on CPU" not in result and "gpu-large did not answer" in result
@@ -189,14 +184,14 @@ def test_6_the_same_verdict_gets_the_same_exit_status(tmp_path, capsys):
     with demo_cluster(tmp_path) as (fleet, path):
         # installed only on a node that is in no state to run it: no node can run it, for route and check alike
         fleet.node("cpu-node").inject("down")
-        route_code = run(path, "route", "codellama:7b", capsys=capsys)[0]
-        check_code = run(path, "check", "codellama:7b", capsys=capsys)[0]
+        route_code = gpu_router(path, "route", "codellama:7b", capsys=capsys)[0]
+        check_code = gpu_router(path, "check", "codellama:7b", capsys=capsys)[0]
         assert route_code == check_code == 1
         for command in (["status"], ["models"], ["report"], ["optimize", "--dry-run"]):
-            assert run(path, *command, capsys=capsys)[0] == 1, command  # a node did not answer
+            assert gpu_router(path, *command, capsys=capsys)[0] == 1, command  # a node did not answer
         fleet.node("cpu-node").clear()
         for command in (["status"], ["models"], ["report"], ["optimize", "--dry-run"], ["check", "codellama:7b"]):
-            assert run(path, *command, capsys=capsys)[0] == 0, command
+            assert gpu_router(path, *command, capsys=capsys)[0] == 0, command
     help_text = subprocess.run(
         [sys.executable, "-m", "optimizer.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     ).stdout
@@ -205,13 +200,13 @@ def test_6_the_same_verdict_gets_the_same_exit_status(tmp_path, capsys):
 
 def test_7_route_and_optimize_both_say_when_the_plan_places_a_model_elsewhere(tmp_path, capsys):
     with demo_cluster(tmp_path) as (_, path):
-        code, out, _ = run(path, "route", "mxbai-embed-large", capsys=capsys)
+        code, out, _ = gpu_router(path, "route", "mxbai-embed-large", capsys=capsys)
         assert code == 0 and "Best choice: gpu-large (GPU)" in out
         note = "optimize places it on gpu-small, while routing it alone picks gpu-large (GPU): the plan for all"
         assert note in out and "keeps gpu-large for llama3.1:latest" in out
-        code, out, _ = run(path, "optimize", "--dry-run", capsys=capsys)
+        code, out, _ = gpu_router(path, "optimize", "--dry-run", capsys=capsys)
         assert code == 0 and note in out
-        code, out, _ = run(path, "--json", "route", "mxbai-embed-large", capsys=capsys)
+        code, out, _ = gpu_router(path, "--json", "route", "mxbai-embed-large", capsys=capsys)
         differs = json.loads(out)["plan_differs"]
         assert (differs["route_node"], differs["plan_node"]) == ("gpu-large", "gpu-small")
 
@@ -405,9 +400,10 @@ def test_15_log_lines_are_logfmt_with_normalised_model_names():
 
 def test_16_one_unit_style_and_words_not_codes_for_people(tmp_path, capsys):
     with demo_cluster(tmp_path) as (_, path):
-        assert run(path, "optimize", capsys=capsys)[0] == 0
+        assert gpu_router(path, "optimize", capsys=capsys)[0] == 0
         texts = [
-            run(path, *c, capsys=capsys)[1] for c in (["status"], ["route", "codellama:7b"], ["check", "llama3.2:3b"])
+            gpu_router(path, *c, capsys=capsys)[1]
+            for c in (["status"], ["route", "codellama:7b"], ["check", "llama3.2:3b"])
         ]
         with Observer(load_config(path)) as observer:
             state = observer.poll()
@@ -423,9 +419,9 @@ def test_16_one_unit_style_and_words_not_codes_for_people(tmp_path, capsys):
 
 def test_17_nothing_is_said_twice(tmp_path, capsys):
     with demo_cluster(tmp_path) as (_, path):
-        _, out, _ = run(path, "route", "mxbai-embed-large", capsys=capsys)
+        _, out, _ = gpu_router(path, "route", "mxbai-embed-large", capsys=capsys)
         assert out.count("ROUTING DECISION FOR") == 1 and "Routing decision for" not in out
-        _, out, _ = run(path, "optimize", "--dry-run", capsys=capsys)
+        _, out, _ = gpu_router(path, "optimize", "--dry-run", capsys=capsys)
         for line in (line.strip() for line in out.splitlines() if line.strip().startswith("- ")):
             assert out.count(line) == 1, line
     assert demo.alert_line({"labels": {"alertname": "GPURouterPriorityModelNotOnGPU"}, "state": "firing"}) == (
@@ -440,7 +436,7 @@ def test_13_no_bracket_inside_a_bracket_in_any_text_answer(tmp_path, capsys):
             if down:
                 fleet.node("gpu-small").inject("down")
             for command in (*commands, ["optimize", "--dry-run"], ["route", "codellama:7b"]):
-                _, out, err = run(path, *command, capsys=capsys)
+                _, out, err = gpu_router(path, *command, capsys=capsys)
                 nested = [line for line in (out + err).splitlines() if re.search(r"\([^()]*\(", line)]
                 assert nested == [], (command, nested)
 
@@ -458,7 +454,7 @@ def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api
         }
         documents = {}
         for name, argv in commands.items():
-            _, out, _ = run(path, "--json", *argv, capsys=capsys)
+            _, out, _ = gpu_router(path, "--json", *argv, capsys=capsys)
             documents[name] = json.loads(out)
             assert schema_errors(name, documents[name]) == [], name
             assert not re.search(r"[\u2190-\u2bff\U0001f300-\U0001faff]", out), name  # no emoji or arrows
@@ -514,7 +510,7 @@ def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api
 
 def test_18_a_shape_that_drifts_fails_its_schema(tmp_path, capsys):
     with demo_cluster(tmp_path) as (_, path):
-        _, out, _ = run(path, "--json", "route", "mxbai-embed-large", capsys=capsys)
+        _, out, _ = gpu_router(path, "--json", "route", "mxbai-embed-large", capsys=capsys)
     document = json.loads(out)
     document["needs"][0]["mb"] = 606  # the old duplicate of bytes
     assert schema_errors("route", document)

@@ -3,7 +3,9 @@
 The order, per request: a node where the model is fully on GPU (a runner whose options match the request's
 first, then the fewest requests in flight); else the node where `route` would load it fully on GPU without
 evicting a priority or busy model (the same decision as `gpu-router route`); else a partial copy (the most on
-GPU first), a CPU copy, or the node `route` picks for CPU. Nodes the proxy saw fail recently come last.
+GPU first), a CPU copy, or the node `route` picks for CPU. GPU nodes where it would load come before partial
+and CPU copies even behind a GPU copy (a retry after that node fails). Nodes the proxy saw fail recently come
+last.
 """
 
 from __future__ import annotations
@@ -107,23 +109,25 @@ def choose(state: ClusterState, model: str, options: Mapping[str, object], traff
         return (failing, not matches(copy, options), busy, -copy.gpu_ratio, n.name)
 
     on_gpu = sorted((n for n in candidates if placement_of(n, key) == "gpu"), key=copy_order)
-    cold: list[str] = []
-    ordered: list[NodeState] = list(on_gpu)
-    reason = f"fully on GPU on {on_gpu[0].name}" if on_gpu else ""
-    if not on_gpu:
+    placed = {n.name for n in on_gpu}
+    # where it would load fully on GPU, also behind GPU copies (a retry after one fails); a verdict that fits
+    # only by reloading the node's own CPU copy is not a cold load: a request without num_gpu is served by the
+    # runner that is there
+    cold = [v.node for v in decide.check(view, key, now).fitting if not v.in_place and v.node not in placed]
+    ordered = [*on_gpu, *sorted((n for n in candidates if n.name in cold), key=lambda n: cold.index(n.name))]
+    if on_gpu:
+        reason = f"fully on GPU on {on_gpu[0].name}"
+    elif ordered:
+        reason = f"loads fully on GPU on {ordered[0].name}"
+    else:
         best = decide.route(view, key, now)
-        # a verdict that fits only by reloading the node's own CPU copy is not a cold load: a request without
-        # num_gpu is served by the runner that is there
-        cold = [v.node for v in decide.check(view, key, now).fitting if not v.in_place]
-        ordered = sorted((n for n in candidates if n.name in cold), key=lambda n: (load(n)[0], cold.index(n.name)))
-        if ordered:
-            reason = f"loads fully on GPU on {ordered[0].name}"
-        ordered += sorted((n for n in candidates if n.loaded_model(key) and n.name not in cold), key=copy_order)
-        if best.processor == "CPU" and best.node not in {n.name for n in ordered}:
-            ordered += [n for n in candidates if n.name == best.node]
-        reason = reason or f"nothing better: {best.reason}"
+        reason = f"nothing better: {best.reason}"
+    ordered += sorted((n for n in candidates if n.loaded_model(key) and n.name not in {*placed, *cold}), key=copy_order)
+    if not on_gpu and not cold and best.processor == "CPU" and best.node not in {n.name for n in ordered}:
+        ordered += [n for n in candidates if n.name == best.node]
     chosen = {n.name for n in ordered}
     rest = sorted((n for n in candidates if n.name not in chosen), key=lambda n: (*load(n), n.name))
-    targets = tuple((n.name, placement_of(n, key, frozenset(cold))) for n in [*ordered, *rest])
+    tried = sorted([*ordered, *rest], key=lambda n: n.name in traffic.failing)  # stable: recent failures last
+    targets = tuple((n.name, placement_of(n, key, frozenset(cold))) for n in tried)
     heal = targets[0][1] in ("partial", "cpu") and state.config.priority(key) is not None
     return Choice(key, targets, reason, heal)

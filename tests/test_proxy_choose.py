@@ -114,3 +114,18 @@ def test_own_traffic_corrects_the_view():
     sent = Traffic(loading=frozenset({("b", M)}))
     assert choose(empty, M, {}, sent, NOW).targets[0] == ("b", "gpu")
     assert corrected(empty, sent).node("b").loaded_model(M).fully_on_gpu
+
+
+def test_behind_a_gpu_copy_a_gpu_node_that_loads_it_comes_before_a_cpu_copy_and_failures_go_last():
+    state = build(
+        [
+            node("a-cpu", (), loaded=(lm(M, 5000, 0),)),
+            node("b-gpu", (8192,), loaded=(lm(M, 5000),)),
+            node("c-gpu", (8192,), installed=(M,)),
+        ],
+        needs={M: 5000},
+    )
+    picked = choose(state, M, {}, Traffic(), NOW)
+    assert picked.targets == (("b-gpu", "gpu"), ("c-gpu", "cold"), ("a-cpu", "cpu"))
+    after_a_failure = choose(state, M, {}, Traffic(failing=frozenset({"b-gpu"})), NOW)
+    assert nodes_of(after_a_failure) == ["c-gpu", "a-cpu", "b-gpu"]

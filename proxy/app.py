@@ -72,6 +72,9 @@ def error_line(content_type: str, message: str) -> bytes | None:
     return None
 
 
+OPEN_PATHS = frozenset(("/healthz", "/metrics"))  # for probes and Prometheus, as on the optimizer
+
+
 class _Failed(Exception):
     """A node failed before the first byte of its answer."""
 
@@ -139,7 +142,7 @@ class Proxy:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-        if request.path == "/healthz" or self.auth.allows(request.headers.get("Authorization")):
+        if request.path in OPEN_PATHS or self.auth.allows(request.headers.get("Authorization")):
             return await handler(request)
         dialect = "openai" if request.path.startswith("/v1/") else "ollama"
         message = "unauthorized: send Authorization: Bearer <the token of proxy.auth>"

@@ -278,6 +278,7 @@ def test_bearer_auth_when_configured():
         wrong = requests.get(f"{proxy.url}/api/tags", headers={"Authorization": "Bearer nope"}, timeout=5)
         assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
         assert requests.get(f"{proxy.url}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"{proxy.url}/metrics", timeout=5).status_code == 200  # Prometheus scrapes it as is
         native = ollama.Client(host=proxy.url, headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert native.generate(model=SMALL, prompt="x").eval_count == 24
         openai = OpenAI(base_url=f"{proxy.url}/v1", api_key="s3cret", timeout=30)

@@ -25,6 +25,7 @@ from optimizer.decide import (
     check,
     close_models,
     divergences,
+    installed_models,
     is_busy,
     model_needs,
     need_of,
@@ -112,7 +113,10 @@ def unknown_model_text(state: ClusterState, model: str, fallback: str = "") -> s
     if state.config.priority(model) is not None:
         return f"priority model {model_key(model)}: {not_installed_text(state, model)}"
     close = close_models(state, model)
-    hint = f" (did you mean {', '.join(close)}?)" if close else fallback
+    hint = fallback
+    if close:
+        where = "" if close[0] in installed_models(state) else ", known but installed on no node"
+        hint = f" (did you mean {', '.join(close)}{where}?)"
     return f"unknown model {model!r}: not installed on any node, not in the catalog{hint}"
 
 

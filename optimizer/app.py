@@ -200,6 +200,11 @@ def _routes(app: Flask, s: Services) -> None:
     def models() -> Any:
         return render.models_document(s.states.get())
 
+    @app.get("/api/v1/report")
+    def report() -> Any:
+        state, now = s.states.get(), time.time()
+        return render.report_document(state, decide.plan(state, now=now), now)
+
     @app.post("/api/v1/optimize")
     def optimize() -> Any:
         if not s.auth.allows(request.headers.get("Authorization")):

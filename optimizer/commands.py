@@ -109,13 +109,7 @@ def _models(args: argparse.Namespace, state: ClusterState, now: float, _: Observ
 
 def _report(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
     result = plan(state, now=now)
-    document = {
-        "command": "report",
-        "status": render.status_json(state, now),
-        "priority_models": render.report_models(state, result, now),
-        "plan": render.plan_json(result, state, now),
-    }
-    _emit(args, document, render.report_text(state, result, now))
+    _emit(args, render.report_document(state, result, now), render.report_text(state, result, now))
     return exitcodes.OK
 
 

@@ -584,6 +584,16 @@ def where_loaded_text(state: ClusterState, model: str, now: float) -> str:
     return "; ".join(copies) or "not loaded anywhere"
 
 
+def report_document(state: ClusterState, p: Plan, now: float) -> dict[str, Any]:
+    """`gpu-router report --json` and GET /api/v1/report: status, each priority model, and the plan."""
+    return {
+        "command": "report",
+        "status": status_json(state, now),
+        "priority_models": report_models(state, p, now),
+        "plan": plan_json(p, state, now),
+    }
+
+
 def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
     lines = [*status_text(state, now), "", "PRIORITY MODELS", RULE]
     if not state.config.priority_models:

@@ -466,6 +466,7 @@ def test_18_every_answer_matches_its_schema_in_the_command_line_and_the_http_api
                 ("route", "/api/v1/route?model=mxbai-embed-large"),
                 ("check", "/api/v1/check?model=llama3.1:latest"),
                 ("models", "/api/v1/models"),
+                ("report", "/api/v1/report"),
                 ("error", "/api/v1/route?model=llama9"),
             ):
                 answer = client.get(url).get_json()

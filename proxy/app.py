@@ -13,7 +13,9 @@ proxy settings are ignored.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +29,7 @@ from exporter.ollama import parse_go_time
 from exporter.units import body_too_large
 from exporter.urls import redact
 from optimizer.auth import Authenticator
+from optimizer.jobs import log_event
 from proxy.choose import Choice, choose
 from proxy.heal import Healer
 from proxy.metrics import ProxyMetrics
@@ -60,6 +63,16 @@ def error(dialect: str, status: int, message: str, headers: dict[str, str] | Non
         kind = _OPENAI_TYPES.get(status, "api_error")
         body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return web.json_response(body, status=status, dumps=_dumps, headers=headers)
+
+
+def plausible(first: bytes) -> bool:
+    """The first bytes of a successful answer look like Ollama's: UTF-8 text starting a JSON object or array, or
+    an event stream (a node answering something else, a captive page or a broken proxy, is tried no further)."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(first, final=False).lstrip()
+    except UnicodeDecodeError:
+        return False
+    return not text or text[0] in "{[" or text.startswith(("data:", ":"))
 
 
 def error_line(content_type: str, message: str) -> bytes | None:
@@ -215,6 +228,15 @@ class Proxy:
                     upstream, first = await self._open_upstream(node, request.path, raw, last=i == len(attempts) - 1)
                 except _Failed as failed:
                     self.metrics.upstream_errors.labels(node=node, kind=failed.kind).inc()
+                    log_event(
+                        logging.WARNING,
+                        "proxy.upstream",
+                        node=node,
+                        model=picked.model,
+                        kind=failed.kind,
+                        reason=str(failed),
+                        retry=i < len(attempts) - 1,
+                    )
                     self.view.failed(node, picked.model)
                     failures.append(f"{node}: {failed}")
                     continue
@@ -257,6 +279,9 @@ class Proxy:
             upstream.close()
             text = first[:200].decode(errors="replace")
             raise _Failed("server_error", f"HTTP {upstream.status} {text}")
+        if upstream.status == 200 and not last and not plausible(first):
+            upstream.close()
+            raise _Failed("garbage", "an answer that is not Ollama's JSON")
         return upstream, first
 
     async def _relay(
@@ -294,6 +319,7 @@ class Proxy:
                 await response.write(chunk)
             if broken is not None:
                 self.metrics.upstream_errors.labels(node=node, kind="mid_stream").inc()
+                log_event(logging.WARNING, "proxy.upstream", node=node, model=model, kind="mid_stream", reason=broken)
                 self.view.failed(node, model)
                 line = error_line(content_type, f"gpu-router proxy: node {node} failed mid-stream ({broken})")
                 if line is None or response.content_length is not None:

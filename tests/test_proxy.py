@@ -137,6 +137,17 @@ def test_a_model_only_on_cpu_nodes_is_served_there():
         assert metric(proxy, "gpu_router_proxy_requests_total", node="cpu", placement="cpu", code="200") == 1
 
 
+def test_a_node_that_answers_garbage_is_replaced_by_the_next(caplog):
+    with stack() as (fleet, proxy):
+        fleet.node("gpu").inject("garbage")  # 200 with a body that is not JSON; the proxy's view still has it up
+        reply = ollama.Client(host=proxy.url, timeout=30).generate(model=SMALL, prompt="x")
+        assert reply.eval_count == 24 and fleet.node("cpu").traffic.counts()["served"] == 1
+        assert metric(proxy, "gpu_router_proxy_upstream_errors_total", node="gpu", kind="garbage") == 1
+    assert any(
+        "event=proxy.upstream node=gpu" in r.getMessage() and "kind=garbage" in r.getMessage() for r in caplog.records
+    )
+
+
 def test_a_node_that_fails_before_the_first_byte_is_replaced_by_the_next():
     with stack() as (fleet, proxy):
         fleet.node("gpu").inject("error")  # 500 on every API call; the proxy's view still has it up

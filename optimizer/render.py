@@ -88,7 +88,8 @@ def need_json(need: ModelNeed | None) -> dict[str, Any] | None:
 
 
 def needs_json(needs: dict[str, ModelNeed]) -> list[dict[str, Any]]:
-    return [need_json(n) for _, n in sorted(needs.items())]  # type: ignore[misc]
+    """The needs in the order of the nodes in the configuration (the order of every other per-node list)."""
+    return [need_json(n) for n in needs.values()]  # type: ignore[misc]
 
 
 def need_groups(needs: dict[str, ModelNeed]) -> list[tuple[ModelNeed, list[str]]]:

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from exporter.config import Config
+from exporter.config import Config, model_key
 from exporter.ollama import parse_go_time
 from exporter.units import body_too_large
 from exporter.urls import redact
@@ -63,6 +63,15 @@ def error(dialect: str, status: int, message: str, headers: dict[str, str] | Non
         kind = _OPENAI_TYPES.get(status, "api_error")
         body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return web.json_response(body, status=status, dumps=_dumps, headers=headers)
+
+
+def _openai_model(m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": m["name"],
+        "object": "model",
+        "created": int(_timestamp(m.get("modified_at"))),
+        "owned_by": m["name"].rsplit("/", 1)[0] if "/" in m["name"] else "library",
+    }
 
 
 def plausible(first: bytes) -> bool:
@@ -126,6 +135,7 @@ class Proxy:
         app.router.add_get("/api/tags", self.tags)
         app.router.add_get("/api/ps", self.ps)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/healthz", self.healthz)
         for path in MANAGEMENT:
@@ -155,9 +165,14 @@ class Proxy:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-        if request.path in OPEN_PATHS or self.auth.allows(request.headers.get("Authorization")):
-            return await handler(request)
         dialect = "openai" if request.path.startswith("/v1/") else "ollama"
+        if request.path in OPEN_PATHS or self.auth.allows(request.headers.get("Authorization")):
+            try:
+                return await handler(request)
+            except web.HTTPNotFound:
+                return error(dialect, 404, f"not found: {request.method} {request.path}")
+            except web.HTTPMethodNotAllowed:
+                return error(dialect, 405, f"method not allowed: {request.method} {request.path}")
         message = "unauthorized: send Authorization: Bearer <the token of proxy.auth>"
         return error(dialect, 401, message, {"WWW-Authenticate": self.auth.challenge})
 
@@ -387,16 +402,16 @@ class Proxy:
         return web.json_response({"models": entries}, dumps=_dumps)
 
     async def models(self, request: web.Request) -> web.Response:
-        rows = [
-            {
-                "id": m["name"],
-                "object": "model",
-                "created": int(_timestamp(m.get("modified_at"))),
-                "owned_by": m["name"].rsplit("/", 1)[0] if "/" in m["name"] else "library",
-            }
-            for m in await self._installed()
-        ]
+        rows = [_openai_model(m) for m in await self._installed()]
         return web.json_response({"object": "list", "data": rows}, dumps=_dumps)
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model}: one model of the cluster, as OpenAI's API shapes it."""
+        wanted = model_key(request.match_info["model"])
+        for m in await self._installed():
+            if model_key(m["name"]) == wanted:
+                return web.json_response(_openai_model(m), dumps=_dumps)
+        return error("openai", 404, f"model '{request.match_info['model']}' not found")
 
     async def management(self, request: web.Request) -> web.Response:
         nodes = ", ".join(f"{n.name} ({redact(n.url)})" for n in self.config.nodes if not n.maintenance)

@@ -347,3 +347,17 @@ def test_metric_names():
             "gpu_router_proxy_retries_total",
         ):
             assert name in text, name
+
+
+def test_one_model_by_its_openai_path_and_json_for_unknown_paths():
+    with stack() as (_, proxy):
+        openai = OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", timeout=30)
+        assert openai.models.retrieve(SMALL).id == SMALL
+        missing = requests.get(f"{proxy.url}/v1/models/nope:1b", timeout=5)
+        assert missing.status_code == 404 and missing.json()["error"]["type"]
+        for path in ("/api/nothing", "/v1/nothing"):
+            answer = requests.get(proxy.url + path, timeout=5)
+            assert answer.status_code == 404 and answer.headers["Content-Type"].startswith("application/json")
+        assert requests.get(f"{proxy.url}/api/generate", timeout=5).json() == {
+            "error": "method not allowed: GET /api/generate"
+        }

@@ -155,3 +155,9 @@ def test_chromium_renders_it_and_its_figures_match_the_api(optimizer: OptimizerH
 def test_render_escapes_and_handles_an_empty_cluster() -> None:
     html = render({"taken_at": 0, "nodes": [], "priority_models": [{"model": "<b>x", "rank": 1, "on_gpu": False}]}, [])
     assert "<b>x" not in html and "&lt;b&gt;x" in html and "No actions yet." in html
+
+
+def test_an_action_shows_its_duration() -> None:
+    action = {"time": 0, "model": "m:latest", "node": "n", "action": "load", "outcome": "success"}
+    html = render({"taken_at": 0, "nodes": [], "priority_models": []}, [{**action, "duration_seconds": 2.5}])
+    assert '<td class="num">2.50 s</td>' in html

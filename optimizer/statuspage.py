@@ -155,7 +155,8 @@ def _actions(actions: Iterable[Mapping[str, Any]], limit: int) -> str:
             f'<tr class="action" data-model="{_attr(a.get("model"))}" data-outcome="{_attr(outcome)}">'
             f"<td>{_when(float(a['time']))}</td><td>{escape(str(a.get('model') or ''))}</td>"
             f"<td>{escape(str(a.get('node') or '–'))}</td><td>{escape(str(a.get('action') or ''))}</td>"
-            f'<td class="{css}">{escape(outcome)}</td><td class="num">{float(a.get("duration_seconds") or 0):.2f} s</td>'
+            f'<td class="{css}">{escape(outcome)}</td>'
+            f'<td class="num">{float(a.get("duration_seconds") or 0):.2f} s</td>'
             f"<td>{escape(str(a.get('detail') or ''))}</td></tr>"
         )
     if not rows:

@@ -24,9 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +37,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from optimizer import localstack  # noqa: E402
 from optimizer.localstack import free_port, wait_for  # noqa: E402
 from proxy.service import raise_open_files_limit  # noqa: E402
+from simulator.run import DEMO_FLEET, fleet_from_dict, router_config  # noqa: E402
 
 FAST, SLOW, BIG = "llama3.2:1b", "qwen2.5-coder:1.5b", "llama3.1:latest"
 
@@ -66,22 +66,11 @@ def bench_fleet() -> dict:
     }  # fmt: skip
 
 
-class Process:
-    """A `gpu-router` subcommand in its own process group; `stop()` ends it with SIGTERM."""
+class Process(localstack.Process):
+    """A `gpu-router` subcommand, stopped by its own PID; what it holds read from /proc."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        self.log = log
-        with log.open("w") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "optimizer.cli", *args],
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def tail(self) -> str:
-        return " | ".join(self.log.read_text(errors="replace").splitlines()[-3:])
+        super().__init__([sys.executable, "-m", "optimizer.cli", *args], log, cwd=ROOT)
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
@@ -94,15 +83,6 @@ class Process:
         fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-
 
 def start_fleet(tmp: Path, fleet: dict) -> tuple[Process, dict[str, str]]:
     path = tmp / "fleet.yaml"
@@ -110,7 +90,7 @@ def start_fleet(tmp: Path, fleet: dict) -> tuple[Process, dict[str, str]]:
     process = Process(tmp / "simulator.log", "simulate", "--fleet", str(path))
     urls = {n["name"]: f"http://127.0.0.1:{n['port']}" for n in fleet["nodes"]}
     for url in urls.values():
-        wait_for(lambda u=url: requests.get(f"{u}/api/version", timeout=1).ok, 30, f"{url} ({process.tail()})")
+        wait_for(lambda u=url: requests.get(f"{u}/api/version", timeout=1).ok, 30, f"{url} ({process.tail(3)})")
     return process, urls
 
 
@@ -120,7 +100,7 @@ def start_proxy(tmp: Path, config: dict) -> tuple[Process, str]:
     port = free_port()
     process = Process(tmp / "proxy.log", "proxy", "--config", str(path), "--listen", f"127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: requests.get(f"{url}/healthz", timeout=1).ok, 30, f"the proxy ({process.tail()})")
+    wait_for(lambda: requests.get(f"{url}/healthz", timeout=1).ok, 30, f"the proxy ({process.tail(3)})")
     return process, url
 
 
@@ -249,21 +229,13 @@ def streams(proxy: str, process: Process, count: int) -> list[str]:
 
 
 def demo_setup(tmp: Path) -> tuple[Process, dict[str, str], dict]:
-    fleet = yaml.safe_load((ROOT / "examples" / "demo-fleet.yaml").read_text())
+    fleet = yaml.safe_load(DEMO_FLEET.read_text())
     fleet["control_port"] = free_port()
     for node in fleet["nodes"]:
         node["port"] = free_port()
     process, urls = start_fleet(tmp, fleet)
-    nodes = []
-    for node in fleet["nodes"]:
-        entry = {"name": node["name"], "url": urls[node["name"]]}
-        if node.get("gpus"):
-            entry["gpus"] = node["gpus"]
-        else:
-            entry["vram"] = 0
-        nodes.append(entry)
     config = {
-        "nodes": nodes,
+        "nodes": router_config(fleet_from_dict(fleet), urls)["nodes"],
         "priority_models": ["mxbai-embed-large", BIG],
         "check_interval": 3600,
         "optimizer": {"cooldown_seconds": 1, "cooldown_max_seconds": 5, "load_timeout": 60},

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import sys
+from logging.handlers import QueueHandler, QueueListener
 from typing import TextIO
 
 from exporter.config import model_key
@@ -78,7 +80,23 @@ def handler(stream: TextIO | None = None) -> logging.Handler:
 
 def setup(level: str | int) -> None:
     """Every logger of this process writes this format on stderr at `level` (the exporter and the simulator;
-    the optimizer adds a queue in front, see optimizer.service.setup_logging)."""
+    `setup_queued` puts a queue in front)."""
     root = logging.getLogger()
     root.handlers[:] = [handler()]
     root.setLevel(level)
+
+
+def setup_queued(level: str | int) -> QueueListener:
+    """`setup`, with lines written by a thread of their own (the optimizer and the proxy).
+
+    A request thread that waited on the log's file would hand the interpreter lock to the server's busy I/O
+    loop and wait for it back, which under a burst of requests multiplies the answer time. The caller stops
+    the returned listener to flush the log.
+    """
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.handlers[:] = [QueueHandler(records)]
+    root.setLevel(level)
+    listener = QueueListener(records, handler())
+    listener.start()
+    return listener

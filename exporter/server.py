@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import gzip
 import html
+import ipaddress
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from exporter import logfmt
 from exporter.collector import cluster_registry, exporter_version
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
-from exporter.urls import redact
+from exporter.urls import authority, redact
 from exporter.wsgiserve import Served, serve
 
 DEFAULT_LISTEN = "127.0.0.1:9877"
@@ -55,12 +56,32 @@ def parse_listen(text: str, default: str = DEFAULT_LISTEN) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_listen_refusal(
+    command: str, host: str, auth_enabled: bool, insecure: bool, *, missing: str, risk: str, fix: str
+) -> str:
+    """Why `command` will not serve `host` (not loopback) to anyone without credentials; empty when it may."""
+    if auth_enabled or insecure or is_loopback(host):
+        return ""
+    return (
+        f"gpu-router {command}: refusing to listen on {host}: no {missing}, so anyone who reaches it could {risk}; "
+        f"{fix}, listen on 127.0.0.1, or pass --insecure"
+    )
+
+
 def cannot_listen(host: str, port: int, exc: OSError) -> str:
     """`cannot listen on 127.0.0.1:9877: address already in use` — the same words from every server (the
     system's reason for the error number; aiohttp's own wrapping and waitress's capitals left out)."""
-    shown = f"[{host}]" if ":" in host else host
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return f"cannot listen on {shown}:{port}: {reason[:1].lower()}{reason[1:]}"
+    return f"cannot listen on {authority(host, port)}: {reason[:1].lower()}{reason[1:]}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

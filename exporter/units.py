@@ -1,7 +1,7 @@
 """Byte sizes: parsing the configuration's forms and printing them the way the guide does.
 
 One style for people, everywhere (command line, status page, log lines): whole MiB written `4096 MB`, as the
-guide prints them (`size_text`); the models list adds GB the guide's way (`format_mb`). JSON and metrics
+guide prints them (`size_text`); the models list adds GB the guide's way (`4700 MB (4.59 GB)`). JSON and metrics
 carry bytes.
 """
 
@@ -54,11 +54,6 @@ def mb(num_bytes: int | float) -> int:
 def size_text(num_bytes: int | float | None) -> str:
     """`4096 MB` (MiB, the guide's "MB"); `?` when unknown."""
     return "?" if num_bytes is None else f"{mb(num_bytes)} MB"
-
-
-def format_mb(num_bytes: int | float) -> str:
-    """`4700 MB (4.59 GB)`: the guide's way of printing a size."""
-    return f"{mb(num_bytes)} MB ({num_bytes / GIB:.2f} GB)"
 
 
 def body_too_large(size: int | None, limit: int, setting: str = "") -> str:

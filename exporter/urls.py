@@ -34,5 +34,9 @@ def identity(url: str) -> str:
         host = str(address)
         loopback = str(address) in ("127.0.0.1", "::1")
     port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
-    shown = _LOOPBACK if loopback else f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}{parts.path.rstrip('/')}"
+    return f"{scheme}://{authority(_LOOPBACK if loopback else host, port)}{parts.path.rstrip('/')}"
+
+
+def authority(host: str, port: int) -> str:
+    """`127.0.0.1:9877`, `[::1]:9877`: a host and port as a URL writes them."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,6 +21,7 @@ from waitress.server import create_server
 from waitress.task import ErrorTask
 
 from exporter.units import body_too_large
+from exporter.urls import authority
 
 BACKLOG = 1024
 IDLE_TIMEOUT = 60  # seconds a connection may stay idle (Prometheus keeps one per target between scrapes)
@@ -65,8 +66,7 @@ class Served:
 
     @property
     def url(self) -> str:
-        host = str(self._server.effective_host)
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"http://{authority(str(self._server.effective_host), self.port)}"
 
     @property
     def serving(self) -> bool:

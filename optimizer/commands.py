@@ -26,7 +26,7 @@ from exporter.config import Config, find_config, load_config, model_key
 from exporter.observe import Observer
 from exporter.state import ClusterState
 from optimizer import exitcodes, render
-from optimizer.decide import Step, check, is_known, plan, route, uninstalled_priority
+from optimizer.decide import Step, check, is_known, plan, route, route_of, uninstalled_priority
 from optimizer.execute import execute
 
 
@@ -98,7 +98,7 @@ def _check(args: argparse.Namespace, state: ClusterState, now: float, _: Observe
         return _unknown_model(state, args.model)
     result = check(state, args.model, now)
     _emit(args, {"command": "check", **render.check_json(result)}, render.check_text(result, state))
-    return exitcodes.OK if route(state, args.model, now).node is not None else exitcodes.FAILED
+    return exitcodes.OK if route_of(state, result).node is not None else exitcodes.FAILED
 
 
 def _models(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:

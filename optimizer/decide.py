@@ -416,7 +416,11 @@ class Route:
 
 def route(state: ClusterState, model: str, now: float) -> Route:
     """The best node: on GPU already > fits free VRAM > fits after evictions > CPU; then most free VRAM."""
-    result = check(state, model, now)
+    return route_of(state, check(state, model, now))
+
+
+def route_of(state: ClusterState, result: CheckResult) -> Route:
+    """`route` from a `check` already made."""
     if result.fitting:
         best = result.fitting[0]
         return Route(result.model, best.node, "GPU", best.reason, result.verdicts, result.needs)

@@ -70,17 +70,9 @@ def _port(preferred: int) -> int:
 
 def demo_config(fleet: Fleet, check_interval: float) -> Config:
     """The router configuration for the running demo fleet: static capacity as its nodes declare it."""
-    nodes = []
-    for node in load_fleet(DEMO_FLEET).nodes:
-        entry: dict[str, Any] = {"name": node.name, "url": fleet.urls[node.name]}
-        if node.gpus:
-            entry["gpus"] = [{"name": g.name, "vram": f"{g.vram}B"} for g in node.gpus]
-        else:
-            entry["vram"] = 0
-        nodes.append(entry)
     return parse_config(
         {
-            "nodes": nodes,
+            "nodes": fleet.router_config()["nodes"],
             "priority_models": PRIORITY,
             "check_interval": check_interval,
             "request_timeout": 2,

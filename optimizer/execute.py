@@ -26,7 +26,7 @@ from exporter.hidden import inferred_hidden
 from exporter.ollama import LoadedModel, OllamaClient, OllamaError
 from exporter.room import Room
 from exporter.state import ClusterState
-from exporter.units import mb
+from exporter.units import mb, size_text
 from exporter.urls import redact
 from optimizer.decide import Plan, Step, is_busy
 
@@ -264,7 +264,7 @@ class _Runner:
             raise _Failed(f"{step.model} on {step.node} is busy (requests in flight): not evicted")
         self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
         self._wait_gone(step.node, step.model)
-        return f"unloaded {step.model} from {step.node} ({mb(copy.size_vram)} MB of VRAM freed)"
+        return f"unloaded {step.model} from {step.node} ({size_text(copy.size_vram)} of VRAM freed)"
 
     def _load(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
         """Load and verify. A reload in place asks for every layer (`num_gpu`), and once more with one layer
@@ -286,13 +286,13 @@ class _Runner:
                 raise _Failed(f"load failed: {exc}{restored or self._undo(step)}", hidden) from None
             copy = self._verify(step)
             if copy is not None and copy.fully_on_gpu:
-                return f"{step.model} now on GPU on {step.node} ({mb(copy.size)} MB, 100% GPU)"
+                return f"{step.model} now on GPU on {step.node} ({size_text(copy.size)}, 100% GPU)"
             if copy is None or attempt == len(attempts):
                 break
             self._event("progress", step, f"still {copy.gpu_ratio:.0%} on GPU; asking again with num_gpu {num_gpu + 1}")
         if copy is None:
             raise _Failed(f"{step.model} not listed on {step.node} within {self.load_timeout:g}s")
-        landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {mb(copy.size)} MB)"
+        landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {size_text(copy.size)})"
         hidden = self._hidden(step, loaded, copy.size_vram)
         raise _Failed(landed + self._undo(step), hidden)
 

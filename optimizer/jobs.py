@@ -24,7 +24,7 @@ from exporter.config import Config, PriorityModel, model_key
 from exporter.observe import Observer
 from exporter.ollama import OllamaClient, OllamaError
 from exporter.state import ClusterState
-from exporter.units import mb
+from exporter.units import size_text
 from exporter.urls import redact
 from optimizer import decide, execute
 
@@ -476,7 +476,7 @@ class Remediator:
                     why = (
                         f"Ollama unloaded {', '.join(o.evicted)} to admit {o.step.model}"
                         if o.ok
-                        else f"{o.step.model} came up short by {mb(o.hidden)} MB"
+                        else f"{o.step.model} came up short by {size_text(o.hidden)}"
                     )
                     self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]

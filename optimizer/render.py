@@ -179,12 +179,13 @@ def divergence_json(d: Divergence | None) -> dict[str, Any] | None:
     return {"model": d.model, "route_node": d.route_node, "plan_node": d.plan_node, "reason": d.reason}
 
 
-def plan_json(p: Plan, state: ClusterState, now: float) -> dict[str, Any]:
+def plan_json(p: Plan, differs: Iterable[Divergence]) -> dict[str, Any]:
+    """The plan; `differs`: its loads that `route` would place elsewhere (decide.divergences)."""
     return {
         "steps": [step_json(s) for s in p.steps],
         "unplaced": [{"model": m, "reason": why} for m, why in p.unplaced],
         "already": [{"model": m, "node": n} for m, n in p.already],
-        "differs_from_route": [divergence_json(d) for d in divergences(state, p, now)],
+        "differs_from_route": [divergence_json(d) for d in differs],
     }
 
 
@@ -278,7 +279,7 @@ def optimize_document(e: Execution, mode: str, state: ClusterState, now: float) 
     return {
         "command": "optimize",
         "mode": mode,
-        "plan": plan_json(e.plan, state, now),
+        "plan": plan_json(e.plan, divergences(state, e.plan, now)),
         **execution_json(e),
         "nodes_down": [n.name for n in state.nodes if not n.up],
     }
@@ -550,9 +551,9 @@ def plan_state(key: str, p: Plan) -> tuple[str, str | None, str | None]:
     return ("load", load.node, load.reason) if load is not None else ("none", None, None)
 
 
-def report_models(state: ClusterState, p: Plan, now: float) -> list[dict[str, Any]]:
+def report_models(state: ClusterState, p: Plan, now: float, divergent: Iterable[Divergence]) -> list[dict[str, Any]]:
     """Per priority model: its standing, what it needs, every copy, and the plan's part for it (codes, bytes)."""
-    differs = {d.model: d for d in divergences(state, p, now)}
+    differs = {d.model: d for d in divergent}
     rows = []
     for rank, pm in enumerate(state.config.priority_models, start=1):
         key = model_key(pm.name)
@@ -587,11 +588,12 @@ def where_loaded_text(state: ClusterState, model: str, now: float) -> str:
 
 def report_document(state: ClusterState, p: Plan, now: float) -> dict[str, Any]:
     """`gpu-router report --json` and GET /api/v1/report: status, each priority model, and the plan."""
+    differs = divergences(state, p, now)  # a route per load: once for the whole answer
     return {
         "command": "report",
         "status": status_json(state, now),
-        "priority_models": report_models(state, p, now),
-        "plan": plan_json(p, state, now),
+        "priority_models": report_models(state, p, now, differs),
+        "plan": plan_json(p, differs),
     }
 
 

@@ -9,24 +9,21 @@ process exits without it. A load already sent finishes on its node, and the CPU 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from logging.handlers import QueueHandler, QueueListener
 
 from flask import Flask
 
 from exporter import logfmt
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
-from exporter.server import cannot_listen, parse_listen
+from exporter.server import cannot_listen, open_listen_refusal, parse_listen
 from exporter.wsgiserve import Served, serve
 from optimizer import webhook
 from optimizer.app import create_app
@@ -55,15 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a non-loopback --listen without webhook credentials (optimizer.webhook_auth)",
     )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -148,24 +136,6 @@ def start_optimizer(
     return handle
 
 
-def setup_logging(level: str) -> QueueListener:
-    """One line per event on stderr in the format of every service (exporter.logfmt).
-
-    Lines are written by a thread of their own: a request thread that waited on the log's file would hand
-    the interpreter lock to waitress's busy I/O loop and wait for it back, which under a burst of
-    notifications multiplies the answer time. The caller stops the returned listener to flush the log.
-    """
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    root = logging.getLogger()
-    root.handlers[:] = [QueueHandler(records)]
-    root.setLevel(level)
-    # waitress warns once per request queued behind busy threads; a burst of notifications is routine here.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    listener = QueueListener(records, logfmt.handler())
-    listener.start()
-    return listener
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         host, port = parse_listen(args.listen, DEFAULT_LISTEN)
@@ -174,15 +144,21 @@ def main(args: argparse.Namespace) -> int:
         return 2
     config = load_config(find_config(args.config))
     auth = Authenticator(config.optimizer.webhook_auth)
-    if not auth.enabled and not is_loopback(host) and not args.insecure:
-        print(
-            f"gpu-router optimizer: refusing to listen on {host}: no webhook credentials are configured "
-            "(optimizer.webhook_auth), so anyone who reaches it could make it load and unload models; "
-            "configure a bearer token or basic auth, listen on 127.0.0.1, or pass --insecure",
-            file=sys.stderr,
-        )
+    refusal = open_listen_refusal(
+        "optimizer",
+        host,
+        auth.enabled,
+        args.insecure,
+        missing="webhook credentials are configured (optimizer.webhook_auth)",
+        risk="make it load and unload models",
+        fix="configure a bearer token or basic auth",
+    )
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
-    listener = setup_logging(config.log_level)
+    listener = logfmt.setup_queued(config.log_level)
+    # waitress warns once per request queued behind busy threads; a burst of notifications is routine here.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     finished = True

@@ -24,17 +24,19 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from exporter import eras, logfmt
 from exporter.config import Config, model_key
+from exporter.gojson import json_error, json_kind
 from exporter.ollama import parse_go_time
 from exporter.units import body_too_large
 from exporter.urls import redact
 from optimizer.auth import Authenticator
-from optimizer.jobs import log_event
 from proxy.choose import Choice, choose
 from proxy.heal import Healer
 from proxy.metrics import ProxyMetrics
 from proxy.view import ClusterView
-from simulator.gotypes import json_error
+
+log = logging.getLogger(__name__)
 
 # path → (Go request type named in Ollama's errors, dialect, how Ollama words an unknown model)
 ROUTED = {
@@ -49,7 +51,6 @@ ROUTED = {
 }
 MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}")
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}
-_KINDS = {bool: "bool", int: "number", float: "number", str: "string", list: "array"}
 
 
 def _dumps(data: object) -> str:
@@ -243,7 +244,8 @@ class Proxy:
                     upstream, first = await self._open_upstream(node, request.path, raw, last=i == len(attempts) - 1)
                 except _Failed as failed:
                     self.metrics.upstream_errors.labels(node=node, kind=failed.kind).inc()
-                    log_event(
+                    logfmt.log_event(
+                        log,
                         logging.WARNING,
                         "proxy.upstream",
                         node=node,
@@ -334,7 +336,9 @@ class Proxy:
                 await response.write(chunk)
             if broken is not None:
                 self.metrics.upstream_errors.labels(node=node, kind="mid_stream").inc()
-                log_event(logging.WARNING, "proxy.upstream", node=node, model=model, kind="mid_stream", reason=broken)
+                logfmt.log_event(
+                    log, logging.WARNING, "proxy.upstream", node=node, model=model, kind="mid_stream", reason=broken
+                )
                 self.view.failed(node, model)
                 line = error_line(content_type, f"gpu-router proxy: node {node} failed mid-stream ({broken})")
                 if line is None or response.content_length is not None:
@@ -364,7 +368,9 @@ class Proxy:
         versions = [n.version for n in state.nodes if n.up and n.version]
         if not versions:
             return error("ollama", 503, "no node is up")
-        return web.json_response({"version": min(versions, key=_version_key)}, dumps=_dumps)
+        return web.json_response(
+            {"version": min(versions, key=lambda v: eras.parse_version(v) or (1 << 30,))}, dumps=_dumps
+        )
 
     async def _gather(self, path: str) -> list[dict[str, Any]]:
         """GET `path` from every node that is up and not in maintenance, at once; answers that fail are left out."""
@@ -453,16 +459,8 @@ def _parse(raw: bytes, type_name: str) -> dict[str, Any] | str:
     except (ValueError, RecursionError):
         return "invalid JSON"
     if not isinstance(data, dict):
-        kind = _KINDS.get(type(data), "null")
-        return f"json: cannot unmarshal {kind} into Go value of type api.{type_name}"
+        return f"json: cannot unmarshal {json_kind(data)} into Go value of type api.{type_name}"
     return data
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in version.split("-", 1)[0].split("."))
-    except ValueError:
-        return (1 << 30,)
 
 
 def _timestamp(value: object) -> float:

@@ -113,14 +113,15 @@ def choose(state: ClusterState, model: str, options: Mapping[str, object], traff
     # where it would load fully on GPU, also behind GPU copies (a retry after one fails); a verdict that fits
     # only by reloading the node's own CPU copy is not a cold load: a request without num_gpu is served by the
     # runner that is there
-    cold = [v.node for v in decide.check(view, key, now).fitting if not v.in_place and v.node not in placed]
+    result = decide.check(view, key, now)
+    cold = [v.node for v in result.fitting if not v.in_place and v.node not in placed]
     ordered = [*on_gpu, *sorted((n for n in candidates if n.name in cold), key=lambda n: cold.index(n.name))]
     if on_gpu:
         reason = f"fully on GPU on {on_gpu[0].name}"
     elif ordered:
         reason = f"loads fully on GPU on {ordered[0].name}"
     else:
-        best = decide.route(view, key, now)
+        best = decide.route_of(view, result)
         reason = f"nothing better: {best.reason}"
     ordered += sorted((n for n in candidates if n.loaded_model(key) and n.name not in {*placed, *cold}), key=copy_order)
     if not on_gpu and not cold and best.processor == "CPU" and best.node not in {n.name for n in ordered}:

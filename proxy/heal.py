@@ -16,9 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from exporter import logfmt
 from exporter.config import Config, model_key
 from exporter.observe import Observer
-from optimizer.jobs import JobQueue, Remediator, log_event
+from optimizer.jobs import JobQueue, Remediator
+
+log = logging.getLogger(__name__)
 
 ASK_INTERVAL = 10.0
 
@@ -61,7 +64,7 @@ class Healer:
             outcome = "queued" if reply.status_code == 202 else f"HTTP {reply.status_code}: {reply.text[:200]}"
         except requests.RequestException as exc:
             outcome = f"{type(exc).__name__}: {exc}"
-        log_event(logging.INFO, "proxy.heal", model=model, optimizer=url, outcome=outcome)
+        logfmt.log_event(log, logging.INFO, "proxy.heal", model=model, optimizer=url, outcome=outcome)
 
     def close(self) -> None:
         if self._queue is not None:

@@ -22,16 +22,18 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
+from exporter import logfmt
 from exporter.config import Config, find_config, load_config
 from exporter.observe import Observer
-from exporter.server import cannot_listen, parse_listen
+from exporter.server import cannot_listen, open_listen_refusal, parse_listen
+from exporter.urls import authority
 from optimizer.auth import Authenticator
-from optimizer.jobs import log_event
-from optimizer.service import is_loopback, setup_logging
 from proxy.app import Proxy
 from proxy.heal import Healer
 from proxy.metrics import ProxyMetrics
 from proxy.view import ClusterView
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:11435"
 BACKLOG = 4096  # connections waiting to be accepted: a burst of a thousand clients is routine
@@ -146,8 +148,7 @@ def start_proxy(config: Config, host: str = "127.0.0.1", port: int = 0, *, heal:
     if "error" in started:
         raise started["error"]  # type: ignore[misc]
     running: Running = started["running"]  # type: ignore[assignment]
-    shown = f"[{host}]" if ":" in host else host
-    return ProxyHandle(f"http://{shown}:{running.port}", running, loop, thread)
+    return ProxyHandle(f"http://{authority(host, running.port)}", running, loop, thread)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -157,14 +158,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"gpu-router proxy: {exc}", file=sys.stderr)
         return 2
     config = load_config(find_config(args.config))
-    if not Authenticator(config.proxy.auth).enabled and not is_loopback(host) and not args.insecure:
-        print(
-            f"gpu-router proxy: refusing to listen on {host}: no bearer token is configured (proxy.auth), so "
-            "anyone who reaches it could use every node; configure one, listen on 127.0.0.1, or pass --insecure",
-            file=sys.stderr,
-        )
+    refusal = open_listen_refusal(
+        "proxy",
+        host,
+        Authenticator(config.proxy.auth).enabled,
+        args.insecure,
+        missing="bearer token is configured (proxy.auth)",
+        risk="use every node",
+        fix="configure one",
+    )
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
-    listener = setup_logging(config.log_level)
+    listener = logfmt.setup_queued(config.log_level)
     try:
         return asyncio.run(_serve(config, host, port))
     finally:
@@ -181,17 +187,17 @@ async def _serve(config: Config, host: str, port: int) -> int:
     except OSError as exc:
         print(f"gpu-router proxy: {cannot_listen(host, port, exc)}", file=sys.stderr)
         return 1
-    shown = f"[{host}]" if ":" in host else host
-    log_event(
+    logfmt.log_event(
+        log,
         logging.INFO,
         "listening",
-        url=f"http://{shown}:{running.port}",
+        url=f"http://{authority(host, running.port)}",
         nodes=len(config.nodes),
         heal=running.healer.mode,
         auth="Bearer" if running.proxy.auth.enabled else "none",
     )
     await stop.wait()
-    log_event(logging.INFO, "stopping", outcome="signal received")
+    logfmt.log_event(log, logging.INFO, "stopping", outcome="signal received")
     await running.close()
-    log_event(logging.INFO, "stopped", outcome="ok")
+    logfmt.log_event(log, logging.INFO, "stopped", outcome="ok")
     return 0

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from exporter import eras
 from exporter.catalog import ModelSpec
+from exporter.gojson import json_error, json_kind
 from simulator import openaiapi, showinfo
 from simulator.fleet import display_name
-from simulator.gotypes import go_quote, go_time, json_error, parse_keep_alive
+from simulator.gotypes import go_quote, go_time, parse_keep_alive
 from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response
 from simulator.options import merge_options, num_predict
 from simulator.scheduler import LoadRequest, Runner, SchedulerError
@@ -39,15 +40,6 @@ class _Reject(Exception):
     def __init__(self, response: Response) -> None:
         super().__init__(response.status)
         self.response = response
-
-
-def _kind(value: object) -> str:
-    """encoding/json's name for a JSON value's kind."""
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), "null")
 
 
 def _matches(value: object, go_type: str) -> bool:
@@ -77,7 +69,9 @@ def _finite(text: str) -> float:
 
 def _cannot(value: object, field: str, go_type: str) -> Response:
     """encoding/json's error for a value of the wrong kind in a struct field."""
-    return error_response(400, f"json: cannot unmarshal {_kind(value)} into Go struct field {field} of type {go_type}")
+    return error_response(
+        400, f"json: cannot unmarshal {json_kind(value)} into Go struct field {field} of type {go_type}"
+    )
 
 
 def decode(request: Request, type_name: str, fields: Mapping[str, str]) -> dict:
@@ -95,7 +89,7 @@ def decode(request: Request, type_name: str, fields: Mapping[str, str]) -> dict:
         return {}
     if not isinstance(data, dict):
         raise _Reject(
-            error_response(400, f"json: cannot unmarshal {_kind(data)} into Go value of type api.{type_name}")
+            error_response(400, f"json: cannot unmarshal {json_kind(data)} into Go value of type api.{type_name}")
         )
     for key, go_type in fields.items():
         value = data.get(key)

@@ -10,12 +10,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 from exporter import logfmt
+from exporter.config import model_key
 from simulator.control import ControlApi
 from simulator.fleet import FleetSpec, fleet_from_dict, load_fleet
 from simulator.httpserver import HttpServer
@@ -25,6 +27,23 @@ from simulator.scheduler import Clock
 __all__ = ["DEMO_FLEET", "DEMO_PRIORITY", "Fleet", "add_arguments", "fleet_from_dict", "load_fleet", "main", "serve"]
 DEMO_FLEET = Path(__file__).with_name("demo-fleet.yaml")
 DEMO_PRIORITY = ("mxbai-embed-large", "llama3.1:latest")  # the guide's priority models (the demo's too)
+
+
+def router_config(spec: FleetSpec, urls: Mapping[str, str]) -> dict[str, Any]:
+    """A router configuration for a running fleet: static capacity as its nodes declare it, and the guide's
+    priority models that some node has installed."""
+    nodes: list[dict[str, Any]] = []
+    installed: set[str] = set()
+    for node in spec.nodes:
+        entry: dict[str, Any] = {"name": node.name, "url": urls[node.name]}
+        if node.gpus:
+            entry["gpus"] = [{"name": g.name, "vram": f"{g.vram}B"} for g in node.gpus]
+        else:
+            entry["vram"] = 0
+        nodes.append(entry)
+        installed.update(model_key(m) for m in node.models)
+    wanted = [m for m in DEMO_PRIORITY if model_key(m) in installed]
+    return {"nodes": nodes, "priority_models": wanted}
 
 
 class Fleet:
@@ -79,20 +98,7 @@ class Fleet:
         return self
 
     def router_config(self) -> dict[str, Any]:
-        """A router configuration for this fleet: static capacity as its nodes declare it, and the guide's
-        priority models that some node has installed."""
-        nodes: list[dict[str, Any]] = []
-        installed: set[str] = set()
-        for spec in self.spec.nodes:
-            entry: dict[str, Any] = {"name": spec.name, "url": self.urls[spec.name]}
-            if spec.gpus:
-                entry["gpus"] = [{"name": g.name, "vram": f"{g.vram}B"} for g in spec.gpus]
-            else:
-                entry["vram"] = 0
-            nodes.append(entry)
-            installed.update(m if ":" in m else f"{m}:latest" for m in spec.models)
-        wanted = [m for m in DEMO_PRIORITY if (m if ":" in m else f"{m}:latest") in installed]
-        return {"nodes": nodes, "priority_models": wanted}
+        return router_config(self.spec, self.urls)
 
     def stop(self) -> None:
         """Close every socket and join the server threads."""

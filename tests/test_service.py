@@ -29,11 +29,12 @@ from conftest import payload as notification
 
 from exporter.config import Config, parse_config
 from exporter.observe import Observer
+from exporter.server import is_loopback
 from optimizer import service
 from optimizer.jobs import JobQueue, JobResult
 from optimizer.localstack import wait_for
 from optimizer.reconcile import Reconciler
-from optimizer.service import OptimizerHandle, is_loopback, parse_listen, start_optimizer
+from optimizer.service import OptimizerHandle, parse_listen, start_optimizer
 from simulator.run import Fleet, fleet_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

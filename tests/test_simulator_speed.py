@@ -96,7 +96,8 @@ def test_num_parallel_requests_at_once_and_the_rest_queue(fleet):
 
 def test_client_going_away_cancels_the_generation(fleet):
     url = fleet.urls["gpu"]
-    before = fleet.node("gpu").traffic.counts()
+    # an earlier test's last request may still be counted as it ends: start from a node at rest
+    before = wait_for(lambda: (c := fleet.node("gpu").traffic.counts())["active"] == 0 and c, what="no request")
     body = {"model": "llama3.2:1b", "prompt": "long", "options": {"num_predict": 2000, "num_gpu": 999}}
     reply = requests.post(f"{url}/api/generate", json=body, stream=True, timeout=30)
     next(reply.iter_lines())

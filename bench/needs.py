@@ -14,10 +14,10 @@ import sys
 
 import requests
 
-from exporter import catalog
-from exporter.config import parse_config
-from exporter.observe import Observer
-from exporter.units import MIB
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.sizing import catalog
+from gpurouter.units import MIB
 from simulator.run import Fleet, fleet_from_dict
 
 CONTEXTS = (4096, 32768)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.ollamalog import LogFile, file_capacity
-from exporter.units import GIB, MIB
+from gpurouter.cluster.ollamalog import LogFile, file_capacity
+from gpurouter.units import GIB, MIB
 from simulator.fleet import GpuSpec, NodeSpec
 from simulator.scheduler import GpuUsage
 from simulator.serverlog import start_lines

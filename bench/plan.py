@@ -1,4 +1,4 @@
-"""Time `optimizer.decide.plan` on synthetic clusters: 10/100/1000 nodes × 20/100/200 priority models.
+"""Time `gpurouter.decide.placement.plan` on synthetic clusters: 10/100/1000 nodes × 20/100/200 priority models.
 
 Goal: 1,000 nodes × 200 models in under 1 s on one core. Run: `python bench/plan.py [--repeat N]`.
 Each node has 1–4 GPUs of 4–24 GiB, a few idle or busy non-priority models loaded and about half the
@@ -17,11 +17,11 @@ from types import MappingProxyType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.config import parse_config
-from exporter.ollama import InstalledModel, LoadedModel
-from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from exporter.units import GIB, MIB
-from optimizer.decide import plan
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel
+from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
+from gpurouter.decide.placement import plan
+from gpurouter.units import GIB, MIB
 
 NOW = 1_900_000_000.0
 

@@ -21,8 +21,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.ollama import parse_go_time
-from optimizer.localstack import Stack, wait_for
+from cli.localstack import Stack, wait_for
+from gpurouter.cluster.ollama import parse_go_time
 
 MODEL = "mxbai-embed-large:latest"
 FLEET = {

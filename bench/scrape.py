@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.ollama import OllamaClient  # noqa: E402
+from gpurouter.cluster.ollama import OllamaClient  # noqa: E402
 from simulator.run import Fleet, fleet_from_dict  # noqa: E402
 
 MODELS = ("all-minilm", "nomic-embed-text", "mxbai-embed-large", "qwen2.5-coder:0.5b", "llama3.2:1b")
@@ -73,7 +73,7 @@ def router_config(urls: dict[str, str], timeout: float) -> dict:
 
 def start_exporter(config_path: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`gpu-router exporter` on an ephemeral port, logging to `log_path`; returns the process and its URL."""
-    command = [sys.executable, "-c", "import sys; from optimizer.cli import main; sys.exit(main())"]
+    command = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
     command += ["exporter", "--config", str(config_path), "--listen", "127.0.0.1:0"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})

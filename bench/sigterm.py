@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from optimizer.localstack import wait_for  # noqa: E402
+from cli.localstack import wait_for  # noqa: E402
 from simulator.run import Fleet, fleet_from_dict  # noqa: E402
 
 MODEL = "llama3.1:8b"
@@ -44,7 +44,7 @@ def fleet_spec(load_seconds: float) -> dict:
 
 
 def one_run(fleet: Fleet, config: Path) -> tuple[int, float, bool]:
-    command = [sys.executable, "-m", "optimizer.cli", "optimizer", "--config", str(config), "--listen", "127.0.0.1:0"]
+    command = [sys.executable, "-m", "cli.main", "optimizer", "--config", str(config), "--listen", "127.0.0.1:0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:

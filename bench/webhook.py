@@ -95,7 +95,7 @@ class Optimizer:
     """The optimizer as a child process, its log written to a file (reading a pipe would cost the senders)."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        command = [sys.executable, "-m", "optimizer.cli", "optimizer", "--config", str(config)]
+        command = [sys.executable, "-m", "cli.main", "optimizer", "--config", str(config)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.log = log
         with log.open("w") as sink:

@@ -1,7 +1,7 @@
 """The decision subcommands of `gpu-router`: status, route, check, models, optimize, report.
 
 Each reads the configuration, polls the cluster once and prints text like the original guide, or with
-`--json` one JSON document with the same facts. Exit statuses (`optimizer.exitcodes`), the same verdict the
+`--json` one JSON document with the same facts. Exit statuses (`cli.exitcodes`), the same verdict the
 same status in every subcommand:
 
 - 0: done, every node answered (a model that fits no GPU but runs on CPU is an answer, not a failure);
@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from exporter.config import Config, find_config, load_config, model_key
-from exporter.observe import Observer
-from exporter.state import ClusterState
-from optimizer import exitcodes, render
-from optimizer.decide import Step, check, is_known, plan, route, route_of, uninstalled_priority
-from optimizer.execute import execute
+from cli import exitcodes
+from gpurouter import render
+from gpurouter.act.execute import execute
+from gpurouter.cluster.config import Config, find_config, load_config, model_key
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.state import ClusterState
+from gpurouter.decide.placement import Step, check, is_known, plan, route, route_of, uninstalled_priority
 
 
 def main(args: argparse.Namespace) -> int:

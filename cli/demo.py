@@ -24,14 +24,14 @@ from typing import Any, TextIO
 
 import requests
 
-from exporter.config import Config, parse_config
-from exporter.observe import Observer
-from exporter.ollama import OllamaClient
+from cli.localstack import REPO, Alertmanager, Prometheus, fast_alertmanager, fast_rules, free_port
 from exporter.server import start_exporter
-from exporter.state import ClusterState
-from optimizer import render
-from optimizer.jobs import ActionRecord
-from optimizer.localstack import REPO, Alertmanager, Prometheus, fast_alertmanager, fast_rules, free_port
+from gpurouter import render
+from gpurouter.act.jobs import ActionRecord
+from gpurouter.cluster.config import Config, parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.ollama import OllamaClient
+from gpurouter.cluster.state import ClusterState
 from optimizer.service import OptimizerHandle, start_optimizer
 from proxy.service import ProxyHandle, start_proxy
 from simulator.run import DEMO_FLEET, DEMO_PRIORITY, Fleet, load_fleet

@@ -245,7 +245,7 @@ class Stack:
         self._repeat_interval = repeat_interval
 
     def _cli(self, *args: str, name: str) -> Process:
-        process = Process([sys.executable, "-m", "optimizer.cli", *args], self.workdir / f"{name}.log", cwd=REPO)
+        process = Process([sys.executable, "-m", "cli.main", *args], self.workdir / f"{name}.log", cwd=REPO)
         self.processes.append(process)
         return process
 

@@ -1,6 +1,6 @@
 """The `gpu-router` command line: one console script, one subcommand per job.
 
-Exit statuses: `optimizer.exitcodes` (shown by `gpu-router --help`). A reader that stops early
+Exit statuses: `cli.exitcodes` (shown by `gpu-router --help`). A reader that stops early
 (`gpu-router status | head -1`) changes nothing: the rest of the output is dropped and the status is still the
 answer's.
 """
@@ -15,26 +15,26 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from exporter.config import ConfigError
-from optimizer import exitcodes
+from cli import exitcodes
+from gpurouter.cluster.config import ConfigError
 
 # subcommand → (module, help). Each module has `main(args) -> int` and, except the decision commands (whose
 # few arguments are declared here and whose shared `main` dispatches on `args.command`), `add_arguments`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "status": ("optimizer.commands", "per node VRAM total/usable/free, loaded models, what fits"),
-    "route": ("optimizer.commands", "where a model should run, and why"),
-    "check": ("optimizer.commands", "which nodes can hold a model"),
-    "models": ("optimizer.commands", "every known model with the VRAM it needs"),
-    "optimize": ("optimizer.commands", "put the priority models on GPU (the plan, then each step)"),
+    "status": ("cli.commands", "per node VRAM total/usable/free, loaded models, what fits"),
+    "route": ("cli.commands", "where a model should run, and why"),
+    "check": ("cli.commands", "which nodes can hold a model"),
+    "models": ("cli.commands", "every known model with the VRAM it needs"),
+    "optimize": ("cli.commands", "put the priority models on GPU (the plan, then each step)"),
     "report": (
-        "optimizer.commands",
+        "cli.commands",
         "status plus, per priority model, where it is and what optimize would do",
     ),
     "exporter": ("exporter.server", "serve Prometheus metrics for the cluster"),
     "optimizer": ("optimizer.service", "serve the Alertmanager webhook, the JSON API and the reconcile loop"),
     "proxy": ("proxy.service", "one Ollama endpoint for the cluster: each request to a node where its model is on GPU"),
     "simulate": ("simulator.run", "run a simulated Ollama fleet (the built-in demo cluster by default)"),
-    "demo": ("optimizer.demo", "the whole story on the demo cluster: CPU fallback detected and fixed"),
+    "demo": ("cli.demo", "the whole story on the demo cluster: CPU fallback detected and fixed"),
 }
 # Which subcommands read the router configuration (--config) and which print JSON (--json): only flags that act.
 TAKES_CONFIG = frozenset(("status", "route", "check", "models", "optimize", "report", "exporter", "optimizer", "proxy"))
@@ -90,7 +90,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             _config_flag(sub_parser, default=False)
         if name in TAKES_JSON:
             _json_flag(sub_parser, default=False)
-        if module == "optimizer.commands":
+        if module == "cli.commands":
             _decision_arguments(name, sub_parser)
         elif chosen in (None, name):
             importlib.import_module(module).add_arguments(sub_parser)

@@ -1,0 +1,1 @@
+"""`gpu-router exporter`: the Prometheus collector (collector) and its HTTP server (server)."""

@@ -10,8 +10,8 @@ DESIGN.md's "Metrics" table. Choices where the table leaves room:
   `fits` (facts of its hardware) but has no used/free series and `fits_free` 0 (nothing loads there now);
 - what a model needs is per node (`gpu_router_model_required_bytes{node}`): the context it gets there and
   the node's Ollama era decide it;
-- fits are counted as `optimizer.decide` counts them (`exporter.room.Room`, the rules of each node's Ollama);
-  a partly offloaded copy's own VRAM counts as free for that model (its reload reuses it).
+- fits are counted as `gpurouter.decide.placement` counts them (`gpurouter.sizing.room.Room`, the rules of each
+  node's Ollama); a partly offloaded copy's own VRAM counts as free for that model (its reload reuses it).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from importlib import metadata
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter.config import model_key
-from exporter.observe import Observer
-from exporter.room import Room
-from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.urls import redact
+from gpurouter.cluster.config import model_key
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.state import ClusterState, ModelNeed, NodeState
+from gpurouter.sizing.room import Room
+from gpurouter.urls import redact
 
 # name → (labels, HELP). The order is the order of the scrape.
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {

@@ -2,7 +2,7 @@
 
 `GET /metrics` (Prometheus text format; OpenMetrics when asked), `GET /` (a small page linking to /metrics),
 `GET /healthz`. Each scrape polls the cluster (see exporter.collector). Served by waitress like the optimizer
-(exporter.wsgiserve): up to `THREADS` scrapes at once, more wait in a 1024-deep listen backlog. SIGTERM and
+(gpurouter.serve.wsgiserve): up to `THREADS` scrapes at once, more wait in a 1024-deep listen backlog. SIGTERM and
 SIGINT stop the server cleanly.
 """
 
@@ -12,9 +12,7 @@ import argparse
 import ctypes
 import gzip
 import html
-import ipaddress
 import logging
-import os
 import signal
 import sys
 import threading
@@ -24,12 +22,13 @@ from typing import Any
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import logfmt
 from exporter.collector import cluster_registry, exporter_version
-from exporter.config import Config, find_config, load_config
-from exporter.observe import Observer
-from exporter.urls import authority, redact
-from exporter.wsgiserve import Served, serve
+from gpurouter import logfmt
+from gpurouter.cluster.config import Config, find_config, load_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.serve.listen import cannot_listen, parse_listen
+from gpurouter.serve.wsgiserve import Served, serve
+from gpurouter.urls import redact
 
 DEFAULT_LISTEN = "127.0.0.1:9877"
 THREADS = 8  # scrapes answered at once; more wait in the listen backlog (each scrape polls every node)
@@ -38,50 +37,6 @@ M_ARENA_MAX = -8  # glibc mallopt parameter
 log = logging.getLogger("gpu_router.exporter")
 
 StartResponse = Callable[..., Any]
-
-
-ALL_INTERFACES = "0.0.0.0"  # what `--listen :PORT` means
-
-
-def parse_listen(text: str, default: str = DEFAULT_LISTEN) -> tuple[str, int]:
-    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` for every interface (as Prometheus exporters take it) → (host,
-    port); raises ValueError naming the problem and an example."""
-    host, sep, port = text.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    host = host[1:-1] if bracketed else host
-    if sep and not host and not bracketed:
-        host = ALL_INTERFACES
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or (":" in host and not bracketed):
-        raise ValueError(f"--listen: expected HOST:PORT, [IPv6]:PORT or :PORT like {default}, got {text!r}")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def open_listen_refusal(
-    command: str, host: str, auth_enabled: bool, insecure: bool, *, missing: str, risk: str, fix: str
-) -> str:
-    """Why `command` will not serve `host` (not loopback) to anyone without credentials; empty when it may."""
-    if auth_enabled or insecure or is_loopback(host):
-        return ""
-    return (
-        f"gpu-router {command}: refusing to listen on {host}: no {missing}, so anyone who reaches it could {risk}; "
-        f"{fix}, listen on 127.0.0.1, or pass --insecure"
-    )
-
-
-def cannot_listen(host: str, port: int, exc: OSError) -> str:
-    """`cannot listen on 127.0.0.1:9877: address already in use` — the same words from every server (the
-    system's reason for the error number; aiohttp's own wrapping and waitress's capitals left out)."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return f"cannot listen on {authority(host, port)}: {reason[:1].lower()}{reason[1:]}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +103,7 @@ def _reply(
 
 
 class ExporterServer:
-    """The exporter being served (see exporter.wsgiserve: a real backlog, bounded threads, idle timeouts); it
+    """The exporter being served (see gpurouter.serve.wsgiserve: a real backlog, bounded threads, idle timeouts); it
     owns the cluster observer."""
 
     def __init__(self, served: Served, observer: Observer) -> None:
@@ -197,7 +152,7 @@ def limit_malloc_arenas(count: int = 2) -> bool:
 def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
     try:
-        host, port = parse_listen(args.listen)
+        host, port = parse_listen(args.listen, DEFAULT_LISTEN)
     except ValueError as exc:
         print(f"gpu-router exporter: {exc}", file=sys.stderr)
         return 2

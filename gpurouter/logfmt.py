@@ -16,7 +16,7 @@ import sys
 from logging.handlers import QueueHandler, QueueListener
 from typing import TextIO
 
-from exporter.config import model_key
+from gpurouter.cluster.config import model_key
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:/+,\-@]+")
 _MODEL_KEYS = frozenset(("model", "for_model"))

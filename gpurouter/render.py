@@ -9,13 +9,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from exporter import catalog, eras
-from exporter.config import model_key
-from exporter.ollama import LoadedModel
-from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.units import GIB, mb, size_text
-from exporter.urls import redact
-from optimizer.decide import (
+from gpurouter.act.execute import Execution, Outcome
+from gpurouter.cluster.config import model_key
+from gpurouter.cluster.ollama import LoadedModel
+from gpurouter.cluster.state import ClusterState, ModelNeed, NodeState
+from gpurouter.decide.placement import (
     CheckResult,
     Divergence,
     Plan,
@@ -34,7 +32,9 @@ from optimizer.decide import (
     sizing_text,
     uninstalled_priority,
 )
-from optimizer.execute import Execution, Outcome
+from gpurouter.sizing import catalog, eras
+from gpurouter.units import GIB, mb, size_text
+from gpurouter.urls import redact
 
 RULE = "=" * 70
 FOREVER = 20 * 365 * 86400  # `ollama ps` shows "Forever" past this
@@ -180,7 +180,7 @@ def divergence_json(d: Divergence | None) -> dict[str, Any] | None:
 
 
 def plan_json(p: Plan, differs: Iterable[Divergence]) -> dict[str, Any]:
-    """The plan; `differs`: its loads that `route` would place elsewhere (decide.divergences)."""
+    """The plan; `differs`: its loads that `route` would place elsewhere (placement.divergences)."""
     return {
         "steps": [step_json(s) for s in p.steps],
         "unplaced": [{"model": m, "reason": why} for m, why in p.unplaced],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from exporter.yamlfile import show
+from gpurouter.cluster.yamlfile import show
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

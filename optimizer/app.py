@@ -17,14 +17,16 @@ from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from exporter.config import Config, PriorityModel
-from exporter.observe import Observer
-from exporter.state import ClusterState
-from exporter.units import body_too_large
-from optimizer import decide, render, statuspage, webhook
-from optimizer.auth import Authenticator
-from optimizer.execute import Execution
-from optimizer.jobs import JobQueue, Metrics, Remediator, log, log_event
+from gpurouter import render
+from gpurouter.act.execute import Execution
+from gpurouter.act.jobs import JobQueue, Metrics, Remediator, log, log_event
+from gpurouter.cluster.config import Config, PriorityModel
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.state import ClusterState
+from gpurouter.decide import placement
+from gpurouter.serve.auth import Authenticator
+from gpurouter.units import body_too_large
+from optimizer import statuspage, webhook
 from optimizer.reconcile import Reconciler
 from optimizer.webhook import PayloadError
 
@@ -194,7 +196,7 @@ def _routes(app: Flask, s: Services) -> None:
     @app.get("/api/v1/check")
     def check() -> Any:
         state, model = _model_query(s)
-        return {"command": "check", **render.check_json(decide.check(state, model, time.time()))}
+        return {"command": "check", **render.check_json(placement.check(state, model, time.time()))}
 
     @app.get("/api/v1/models")
     def models() -> Any:
@@ -203,7 +205,7 @@ def _routes(app: Flask, s: Services) -> None:
     @app.get("/api/v1/report")
     def report() -> Any:
         state, now = s.states.get(), time.time()
-        return render.report_document(state, decide.plan(state, now=now), now)
+        return render.report_document(state, placement.plan(state, now=now), now)
 
     @app.post("/api/v1/optimize")
     def optimize() -> Any:
@@ -213,7 +215,7 @@ def _routes(app: Flask, s: Services) -> None:
         dry_run, wanted = _optimize_request(config)
         if dry_run:
             state, now = s.states.get(), time.time()
-            plan = decide.restrict(decide.plan(state, now=now), [p.name for p in wanted])
+            plan = placement.restrict(placement.plan(state, now=now), [p.name for p in wanted])
             return render.optimize_document(Execution(plan, (), dry_run=True), "dry_run", state, now)
         if not config.auto_optimize:
             raise ApiError(409, "auto_optimize is false (monitor only): ask with dry_run, or enable it")
@@ -281,7 +283,7 @@ def _model_query(s: Services) -> tuple[ClusterState, str]:
     if not model:
         raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
     state = s.states.get()
-    if not decide.is_known(state, model):
+    if not placement.is_known(state, model):
         raise ApiError(404, render.unknown_model_text(state, webhook.clip(model)))
     return state, model
 

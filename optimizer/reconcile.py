@@ -11,10 +11,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from exporter.config import Config, model_key
-from exporter.observe import Observer
-from optimizer import decide
-from optimizer.jobs import JobQueue, Metrics, log, log_event
+from gpurouter.act.jobs import JobQueue, Metrics, log, log_event
+from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.observe import Observer
+from gpurouter.decide import placement
 
 MIN_INTERVAL = 0.05  # seconds; a check_interval of 0 must not spin
 
@@ -59,7 +59,7 @@ class Reconciler:
             for model in self.leftovers():  # a copy an earlier job could not remove: finish it
                 self.queue.submit(model, source="reconcile")
         elif missing:
-            plan = decide.plan(state, now=self.wall())  # the whole picture: only missing models get steps
+            plan = placement.plan(state, now=self.wall())  # the whole picture: only missing models get steps
             for step in plan.steps:
                 log_event(
                     logging.INFO,

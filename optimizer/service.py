@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 
 from flask import Flask
 
-from exporter import logfmt
-from exporter.config import Config, find_config, load_config
-from exporter.observe import Observer
-from exporter.server import cannot_listen, open_listen_refusal, parse_listen
-from exporter.wsgiserve import Served, serve
+from gpurouter import logfmt
+from gpurouter.act.jobs import JobQueue, Metrics, Remediator, RunJob, log_event
+from gpurouter.cluster.config import Config, find_config, load_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.serve.auth import Authenticator
+from gpurouter.serve.listen import cannot_listen, open_listen_refusal, parse_listen
+from gpurouter.serve.wsgiserve import Served, serve
 from optimizer import webhook
 from optimizer.app import create_app
-from optimizer.auth import Authenticator
-from optimizer.jobs import JobQueue, Metrics, Remediator, RunJob, log_event
 from optimizer.reconcile import Reconciler
 
 DEFAULT_LISTEN = "127.0.0.1:9878"

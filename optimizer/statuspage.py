@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any
 
-from exporter.eras import LABELS as ERA_LABELS
-from exporter.units import size_text
-from optimizer.decide import KIND_WORDS, NOT_INSTALLED
-from optimizer.render import where_text
+from gpurouter.decide.placement import KIND_WORDS, NOT_INSTALLED
+from gpurouter.render import where_text
+from gpurouter.sizing.eras import LABELS as ERA_LABELS
+from gpurouter.units import size_text
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}

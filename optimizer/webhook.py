@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.config import Config, model_key
-from exporter.units import body_too_large
+from gpurouter.cluster.config import Config, model_key
+from gpurouter.units import body_too_large
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; a large group of alerts is a few hundred KiB
 ACTIONABLE = (

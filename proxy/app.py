@@ -24,14 +24,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from exporter import eras, logfmt
-from exporter.config import Config, model_key
-from exporter.gojson import json_error, json_kind
-from exporter.ollama import parse_go_time
-from exporter.units import body_too_large
-from exporter.urls import redact
-from optimizer.auth import Authenticator
-from proxy.choose import Choice, choose
+from gpurouter import logfmt
+from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.ollama import parse_go_time
+from gpurouter.decide.choose import Choice, choose
+from gpurouter.serve.auth import Authenticator
+from gpurouter.serve.gojson import json_error, json_kind
+from gpurouter.sizing import eras
+from gpurouter.units import body_too_large
+from gpurouter.urls import redact
 from proxy.heal import Healer
 from proxy.metrics import ProxyMetrics
 from proxy.view import ClusterView

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from exporter import logfmt
-from exporter.config import Config, model_key
-from exporter.observe import Observer
-from optimizer.jobs import JobQueue, Remediator
+from gpurouter import logfmt
+from gpurouter.act.jobs import JobQueue, Remediator
+from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.observe import Observer
 
 log = logging.getLogger(__name__)
 

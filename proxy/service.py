@@ -4,7 +4,7 @@ Why asyncio: the proxy mostly waits — on nodes that generate a few dozen token
 holds one client and one node connection per stream. A thread per stream (Flask on waitress) needs a thread
 and its stack for each of them and hands the interpreter lock around on every chunk; one event loop holds a
 thousand streams in one thread on two cores. The routing decision stays the synchronous pure code of
-`optimizer.decide` (called on the loop: it takes microseconds), and the cluster poll stays the exporter's
+`gpurouter.decide.placement` (called on the loop: it takes microseconds), and the cluster poll stays the exporter's
 `Observer`, run in a worker thread every `proxy.refresh_interval`.
 """
 
@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
-from exporter import logfmt
-from exporter.config import Config, find_config, load_config
-from exporter.observe import Observer
-from exporter.server import cannot_listen, open_listen_refusal, parse_listen
-from exporter.urls import authority
-from optimizer.auth import Authenticator
+from gpurouter import logfmt
+from gpurouter.cluster.config import Config, find_config, load_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.serve.auth import Authenticator
+from gpurouter.serve.listen import cannot_listen, open_listen_refusal, parse_listen
+from gpurouter.urls import authority
 from proxy.app import Proxy
 from proxy.heal import Healer
 from proxy.metrics import ProxyMetrics

@@ -8,10 +8,10 @@ import logging
 import time
 from collections import Counter
 
-from exporter.config import Config, model_key
-from exporter.observe import Observer
-from exporter.state import ClusterState
-from proxy.choose import Traffic
+from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.state import ClusterState
+from gpurouter.decide.choose import Traffic
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from exporter import eras
-from exporter.catalog import ModelSpec
-from exporter.gojson import json_error, json_kind
+from gpurouter.serve.gojson import json_error, json_kind
+from gpurouter.sizing import eras
+from gpurouter.sizing.catalog import ModelSpec
 from simulator import openaiapi, showinfo
 from simulator.fleet import display_name
 from simulator.gotypes import go_quote, go_time, parse_keep_alive

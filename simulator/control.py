@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from urllib.parse import unquote
 
-from exporter.units import MIB
+from gpurouter.units import MIB
 from simulator.httpserver import Request, Response, error_response, json_response
 from simulator.node import SimNode
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from exporter.units import parse_size
+from gpurouter.units import parse_size
 
 # fault → its parameters (all required)
 FAULTS: dict[str, tuple[str, ...]] = {

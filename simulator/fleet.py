@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from exporter import catalog, eras
-from exporter.units import GIB, MAX_SIZE, parse_size
-from exporter.yamlfile import closest, read_yaml, show, show_key
+from gpurouter.cluster.yamlfile import closest, read_yaml, show, show_key
+from gpurouter.sizing import catalog, eras
+from gpurouter.units import GIB, MAX_SIZE, parse_size
 from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (

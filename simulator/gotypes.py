@@ -1,11 +1,11 @@
 """Go wire formats the Ollama server uses: durations, `keep_alive`, timestamps, quoting, byte sizes (JSON
-errors: exporter/gojson.py)."""
+errors: gpurouter/serve/gojson.py)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from exporter.goduration import FOREVER, go_quote, parse_duration, parse_keep_alive  # noqa: F401  (re-exported)
+from gpurouter.cluster.goduration import FOREVER, go_quote, parse_duration, parse_keep_alive  # noqa: F401  (re-exported)
 
 
 def go_time(seconds: float, utc: bool = False) -> str:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from exporter.logfmt import event_line
-from exporter.server import cannot_listen
+from gpurouter.logfmt import event_line
+from gpurouter.serve.listen import cannot_listen
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from exporter.estimate import Arch
-from exporter.llamaserver import FIT_MARGIN, compute_bytes, context_total, kv_layer_bytes
-from exporter.units import MIB
+from gpurouter.sizing.estimate import Arch
+from gpurouter.sizing.llamaserver import FIT_MARGIN, compute_bytes, context_total, kv_layer_bytes
+from gpurouter.units import MIB
 
 
 def logged(num_bytes: int) -> int:

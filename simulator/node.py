@@ -5,18 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter import catalog, eras
-from exporter.catalog import ModelSpec
-from exporter.logfmt import log_event
+from gpurouter.logfmt import log_event
+from gpurouter.sizing import catalog, eras
+from gpurouter.sizing.catalog import ModelSpec
 from simulator import serverlog
-from simulator.api import OllamaApi
 from simulator.faults import FAULTS, ONE_SHOT, check_fault
 from simulator.fleet import NodeSpec, display_name
 from simulator.gotypes import go_time
-from simulator.httpserver import HttpServer
+from simulator.httpserver import App, HttpServer
 from simulator.options import merge_options
 from simulator.placement import placer_for
 from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError, log
@@ -64,7 +64,14 @@ def version_tuple(version: str) -> tuple[int, ...]:
 class SimNode:
     """A node of the fleet. Thread-safe; `state()` is what the control server reports for it."""
 
-    def __init__(self, spec: NodeSpec, clock: Clock = time.time, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        spec: NodeSpec,
+        api: Callable[[SimNode], App],
+        clock: Clock = time.time,
+        log_path: Path | None = None,
+    ) -> None:
+        """`api` builds the HTTP API that serves this node (simulator.api.OllamaApi)."""
         self.spec = spec
         self.log_path = log_path  # the server log it appends to at every start, if any
         self.clock = clock
@@ -91,7 +98,7 @@ class SimNode:
         self.traffic = Traffic()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server = HttpServer(OllamaApi(self), spec.port, name=f"ollama-{spec.name}")
+        self._server = HttpServer(api(self), spec.port, name=f"ollama-{spec.name}")
 
     @property
     def name(self) -> str:

@@ -1,6 +1,6 @@
-"""Where a simulated node puts a model, by the era of the Ollama version it reports (exporter.eras).
+"""Where a simulated node puts a model, by the era of the Ollama version it reports (gpurouter.sizing.eras).
 
-- classic (≤ v0.12.10): Ollama's estimate walks the layers (`exporter.estimate.place`); a model must fit
+- classic (≤ v0.12.10): Ollama's estimate walks the layers (`gpurouter.sizing.estimate.place`); a model must fit
   beside the loaded ones, only the first may spill to CPU;
 - layout (v0.12.11 – v0.24): the same walk, but the per-GPU reserve is held back from free memory instead of
   being counted in the model's size;
@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from exporter import eras
-from exporter.catalog import ModelSpec
-from exporter.estimate import RESERVE, Arch, Placement, place
-from exporter.llamaserver import Admission, admission
+from gpurouter.sizing import eras
+from gpurouter.sizing.catalog import ModelSpec
+from gpurouter.sizing.estimate import RESERVE, Arch, Placement, place
+from gpurouter.sizing.llamaserver import Admission, admission
 from simulator import llamacpp, showinfo
 from simulator.options import RunnerOptions
 

@@ -16,8 +16,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from exporter import logfmt
-from exporter.config import model_key
+from gpurouter import logfmt
+from gpurouter.cluster.config import model_key
+from simulator.api import OllamaApi
 from simulator.control import ControlApi
 from simulator.fleet import FleetSpec, fleet_from_dict, load_fleet
 from simulator.httpserver import HttpServer
@@ -59,7 +60,9 @@ class Fleet:
         """`log_dir`: each node appends its server log (what Ollama logs at every start) to DIR/NAME.log."""
         self.spec = spec
         logs = Path(log_dir) if log_dir is not None else None
-        self._nodes = {n.name: SimNode(n, clock, logs / f"{n.name}.log" if logs else None) for n in spec.nodes}
+        self._nodes = {
+            n.name: SimNode(n, OllamaApi, clock, logs / f"{n.name}.log" if logs else None) for n in spec.nodes
+        }
         port = spec.control_port if control_port is None else control_port
         self._control = HttpServer(ControlApi(self._nodes), port, name="simulator-control")
 

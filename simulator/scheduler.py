@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from exporter import eras
-from exporter.catalog import ModelSpec
-from exporter.estimate import effective_ctx
-from exporter.logfmt import log_event
-from exporter.units import MIB
+from gpurouter.logfmt import log_event
+from gpurouter.sizing import eras
+from gpurouter.sizing.catalog import ModelSpec
+from gpurouter.sizing.estimate import effective_ctx
+from gpurouter.units import MIB
 from simulator.fleet import GpuSpec
 from simulator.gotypes import human_bytes2
 from simulator.options import RunnerOptions

@@ -1,6 +1,6 @@
 """The lines a simulated node appends to its server log at every start, shaped like Ollama's own.
 
-The shapes, and where in ollama/ollama they come from, are quoted in `exporter/ollamalog.py` (which reads
+The shapes, and where in ollama/ollama they come from, are quoted in `gpurouter/cluster/ollamalog.py` (which reads
 them back): `server config` (OLLAMA_CONTEXT_LENGTH 0 when the node sets none, v0.15.5+), `Listening on`,
 one `inference compute` line per GPU, most free memory first (the v0.12.4+ fields, `filter_id` from v0.12.10,
 the older `variant`/`name` shape before), or the `id=cpu` line without GPU, and from v0.15.5 the
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from exporter.eras import tier_context
+from gpurouter.sizing.eras import tier_context
 from simulator.fleet import NodeSpec
 from simulator.gotypes import go_quote, human_bytes2
 from simulator.scheduler import GpuUsage

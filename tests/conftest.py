@@ -11,10 +11,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from exporter.config import parse_config
-from exporter.observe import Observer
-from optimizer.cli import main
-from optimizer.jobs import JobQueue, Metrics, Remediator
+from cli.main import main
+from gpurouter.act.jobs import JobQueue, Metrics, Remediator
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
 from optimizer.reconcile import Reconciler
 from simulator.run import Fleet, fleet_from_dict
 
@@ -22,7 +22,7 @@ from simulator.run import Fleet, fleet_from_dict
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`gpu-router ARGS` in a fresh interpreter; its output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", *args], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=60, check=False
     )
 
 

@@ -15,14 +15,14 @@ from conftest import alert, payload
 from flask import Flask
 from flask.testing import FlaskClient
 
-from exporter.config import Config, Secret, WebhookAuth, parse_config
-from exporter.ollama import InstalledModel, LoadedModel
-from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from exporter.units import GIB, MIB
+from gpurouter.act.jobs import ActionRecord, Job, JobQueue, JobResult
+from gpurouter.cluster.config import Config, Secret, WebhookAuth, parse_config
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel
+from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
+from gpurouter.serve.auth import Authenticator
+from gpurouter.units import GIB, MIB
 from optimizer import webhook
 from optimizer.app import create_app
-from optimizer.auth import Authenticator
-from optimizer.jobs import ActionRecord, Job, JobQueue, JobResult
 
 TOKEN = "hook-token"
 NOW = 1_900_000_000.0

@@ -1,4 +1,4 @@
-"""Webhook credentials (optimizer/auth.py): bearer and basic, from inline, environment and file secrets."""
+"""Webhook credentials (gpurouter/serve/auth.py): bearer and basic, from inline, environment and file secrets."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from exporter.config import ConfigError, Secret, WebhookAuth
-from optimizer.auth import Authenticator
+from gpurouter.cluster.config import ConfigError, Secret, WebhookAuth
+from gpurouter.serve.auth import Authenticator
 
 
 def basic(user: str, password: str) -> str:

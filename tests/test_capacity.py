@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from exporter.capacity import CapacityReader, amd_capacity, is_local, nvml_capacity, static_capacity
-from exporter.config import Config, NodeConfig, parse_config
-from exporter.state import Capacity, GpuInfo
-from exporter.units import GIB, MIB
+from gpurouter.cluster.capacity import CapacityReader, amd_capacity, is_local, nvml_capacity, static_capacity
+from gpurouter.cluster.config import Config, NodeConfig, parse_config
+from gpurouter.cluster.state import Capacity, GpuInfo
+from gpurouter.units import GIB, MIB
 
 
 class NVMLError(Exception):

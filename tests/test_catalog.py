@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from exporter import catalog
-from exporter.estimate import tensor_bytes
+from gpurouter.sizing import catalog
+from gpurouter.sizing.estimate import tensor_bytes
 
 # §7: /api/tags size and digest prefix.
 TAGS = {

@@ -18,11 +18,11 @@ from exporter.collector import (
     cluster_families,
     fits_free,
 )
-from exporter.config import Config, parse_config
-from exporter.ollama import InstalledModel, LoadedModel
-from exporter.room import Room
-from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from exporter.units import GIB, MIB
+from gpurouter.cluster.config import Config, parse_config
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel
+from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
+from gpurouter.sizing.room import Room
+from gpurouter.units import GIB, MIB
 
 EXPIRY = datetime(2318, 1, 1, tzinfo=timezone.utc)
 LLAMA_NEED = 6_099_560_448  # llama3.1:8b at 4096 (reference §5.5)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import gpu_router
 
-from exporter.units import MIB
+from gpurouter.units import MIB
 from simulator.run import Fleet, fleet_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,7 +327,7 @@ def test_json_gives_one_document(tmp_path, capsys, command):
 def test_command_line_as_a_subprocess(tmp_path):
     with cluster(tmp_path, GUIDE, ["mxbai-embed-large"]) as (_, config):
         done = subprocess.run(
-            [sys.executable, "-m", "optimizer.cli", "--config", config, "route", "mxbai-embed-large", "--json"],
+            [sys.executable, "-m", "cli.main", "--config", config, "route", "mxbai-embed-large", "--json"],
             cwd=ROOT,
             capture_output=True,
             text=True,

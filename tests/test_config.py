@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from exporter.config import ConfigError, load_config, model_key, parse_config
-from exporter.units import GIB, MIB, parse_size
+from gpurouter.cluster.config import ConfigError, load_config, model_key, parse_config
+from gpurouter.units import GIB, MIB, parse_size
 
 GUIDE_CONFIG = """\
 # List of Ollama nodes to manage

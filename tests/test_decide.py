@@ -1,4 +1,4 @@
-"""Unit tests for optimizer.decide over hand-built ClusterStates: check, route, plan."""
+"""Unit tests for gpurouter.decide.placement over hand-built ClusterStates: check, route, plan."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from types import MappingProxyType
 
 import pytest
 
-from exporter.config import PriorityModel, parse_config
-from exporter.ollama import InstalledModel, LoadedModel
-from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from exporter.units import GIB, MIB
-from optimizer.decide import check, eviction_order, is_busy, plan, route
+from gpurouter.cluster.config import PriorityModel, parse_config
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel
+from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
+from gpurouter.decide.placement import check, eviction_order, is_busy, plan, route
+from gpurouter.units import GIB, MIB
 
 NOW = 1_900_000_000.0
 FOREVER = NOW + 292 * 365 * 86400

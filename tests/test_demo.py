@@ -9,13 +9,13 @@ import time
 import pytest
 from conftest import require_tool
 
-from optimizer.localstack import REPO
+from cli.localstack import REPO
 
 
 def run_demo(*extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", "demo", "--once", *extra],
+        [sys.executable, "-m", "cli.main", "demo", "--once", *extra],
         capture_output=True,
         text=True,
         timeout=180,

@@ -142,7 +142,7 @@ def test_compose_mounts_the_rules_where_its_prometheus_looks() -> None:
 
 def test_compose_gpu_router_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(REPO))
-    from exporter.config import load_config
+    from gpurouter.cluster.config import load_config
 
     config = load_config(REPO / "deploy/compose/gpu_router_config.yaml")
     assert [node.name for node in config.nodes] == ["gpu-small", "cpu-node", "gpu-large"]
@@ -238,7 +238,7 @@ def test_install_reinstall_uninstall_purge(tmp_path: Path) -> None:
     result = script(*install, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert os.access(venv / "bin/gpu-router", os.X_OK)
-    imported = run([venv / "bin/python", "-c", "import exporter.units, optimizer, simulator"], cwd=tmp_path)
+    imported = run([venv / "bin/python", "-c", "import gpurouter.units, optimizer, simulator"], cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
     assert config.read_text() == (REPO / "examples/gpu_router_config.yaml").read_text()
     for unit in UNITS:

@@ -14,7 +14,7 @@ import requests
 from conftest import require_tool
 from dashboard_lint import iter_panel_queries, substitute
 
-from optimizer.localstack import REPO, Stack, wait_for
+from cli.localstack import REPO, Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 

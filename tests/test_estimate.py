@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from exporter import catalog
-from exporter.estimate import (
+from gpurouter.sizing import catalog
+from gpurouter.sizing.estimate import (
     RESERVE,
     arch_from_show,
     cpu_bytes,
@@ -18,7 +18,7 @@ from exporter.estimate import (
     place,
     tensor_bytes,
 )
-from exporter.units import GIB, MIB
+from gpurouter.units import GIB, MIB
 
 # §5.5 llama3.1:8b, hand-derived: per-layer weights, f16 KV per layer at 4096, output layer, graphs.
 W_Q6, W_Q4, KV_4096, OUT_8B = 138_936_320, 122_716_160, 16_777_216, 430_956_544

@@ -8,13 +8,13 @@ from types import MappingProxyType
 
 import pytest
 
-from exporter.config import parse_config
-from exporter.observe import Observer
-from exporter.ollama import InstalledModel, LoadedModel, OllamaError
-from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from exporter.units import MIB
-from optimizer.decide import Plan, Step, plan
-from optimizer.execute import execute
+from gpurouter.act.execute import execute
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel, OllamaError
+from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
+from gpurouter.decide.placement import Plan, Step, plan
+from gpurouter.units import MIB
 from simulator.run import Fleet, fleet_from_dict
 
 FOREVER = datetime(2318, 1, 1, tzinfo=timezone.utc)

@@ -23,10 +23,11 @@ import yaml
 from conftest import require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import Config, parse_config
-from exporter.ollama import OllamaClient
-from exporter.server import ExporterServer, limit_malloc_arenas, parse_listen, start_exporter
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
+from exporter.server import ExporterServer, limit_malloc_arenas, start_exporter
+from gpurouter.cluster.config import Config, parse_config
+from gpurouter.cluster.ollama import OllamaClient
+from gpurouter.serve.listen import parse_listen
 from simulator.run import Fleet, fleet_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,7 +286,7 @@ def test_parse_listen() -> None:
 
 
 def cli(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
-    command = [sys.executable, "-c", "import sys; from optimizer.cli import main; sys.exit(main())", *args]
+    command = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(command, cwd=ROOT, env=env, text=True, stderr=subprocess.PIPE, **kwargs)
 

@@ -18,10 +18,10 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.config import parse_config
+from gpurouter.act.jobs import Job, JobQueue, JobResult
+from gpurouter.cluster.config import parse_config
 from optimizer import webhook
 from optimizer.app import create_app
-from optimizer.jobs import Job, JobQueue, JobResult
 from optimizer.service import start_optimizer
 
 TOKEN = "fuzz-token"

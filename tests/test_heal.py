@@ -10,8 +10,8 @@ import pytest
 import requests
 from conftest import optimizer_parts
 
-from exporter.units import GIB
-from optimizer.jobs import JobQueue
+from gpurouter.act.jobs import JobQueue
+from gpurouter.units import GIB
 from optimizer.reconcile import Reconciler
 from simulator.run import Fleet
 

@@ -10,12 +10,12 @@ import requests
 from conftest import optimizer_parts
 
 from exporter.collector import cluster_families
-from exporter.config import model_key
-from exporter.observe import Observer
-from exporter.units import GIB
-from optimizer import render
-from optimizer.decide import check
-from optimizer.jobs import JobQueue
+from gpurouter import render
+from gpurouter.act.jobs import JobQueue
+from gpurouter.cluster.config import model_key
+from gpurouter.cluster.observe import Observer
+from gpurouter.decide.placement import check
+from gpurouter.units import GIB
 from optimizer.reconcile import Reconciler
 from simulator.run import Fleet
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from exporter.config import ConfigError, load_config
-from exporter.yamlfile import MAX_DEPTH, read_yaml
+from gpurouter.cluster.config import ConfigError, load_config
+from gpurouter.cluster.yamlfile import MAX_DEPTH, read_yaml
 
 LAUGHS = "".join(
     f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"

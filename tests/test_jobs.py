@@ -1,4 +1,4 @@
-"""The work queue (optimizer/jobs.py) with injected jobs and clock: coalescing, cooldown, containment."""
+"""The work queue (gpurouter/act/jobs.py) with injected jobs and clock: coalescing, cooldown, containment."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import generate_latest
 
-from exporter.config import parse_config
-from optimizer.jobs import HISTORY, ActionRecord, Job, JobQueue, JobResult, Metrics
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
+from gpurouter.act.jobs import HISTORY, ActionRecord, Job, JobQueue, JobResult, Metrics
+from gpurouter.cluster.config import parse_config
 
 CONFIG = parse_config(
     {

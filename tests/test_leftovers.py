@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import optimizer_parts
 
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
 
 MODEL = "llama3.1:8b"
 

@@ -13,10 +13,10 @@ import pytest
 import requests
 import yaml
 
+from cli.main import main
 from exporter.collector import cluster_families
-from exporter.config import parse_config
-from exporter.observe import Observer
-from optimizer.cli import main
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
 from simulator.run import Fleet, fleet_from_dict
 
 MODELS = ["llama3.1:8b", "codellama:7b", "codellama:13b", "llama3.2:3b", "qwen2.5-coder:7b", "mxbai-embed-large"]

@@ -9,12 +9,12 @@ from types import MappingProxyType
 import pytest
 from test_estimate import COLUMN_C, EMBEDDERS
 
-from exporter import catalog, eras, estimate, llamaserver
-from exporter.config import parse_config
-from exporter.need import COMPUTE_ALLOWANCE, RESERVE, Facts, NeedLedger, Sizing, context_for, model_need
-from exporter.ollama import InstalledModel, LoadedModel, ShowInfo
-from exporter.state import UNKNOWN, Capacity, GpuInfo, NodeState
-from exporter.units import GIB, MIB
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel, ShowInfo
+from gpurouter.cluster.state import UNKNOWN, Capacity, GpuInfo, NodeState
+from gpurouter.sizing import catalog, eras, estimate, llamaserver
+from gpurouter.sizing.need import COMPUTE_ALLOWANCE, RESERVE, Facts, NeedLedger, Sizing, context_for, model_need
+from gpurouter.units import GIB, MIB
 
 CLASSIC = Sizing(None, eras.CLASSIC, 4096, "default")  # a v0.10–v0.12.10 node
 CURRENT = Sizing(None, eras.LLAMA_SERVER, 4096, "vram tier")  # a v0.30+ node under 23 GiB

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from exporter.config import Config, parse_config
-from exporter.observe import Observer, node_session
-from exporter.ollama import OllamaClient, OllamaError
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
+from gpurouter.cluster.config import Config, parse_config
+from gpurouter.cluster.observe import Observer, node_session
+from gpurouter.cluster.ollama import OllamaClient, OllamaError
 from simulator.run import Fleet, fleet_from_dict
 
 DEADLINE = 0.6

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from exporter.ollama import OllamaClient, OllamaError
+from gpurouter.cluster.ollama import OllamaClient, OllamaError
 
 PS = {
     "models": [

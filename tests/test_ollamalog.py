@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from exporter.capacity import CapacityReader
-from exporter.config import ConfigError, parse_config
-from exporter.observe import Observer
-from exporter.ollamalog import (
+from cli.localstack import wait_for
+from gpurouter.cluster.capacity import CapacityReader
+from gpurouter.cluster.config import ConfigError, parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.ollamalog import (
     LogFile,
     command_capacity,
     file_capacity,
@@ -24,9 +25,8 @@ from exporter.ollamalog import (
     parse_go_size,
     parse_server_log,
 )
-from exporter.state import Capacity
-from exporter.units import GIB, MIB
-from optimizer.localstack import wait_for
+from gpurouter.cluster.state import Capacity
+from gpurouter.units import GIB, MIB
 from simulator.fleet import GpuSpec, NodeSpec
 from simulator.run import Fleet, fleet_from_dict
 from simulator.scheduler import GpuUsage
@@ -467,7 +467,7 @@ def test_gpu_router_simulate_writes_the_logs(tmp_path: Path) -> None:
     printed = tmp_path / "out.txt"
     with printed.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file), "--log-dir", str(logs)],
+            [sys.executable, "-m", "cli.main", "simulate", "--fleet", str(fleet_file), "--log-dir", str(logs)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

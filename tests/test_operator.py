@@ -25,16 +25,17 @@ from conftest import gpu_router
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from exporter import logfmt
-from exporter.config import ConfigError, load_config
-from exporter.observe import Observer
-from optimizer import demo, render, statuspage
+from cli import demo
+from cli.localstack import wait_for
+from cli.main import main
+from gpurouter import logfmt, render
+from gpurouter.act.execute import Outcome
+from gpurouter.cluster.config import ConfigError, load_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.decide.placement import Step
+from gpurouter.render import status_json
+from optimizer import statuspage
 from optimizer.app import create_app
-from optimizer.cli import main
-from optimizer.decide import Step
-from optimizer.execute import Outcome
-from optimizer.localstack import wait_for
-from optimizer.render import status_json
 from simulator.faults import check_fault
 from simulator.fleet import FleetSpec
 from simulator.run import DEMO_FLEET, Fleet, load_fleet
@@ -193,7 +194,7 @@ def test_6_the_same_verdict_gets_the_same_exit_status(tmp_path, capsys):
         for command in (["status"], ["models"], ["report"], ["optimize", "--dry-run"], ["check", "codellama:7b"]):
             assert gpu_router(path, *command, capsys=capsys)[0] == 0, command
     help_text = subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cli.main", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     ).stdout
     assert "exit status:" in help_text and "    1  the job failed" in help_text
 
@@ -255,7 +256,7 @@ def test_9_every_argument_parser_in_the_project_refuses_abbreviations():
     sources = [p for p in ROOT.rglob("*.py") if "tests" not in p.parts and ".venv" not in p.parts]
     makers = [(p, m) for p in sources for m in re.findall(r"ArgumentParser\((?:[^()]|\([^()]*\))*\)", p.read_text())]
     assert makers and [str(p) for p, m in makers if "allow_abbrev=False" not in m] == []
-    assert "allow_abbrev=False" in Path(ROOT / "optimizer" / "cli.py").read_text().split("add_parser(")[1].split(")")[0]
+    assert "allow_abbrev=False" in Path(ROOT / "cli" / "main.py").read_text().split("add_parser(")[1].split(")")[0]
 
 
 def test_11_a_reader_that_stops_early_gets_no_traceback_and_the_answer_keeps_its_status(tmp_path):
@@ -263,7 +264,7 @@ def test_11_a_reader_that_stops_early_gets_no_traceback_and_the_answer_keeps_its
         fleet.node("gpu-small").inject("down")
         for args, expected in ((["report", "--json"], 1), (["models"], 1), (["route", "nope-model"], 2)):
             process = subprocess.Popen(
-                [sys.executable, "-m", "optimizer.cli", "--config", path, *args],
+                [sys.executable, "-m", "cli.main", "--config", path, *args],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -284,7 +285,7 @@ def test_12_simulate_prints_a_router_configuration_and_the_next_command(tmp_path
         node["port"] = 0
     fleet_file.write_text(yaml.safe_dump(raw))
     process = subprocess.Popen(
-        [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file)],
+        [sys.executable, "-m", "cli.main", "simulate", "--fleet", str(fleet_file)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -301,7 +302,7 @@ def test_12_simulate_prints_a_router_configuration_and_the_next_command(tmp_path
         config = lines[4].split(" ", 1)[1]
         assert f"gpu-router --config {config} status" in errors[0]
         status = subprocess.run(
-            [sys.executable, "-m", "optimizer.cli", "--config", config, "status"],
+            [sys.executable, "-m", "cli.main", "--config", config, "status"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
@@ -337,7 +338,7 @@ def test_14_a_port_clash_names_the_port_and_the_server(tmp_path):
         fleet_file = tmp_path / "fleet.yaml"
         fleet_file.write_text(yaml.safe_dump({"control_port": 0, "nodes": [{"name": "a", "port": port}]}))
         done = subprocess.run(
-            [sys.executable, "-m", "optimizer.cli", "simulate", "--fleet", str(fleet_file)],
+            [sys.executable, "-m", "cli.main", "simulate", "--fleet", str(fleet_file)],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert done.returncode == 1
@@ -352,7 +353,7 @@ def test_14_every_server_says_a_taken_port_the_same_way(server, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "optimizer.cli", server, "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "cli.main", server, "--config", str(config), "--listen", f"127.0.0.1:{port}"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert done.returncode == 1

@@ -11,13 +11,13 @@ import pytest
 from conftest import require_tool
 from test_capacity import FakeNvml, write_card
 
-from exporter.capacity import CapacityReader
-from exporter.config import parse_config
-from exporter.observe import Observer
+from cli.localstack import Prometheus, wait_for
 from exporter.server import ExporterServer, start_exporter
-from exporter.units import GIB
-from optimizer import decide
-from optimizer.localstack import Prometheus, wait_for
+from gpurouter.cluster.capacity import CapacityReader
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.decide import placement as decide
+from gpurouter.units import GIB
 from simulator.run import Fleet, fleet_from_dict
 
 MODELS = ["mxbai-embed-large", "llama3.2:3b"]

@@ -10,11 +10,11 @@ from types import MappingProxyType
 
 import pytest
 
-from exporter.config import model_key, parse_config
-from exporter.ollama import InstalledModel, LoadedModel
-from exporter.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from exporter.units import MIB
-from optimizer.decide import plan
+from gpurouter.cluster.config import model_key, parse_config
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel
+from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
+from gpurouter.decide.placement import plan
+from gpurouter.units import MIB
 
 NOW = 1_900_000_000.0
 RESERVE = 457 * MIB

@@ -12,10 +12,10 @@ import pytest
 from conftest import require_tool
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from exporter.config import NodeConfig, PrometheusSource, parse_config
-from exporter.promsource import PrometheusCapacity, capacity_from, queries_for
-from exporter.units import GIB, MIB
-from optimizer.localstack import Prometheus, free_port, wait_for
+from cli.localstack import Prometheus, free_port, wait_for
+from gpurouter.cluster.config import NodeConfig, PrometheusSource, parse_config
+from gpurouter.cluster.promsource import PrometheusCapacity, capacity_from, queries_for
+from gpurouter.units import GIB, MIB
 
 
 def node(name: str, match: str | None = None) -> NodeConfig:

@@ -14,9 +14,9 @@ import pytest
 import requests
 from openai import OpenAI
 
-from exporter.config import parse_config
-from optimizer import cli
-from optimizer.localstack import wait_for
+from cli import main as cli
+from cli.localstack import wait_for
+from gpurouter.cluster.config import parse_config
 from proxy.service import ProxyHandle, start_proxy
 from simulator.run import Fleet, fleet_from_dict
 

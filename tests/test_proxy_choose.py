@@ -1,4 +1,4 @@
-"""The proxy's routing rules, as pure functions over hand-built cluster states (proxy.choose)."""
+"""The proxy's routing rules, as pure functions over hand-built cluster states (gpurouter.decide.choose)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from test_decide import NOW, build, lm, node
 
-from proxy.choose import Traffic, choose, corrected
+from gpurouter.decide.choose import Traffic, choose, corrected
 
 M = "llama3.1:latest"
 

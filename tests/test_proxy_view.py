@@ -6,8 +6,8 @@ import asyncio
 
 import requests
 
-from exporter.config import parse_config
-from exporter.observe import Observer
+from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
 from proxy.view import ClusterView
 from simulator.run import Fleet, fleet_from_dict
 

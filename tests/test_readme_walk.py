@@ -1,6 +1,6 @@
 """A walk through the README: every `gpu-router` command it shows, with and without `--json`, piped to `head -1`,
 against the simulated demo cluster with one node down. No traceback anywhere, and each exit status is the one
-the documented table gives (optimizer/exitcodes.py, shown by `gpu-router --help` and the README)."""
+the documented table gives (cli/exitcodes.py, shown by `gpu-router --help` and the README)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from optimizer import exitcodes
+from cli import exitcodes
 from simulator.run import DEMO_FLEET, Fleet, load_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def expected(args: list[str], json_flag: bool) -> int:
 def test_the_readme_shows_the_exit_status_table_that_help_prints():
     assert exitcodes.table_text() in README
     done = subprocess.run(
-        [sys.executable, "-m", "optimizer.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cli.main", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and exitcodes.table_text() in done.stdout
 
@@ -93,7 +93,7 @@ def test_walk_through_the_readme_with_a_node_down(tmp_path):
                 for argv in runs:
                     if argv[:1] in (["--json"], ["--help"]) and len(argv) > 1 and argv[-1] == "--json":
                         continue
-                    line = shlex.join([sys.executable, "-m", "optimizer.cli", *argv])
+                    line = shlex.join([sys.executable, "-m", "cli.main", *argv])
                     done = subprocess.run(
                         ["bash", "-c", f"set -o pipefail; {line} | head -1"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
@@ -106,7 +106,7 @@ def test_walk_through_the_readme_with_a_node_down(tmp_path):
                     if "--json" in argv and argv[0] in DECISIONS:  # no flag may be abbreviated, in any subcommand
                         short = [a if a != "--json" else "--js" for a in argv]
                         refused = subprocess.run(
-                            [sys.executable, "-m", "optimizer.cli", *short],
+                            [sys.executable, "-m", "cli.main", *short],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
                         )  # fmt: skip
                         assert refused.returncode == exitcodes.USAGE, short

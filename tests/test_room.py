@@ -1,13 +1,13 @@
-"""What a node can take, by the rules of the Ollama it runs (exporter.room): the operator's margin, the
+"""What a node can take, by the rules of the Ollama it runs (gpurouter.sizing.room): the operator's margin, the
 classic estimate, the layout era's reserve, llama.cpp's fit margin and Ollama's 80 % admission test."""
 
 from __future__ import annotations
 
-from exporter import catalog, eras, llamaserver
-from exporter.estimate import RESERVE
-from exporter.room import Room
-from exporter.state import ModelNeed
-from exporter.units import GIB, MIB
+from gpurouter.cluster.state import ModelNeed
+from gpurouter.sizing import catalog, eras, llamaserver
+from gpurouter.sizing.estimate import RESERVE
+from gpurouter.sizing.room import Room
+from gpurouter.units import GIB, MIB
 
 LLAMA = catalog.find("llama3.1:8b")
 assert LLAMA is not None

@@ -18,10 +18,10 @@ import pytest
 import requests
 import yaml
 
-from exporter.config import ConfigError, parse_config
-from exporter.ollama import OllamaClient, OllamaError
 from exporter.server import start_exporter
-from exporter.urls import redact
+from gpurouter.cluster.config import ConfigError, parse_config
+from gpurouter.cluster.ollama import OllamaClient, OllamaError
+from gpurouter.urls import redact
 from optimizer.service import start_optimizer
 from simulator.run import Fleet, fleet_from_dict
 
@@ -132,7 +132,7 @@ def test_command_output_never_shows_the_password(tmp_path: Path, command: list[s
         path = tmp_path / "gpu_router_config.yaml"
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")
         done = subprocess.run(
-            [sys.executable, "-m", "optimizer.cli", *command, "--config", str(path)],
+            [sys.executable, "-m", "cli.main", *command, "--config", str(path)],
             capture_output=True,
             text=True,
             timeout=60,

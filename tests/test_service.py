@@ -27,12 +27,12 @@ import yaml
 from conftest import alert
 from conftest import payload as notification
 
-from exporter.config import Config, parse_config
-from exporter.observe import Observer
-from exporter.server import is_loopback
+from cli.localstack import wait_for
+from gpurouter.act.jobs import JobQueue, JobResult
+from gpurouter.cluster.config import Config, parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.serve.listen import is_loopback
 from optimizer import service
-from optimizer.jobs import JobQueue, JobResult
-from optimizer.localstack import wait_for
 from optimizer.reconcile import Reconciler
 from optimizer.service import OptimizerHandle, parse_listen, start_optimizer
 from simulator.run import Fleet, fleet_from_dict
@@ -348,11 +348,11 @@ def test_refuses_a_public_address_without_credentials(tmp_path, capsys):
 
 
 class ServiceProcess:
-    """`python -m optimizer.cli optimizer` as a child process, its stderr read line by line."""
+    """`python -m cli.main optimizer` as a child process, its stderr read line by line."""
 
     def __init__(self, config: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        command = [sys.executable, "-m", "optimizer.cli", "optimizer", "--config", str(config)]
+        command = [sys.executable, "-m", "cli.main", "optimizer", "--config", str(config)]
         self.proc = subprocess.Popen(
             [*command, "--listen", "127.0.0.1:0"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
         )

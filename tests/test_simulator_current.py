@@ -9,8 +9,8 @@ import ollama
 import pytest
 import requests
 
-from exporter import catalog, llamaserver
-from exporter.units import GIB, MIB
+from gpurouter.sizing import catalog, llamaserver
+from gpurouter.units import GIB, MIB
 from simulator.placement import file_bytes
 from simulator.run import Fleet, fleet_from_dict
 

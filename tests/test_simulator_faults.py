@@ -9,8 +9,8 @@ import time
 import pytest
 import requests
 
-from exporter.units import GIB, MIB
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
+from gpurouter.units import GIB, MIB
 from simulator.faults import check_fault
 from simulator.run import Fleet, fleet_from_dict
 

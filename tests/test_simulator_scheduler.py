@@ -8,10 +8,10 @@ import time
 import pytest
 import requests
 
-from exporter.catalog import find
-from exporter.estimate import cpu_bytes
-from exporter.units import GIB
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
+from gpurouter.sizing.catalog import find
+from gpurouter.sizing.estimate import cpu_bytes
+from gpurouter.units import GIB
 from simulator.fleet import GpuSpec
 from simulator.gotypes import FOREVER
 from simulator.options import RunnerOptions, merge_options

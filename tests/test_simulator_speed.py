@@ -12,7 +12,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from optimizer.localstack import wait_for
+from cli.localstack import wait_for
 from simulator.fleet import NodeSpec
 from simulator.run import Fleet, fleet_from_dict
 

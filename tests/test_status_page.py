@@ -13,8 +13,8 @@ import pytest
 import requests
 from conftest import require_tool
 
-from exporter.config import parse_config
-from optimizer.localstack import REPO
+from cli.localstack import REPO
+from gpurouter.cluster.config import parse_config
 from optimizer.service import OptimizerHandle, start_optimizer
 from optimizer.statuspage import render
 from simulator.run import Fleet, fleet_from_dict

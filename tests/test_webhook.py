@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import alert, payload
 
-from exporter.config import parse_config
+from gpurouter.cluster.config import parse_config
 from optimizer import webhook
 from optimizer.webhook import Ignored, PayloadError, Wanted
 

@@ -20,15 +20,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from exporter import eras
-from exporter.config import model_key
-from exporter.hidden import inferred_hidden
-from exporter.ollama import LoadedModel, OllamaClient, OllamaError
-from exporter.room import Room
-from exporter.state import ClusterState
-from exporter.units import mb, size_text
-from exporter.urls import redact
-from optimizer.decide import Plan, Step, is_busy
+from gpurouter.cluster.config import model_key
+from gpurouter.cluster.ollama import LoadedModel, OllamaClient, OllamaError
+from gpurouter.cluster.state import ClusterState
+from gpurouter.decide.placement import Plan, Step, is_busy
+from gpurouter.sizing import eras
+from gpurouter.sizing.hidden import inferred_hidden
+from gpurouter.sizing.room import Room
+from gpurouter.units import mb, size_text
+from gpurouter.urls import redact
 
 Event = Callable[[str, Step, str], None]  # (start|progress|done|failed, step, detail)
 

@@ -19,14 +19,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from exporter import logfmt
-from exporter.config import Config, PriorityModel, model_key
-from exporter.observe import Observer
-from exporter.ollama import OllamaClient, OllamaError
-from exporter.state import ClusterState
-from exporter.units import size_text
-from exporter.urls import redact
-from optimizer import decide, execute
+from gpurouter import logfmt
+from gpurouter.act import execute
+from gpurouter.cluster.config import Config, PriorityModel, model_key
+from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.ollama import OllamaClient, OllamaError
+from gpurouter.cluster.state import ClusterState
+from gpurouter.decide import placement
+from gpurouter.units import size_text
+from gpurouter.urls import redact
 
 log = logging.getLogger("gpu_router.optimizer")
 
@@ -37,7 +38,7 @@ REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 
 def log_event(level: int, event: str, **fields: object) -> None:
-    """One log line `event=NAME key=value ...` on the optimizer's logger (exporter.logfmt)."""
+    """One log line `event=NAME key=value ...` on the optimizer's logger (gpurouter.logfmt)."""
     logfmt.log_event(log, level, event, **fields)
 
 
@@ -406,14 +407,14 @@ class Remediator:
             self._release(nodes)
         return self._result(job.model, plan, execution, offset)
 
-    def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, decide.Plan, list[str]] | None:
+    def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, placement.Plan, list[str]] | None:
         """Poll and plan until the plan's nodes can be reserved; None when the service stops first."""
         limit = self.config.optimizer.max_loads_per_node
         while not self.stopping.is_set():
             with self._cond:
                 generation = self._generation
             state = self.observer.poll()
-            plan = self._finishing(decide.restrict(decide.plan(state, now=self.wall()), [priority.name]), state)
+            plan = self._finishing(placement.restrict(placement.plan(state, now=self.wall()), [priority.name]), state)
             nodes = sorted({step.node for step in plan.steps})
             with self._cond:
                 if generation == self._generation and all(self._reserved.get(n, 0) < limit for n in nodes):
@@ -423,7 +424,7 @@ class Remediator:
                 self._cond.wait_for(lambda g=generation: self._generation != g or self.stopping.is_set(), timeout=30.0)
         return None
 
-    def _finishing(self, plan: decide.Plan, state: ClusterState) -> decide.Plan:
+    def _finishing(self, plan: placement.Plan, state: ClusterState) -> placement.Plan:
         """The plan plus the removal of copies an earlier job left behind, once the model is on GPU."""
         extra = []
         now = self.wall()
@@ -436,9 +437,9 @@ class Remediator:
                 if node is not None and node.up and (copy is None or copy.fully_on_gpu):
                     with self._cond:
                         self._leftovers[model].discard(name)  # gone, or on GPU there too: nothing left to do
-                elif copy is not None and not decide.is_busy(copy, now):
+                elif copy is not None and not placement.is_busy(copy, now):
                     why = f"finish: remove the {copy.gpu_ratio:.0%}-on-GPU copy left behind ({model} is on {home})"
-                    extra.append(decide.Step("unload", model, name, why))
+                    extra.append(placement.Step("unload", model, name, why))
         return replace(plan, steps=plan.steps + tuple(extra)) if extra else plan
 
     def _release(self, nodes: list[str]) -> None:
@@ -448,7 +449,7 @@ class Remediator:
             self._generation += 1
             self._cond.notify_all()
 
-    def _result(self, model: str, plan: decide.Plan, execution: execute.Execution, offset: float) -> JobResult:
+    def _result(self, model: str, plan: placement.Plan, execution: execute.Execution, offset: float) -> JobResult:
         now = self.wall()
         if execution.dry_run:
             records = [ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason) for s in plan.steps]

@@ -8,10 +8,10 @@ Sources (DESIGN.md, "GPU capacity of a node"):
 - `amd`: every AMD GPU of this machine through sysfs `mem_info_vram_total`/`mem_info_vram_used`;
 - `auto`: static if the node states its GPUs, else, when the node's URL is this host, NVML then AMD, else
   unknown;
-- `prometheus`: `exporter.promsource.PrometheusCapacity` when `prometheus_url` is set; any source can be
+- `prometheus`: `gpurouter.cluster.promsource.PrometheusCapacity` when `prometheus_url` is set; any source can be
   replaced or added through `sources={"prometheus": reader}` (see `Source`);
 - `ollama_log`: the devices of the newest start in each node's own Ollama server log, read from its file or
-  its command's output (`exporter.ollamalog`), with the default context that log states.
+  its command's output (`gpurouter.cluster.ollamalog`), with the default context that log states.
 
 A probe that finds no GPU or fails (no driver, NVML error, unreadable sysfs) gives `unknown` with the reason,
 never an exception: an explicit `gpu_source: nvml` on a machine without NVIDIA driver is unknown, and so is
@@ -29,11 +29,11 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from exporter.config import Config, NodeConfig
-from exporter.ollamalog import LogFile, command_capacity, file_capacity
-from exporter.promsource import PrometheusCapacity
-from exporter.state import Capacity, GpuInfo, read_each
-from exporter.urls import redact
+from gpurouter.cluster.config import Config, NodeConfig
+from gpurouter.cluster.ollamalog import LogFile, command_capacity, file_capacity
+from gpurouter.cluster.promsource import PrometheusCapacity
+from gpurouter.cluster.state import Capacity, GpuInfo, read_each
+from gpurouter.urls import redact
 
 # A batch reader: the capacity of each of `nodes` (by name) within `timeout` seconds. A node it leaves out
 # is unknown. Local probes ignore the nodes (they read this machine); a Prometheus reader queries per node.

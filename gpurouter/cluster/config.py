@@ -16,10 +16,10 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from exporter.goduration import FOREVER, parse_keep_alive
-from exporter.units import parse_size
-from exporter.urls import identity
-from exporter.yamlfile import closest, read_yaml, show, show_key
+from gpurouter.cluster.goduration import FOREVER, parse_keep_alive
+from gpurouter.cluster.yamlfile import closest, read_yaml, show, show_key
+from gpurouter.units import parse_size
+from gpurouter.urls import identity
 
 DEFAULT_PATHS = (Path("gpu_router_config.yaml"), Path("/etc/gpu-router/config.yaml"))
 GPU_SOURCES = ("auto", "nvml", "amd", "static", "prometheus", "ollama_log", "none")

@@ -12,13 +12,13 @@ from typing import Any
 
 import requests
 
-from exporter.capacity import CapacityReader
-from exporter.config import Config, NodeConfig
-from exporter.hidden import HiddenUsage
-from exporter.need import NeedLedger
-from exporter.ollama import OllamaClient, OllamaError
-from exporter.state import UNKNOWN, Capacity, ClusterState, NodeState
-from exporter.urls import redact
+from gpurouter.cluster.capacity import CapacityReader
+from gpurouter.cluster.config import Config, NodeConfig
+from gpurouter.cluster.ollama import OllamaClient, OllamaError
+from gpurouter.cluster.state import UNKNOWN, Capacity, ClusterState, NodeState
+from gpurouter.sizing.hidden import HiddenUsage
+from gpurouter.sizing.need import NeedLedger
+from gpurouter.urls import redact
 
 _READS = ("ps", "tags", "version")
 _MAX_WORKERS = 1024

@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from exporter.urls import redact
+from gpurouter.urls import redact
 
 
 class OllamaError(Exception):

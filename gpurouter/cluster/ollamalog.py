@@ -53,8 +53,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from exporter.state import Capacity, GpuInfo
-from exporter.units import parse_size
+from gpurouter.cluster.state import Capacity, GpuInfo
+from gpurouter.units import parse_size
 
 _PHRASES = ("inference compute", "server config", "Listening on", "vram-based default context")  # other lines: skipped
 # key=value pairs of a slog text line: the key up to "=", the value quoted (Go escapes) or up to a space

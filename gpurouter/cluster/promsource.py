@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from exporter.config import NodeConfig, PrometheusSource
-from exporter.ollama import transport_error
-from exporter.state import Capacity, GpuInfo, read_each
-from exporter.urls import redact
+from gpurouter.cluster.config import NodeConfig, PrometheusSource
+from gpurouter.cluster.ollama import transport_error
+from gpurouter.cluster.state import Capacity, GpuInfo, read_each
+from gpurouter.urls import redact
 
 MIB = 1024 * 1024
 

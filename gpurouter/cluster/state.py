@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter import eras
-from exporter.config import Config, NodeConfig, model_key
-from exporter.llamaserver import Admission
-from exporter.ollama import InstalledModel, LoadedModel
+from gpurouter.cluster.config import Config, NodeConfig, model_key
+from gpurouter.cluster.ollama import InstalledModel, LoadedModel
+from gpurouter.sizing import eras
+from gpurouter.sizing.llamaserver import Admission
 
 
 @dataclass(frozen=True)

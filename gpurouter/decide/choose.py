@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-from exporter.config import model_key
-from exporter.ollama import LoadedModel
-from exporter.state import ClusterState, NodeState
-from optimizer import decide
+from gpurouter.cluster.config import model_key
+from gpurouter.cluster.ollama import LoadedModel
+from gpurouter.cluster.state import ClusterState, NodeState
+from gpurouter.decide import placement
 
 PLACEMENTS = ("gpu", "cold", "partial", "cpu", "none")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # an expires_at in the past: busy (decide.is_busy)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # an expires_at in the past: busy (placement.is_busy)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def corrected(state: ClusterState, traffic: Traffic) -> ClusterState:
         ]
         for name, key in traffic.loading:
             if name == node.name and node.loaded_model(key) is None:
-                need = decide.need_of(state, key, node)
+                need = placement.need_of(state, key, node)
                 if need is not None:
                     loaded.append(LoadedModel(name=key, size=need.bytes, size_vram=need.bytes, expires_at=_EPOCH))
         nodes.append(replace(node, loaded=tuple(loaded)))
@@ -113,7 +113,7 @@ def choose(state: ClusterState, model: str, options: Mapping[str, object], traff
     # where it would load fully on GPU, also behind GPU copies (a retry after one fails); a verdict that fits
     # only by reloading the node's own CPU copy is not a cold load: a request without num_gpu is served by the
     # runner that is there
-    result = decide.check(view, key, now)
+    result = placement.check(view, key, now)
     cold = [v.node for v in result.fitting if not v.in_place and v.node not in placed]
     ordered = [*on_gpu, *sorted((n for n in candidates if n.name in cold), key=lambda n: cold.index(n.name))]
     if on_gpu:
@@ -121,7 +121,7 @@ def choose(state: ClusterState, model: str, options: Mapping[str, object], traff
     elif ordered:
         reason = f"loads fully on GPU on {ordered[0].name}"
     else:
-        best = decide.route_of(view, result)
+        best = placement.route_of(view, result)
         reason = f"nothing better: {best.reason}"
     ordered += sorted((n for n in candidates if n.loaded_model(key) and n.name not in {*placed, *cold}), key=copy_order)
     if not on_gpu and not cold and best.processor == "CPU" and best.node not in {n.name for n in ordered}:

@@ -6,7 +6,7 @@ one finishes (reference/ollama-api.md §4.2), so a listed model whose `expires_a
 a request (or stopping after an unload): it is busy and is never evicted. `now` is this host's clock, so a
 node whose clock runs far behind makes its models look busy (never evicted): the safe side.
 
-What a model takes, and what fits, is judged per node by the rules of the Ollama it runs (`exporter.room`):
+What a model takes, and what fits, is judged per node by the rules of the Ollama it runs (`gpurouter.sizing.room`):
 the need comes from the node's own ladder answer (its era, the context the model gets there), and on a
 llama-server node a model must also leave llama.cpp's fit margin free and, beside other loaded models, pass
 Ollama's 80 % admission test — or Ollama would evict something the plan did not choose. Room is counted
@@ -20,13 +20,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from exporter import catalog, eras
-from exporter.config import PriorityModel, model_key
-from exporter.need import Facts, Sizing, model_need
-from exporter.ollama import LoadedModel
-from exporter.room import Room, per_gpu_extra
-from exporter.state import ClusterState, ModelNeed, NodeState
-from exporter.units import size_text
+from gpurouter.cluster.config import PriorityModel, model_key
+from gpurouter.cluster.ollama import LoadedModel
+from gpurouter.cluster.state import ClusterState, ModelNeed, NodeState
+from gpurouter.sizing import catalog, eras
+from gpurouter.sizing.need import Facts, Sizing, model_need
+from gpurouter.sizing.room import Room, per_gpu_extra
+from gpurouter.units import size_text
 
 ALL_LAYERS = 999  # num_gpu asking for every layer when a model's layer count is not known
 

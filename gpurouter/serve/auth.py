@@ -11,7 +11,7 @@ import binascii
 import hmac
 from base64 import b64decode
 
-from exporter.config import WebhookAuth
+from gpurouter.cluster.config import WebhookAuth
 
 
 class Authenticator:

@@ -20,8 +20,8 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
-from exporter.units import body_too_large
-from exporter.urls import authority
+from gpurouter.units import body_too_large
+from gpurouter.urls import authority
 
 BACKLOG = 1024
 IDLE_TIMEOUT = 60  # seconds a connection may stay idle (Prometheus keeps one per target between scrapes)

@@ -1,7 +1,7 @@
 """The built-in catalog: the 13 models of the original guide, with the metadata `/api/show` gives for them.
 
 Tensor lists are generated from the architecture (reference/ollama-api.md Appendix) and llama.cpp's quant
-rules (§5.5), so the memory estimate of `exporter.estimate` runs on them exactly as on a real `/api/show`.
+rules (§5.5), so the memory estimate of `gpurouter.sizing.estimate` runs on them exactly as on a real `/api/show`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from exporter.estimate import Arch, arch_from_show
+from gpurouter.sizing.estimate import Arch, arch_from_show
 
 QK_K = 256  # elements per K-quant block
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp, when a row is not a multiple of 256

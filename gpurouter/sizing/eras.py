@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from exporter.units import GIB
+from gpurouter.units import GIB
 
 CLASSIC = "classic"
 LAYOUT = "layout"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from exporter.units import MIB
+from gpurouter.units import MIB
 
 RESERVE = 457 * MIB  # MinimumMemory() of a CUDA/ROCm GPU, counted in the classic `size`
 KV_BYTES = 2  # f16 cache (quantized KV needs flash attention, off in the classic era)

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from exporter.config import model_key
-from exporter.room import Room, per_gpu_extra
-from exporter.state import ClusterState, NodeState
+from gpurouter.cluster.config import model_key
+from gpurouter.cluster.state import ClusterState, NodeState
+from gpurouter.sizing.room import Room, per_gpu_extra
 
 TTL = 900.0  # seconds an inference holds without new evidence (the optimizer's longest cooldown)
 

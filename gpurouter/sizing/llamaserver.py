@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from exporter.estimate import Arch
-from exporter.units import GIB, MIB
+from gpurouter.sizing.estimate import Arch
+from gpurouter.units import GIB, MIB
 
 FIT_MARGIN = 1 * GIB  # LLAMA_ARG_FIT_TARGET: what llama.cpp's fit leaves free on each device
 KV_PAD = 256  # llama.cpp rounds the KV cache's context up to a multiple of this

@@ -18,11 +18,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from exporter import catalog, eras, estimate, llamaserver
-from exporter.config import Config, model_key
-from exporter.ollama import ShowInfo
-from exporter.state import ModelNeed, NodeState
-from exporter.units import MIB
+from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.ollama import ShowInfo
+from gpurouter.cluster.state import ModelNeed, NodeState
+from gpurouter.sizing import catalog, eras, estimate, llamaserver
+from gpurouter.units import MIB
 
 RESERVE = estimate.RESERVE  # Ollama's per-GPU reserve (CUDA/ROCm), counted in a classic-era `size`
 COMPUTE_ALLOWANCE = 256 * MIB  # llama-server's compute buffer where no metadata tells it (disk rung)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter import eras
-from exporter.estimate import RESERVE
-from exporter.llamaserver import FIT_MARGIN
-from exporter.state import ModelNeed, NodeState
+from gpurouter.cluster.state import ModelNeed, NodeState
+from gpurouter.sizing import eras
+from gpurouter.sizing.estimate import RESERVE
+from gpurouter.sizing.llamaserver import FIT_MARGIN
 
 
 def per_gpu_extra(era: str) -> int:

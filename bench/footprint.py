@@ -28,8 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from optimizer import localstack  # noqa: E402
-from optimizer.localstack import free_port, wait_for  # noqa: E402
+from cli import localstack  # noqa: E402
+from cli.localstack import free_port, wait_for  # noqa: E402
 from simulator.run import DEMO_FLEET, fleet_from_dict, router_config  # noqa: E402
 
 GENERATE = {"model": "llama3.2:1b", "prompt": "Why is the sky blue?", "stream": False, "options": {"num_predict": 4}}
@@ -39,7 +39,7 @@ class Process(localstack.Process):
     """A `gpu-router` subcommand, stopped by its own PID; what it holds and used read from /proc."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        super().__init__([sys.executable, "-m", "optimizer.cli", *args], log, cwd=ROOT)
+        super().__init__([sys.executable, "-m", "cli.main", *args], log, cwd=ROOT)
 
     def status_mib(self, key: str) -> float:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():

@@ -373,7 +373,7 @@ def token_files(config: dict[str, Any]) -> dict[str, str]:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_the_configuration_loads_and_its_token_files_are_mounted(target: str) -> None:
-    from exporter.config import parse_config
+    from gpurouter.cluster.config import parse_config
 
     objects = render(target)
     config = config_of(objects)
@@ -492,7 +492,7 @@ class Started:
     """`gpu-router ARGS` in a fresh interpreter, its stderr read by a thread; stopped by its own PID."""
 
     def __init__(self, args: list[str]) -> None:
-        command = [sys.executable, "-m", "optimizer.cli", *args]
+        command = [sys.executable, "-m", "cli.main", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []

@@ -82,6 +82,8 @@ class SimNode:
             spec.ram,
             max_loaded=spec.max_loaded,
             num_parallel=spec.num_parallel,
+            max_queue=spec.max_queue,
+            queue_all=version_tuple(spec.version) < (0, 11, 5),
             gpu_overhead=spec.gpu_overhead,
             load_speed=spec.load_speed,
             keep_alive=spec.keep_alive,

@@ -24,10 +24,11 @@ from simulator.structured import json_answer, tool_call
 RUNNER_GONE = "llama runner process has terminated: signal: killed"
 DEFAULT_TOKENS = 24  # tokens of a plain answer when num_predict is not set
 CACHED_COUNTED = (0, 30, 1)  # from this version prompt_eval_count counts cached + new tokens, before only new ones
+# the words of a plain answer, in turn (its first word loses its space)
 _WORDS = (
     " The", " simulated", " node", " answers", " with", " plain", " words", ",", " one", " token", " at",
     " a", " time", ".", " It", " keeps", " the", " model", " busy", " while", " it", " streams", ".",
-)  # fmt: skip  (an answer's first word loses its space)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from simulator.gotypes import go_decoded
 from simulator.httpserver import Request, Response, Stream, json_response
 
 SSE = "text/event-stream"
@@ -28,7 +29,7 @@ def error(status: int, message: str) -> Response:
 
 def _body(request: Request) -> dict[str, Any]:
     try:
-        data = json.loads(request.body or b"null")
+        data = go_decoded(json.loads(request.body or b"null"))
     except ValueError as exc:
         raise _Fail(error(400, str(exc))) from None
     if not isinstance(data, dict):
@@ -82,8 +83,90 @@ def _usage(final: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _finish(final: dict[str, Any]) -> str:
-    return "length" if final.get("done_reason") == "length" else "stop"
+def _finish(final: dict[str, Any], tool_calls: bool = False) -> str:
+    if final.get("done_reason") == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+def _tool_calls(native: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Ollama's tool calls in OpenAI's shape: arguments as a JSON string."""
+    return [
+        {
+            "id": call.get("id", ""),
+            "index": call["function"].get("index", 0),
+            "type": "function",
+            "function": {
+                "name": call["function"]["name"],
+                "arguments": json.dumps(call["function"].get("arguments") or {}, separators=(",", ":")),
+            },
+        }
+        for call in native or []
+    ]
+
+
+def _native_calls(calls: object) -> list[dict[str, Any]]:
+    """OpenAI tool calls (arguments a JSON string) as Ollama's (arguments an object)."""
+    native = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            continue
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (TypeError, ValueError):
+            raise _Fail(error(400, "invalid tool call arguments")) from None
+        native.append(
+            {"id": call.get("id", ""), "function": {"name": function.get("name", ""), "arguments": arguments}}
+        )
+    return native
+
+
+def _messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI messages as Ollama's: content parts joined, tool calls converted, a tool result named."""
+    names = {
+        call.get("id"): (call.get("function") or {}).get("name")
+        for m in data.get("messages") or []
+        if isinstance(m, dict)
+        for call in (m.get("tool_calls") or [])
+        if isinstance(call, dict)
+    }
+    messages = []
+    for m in data.get("messages") or []:
+        if not isinstance(m, dict):
+            raise _Fail(error(400, "invalid message format"))
+        message: dict[str, Any] = {"role": m.get("role"), "content": _text(m.get("content"))}
+        if m.get("tool_calls"):
+            message["tool_calls"] = _native_calls(m["tool_calls"])
+        if m.get("tool_call_id"):
+            message["tool_call_id"] = m["tool_call_id"]
+            message["tool_name"] = names.get(m["tool_call_id"]) or ""
+        messages.append(message)
+    return messages
+
+
+def _format(data: dict[str, Any]) -> object:
+    """`response_format` as Ollama's `format`: json_object → "json", json_schema → its schema."""
+    response_format = data.get("response_format")
+    if not isinstance(response_format, dict):
+        return None
+    kind = str(response_format.get("type") or "").strip().lower()
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        return (response_format.get("json_schema") or {}).get("schema")
+    return None
+
+
+def _think(data: dict[str, Any]) -> object:
+    """`reasoning_effort` (or `reasoning.effort`) as Ollama's `think`: none → false, a level → that level."""
+    reasoning = data.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else data.get("reasoning_effort")
+    if not effort:
+        return None
+    if effort == "none":
+        return False
+    return {"minimal": "low", "xhigh": "max", "ultra": "max"}.get(effort, effort)
 
 
 def _sse(
@@ -128,26 +211,55 @@ def chat(native: Native, request: Request) -> Response:
     try:
         data = _body(request)
         model = str(data.get("model") or "")
-        messages = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in data.get("messages") or []]
         stream = data.get("stream") is True
-        body = {"model": model, "messages": messages, "stream": stream, "options": _options(data)}
+        body = {"model": model, "messages": _messages(data), "stream": stream, "options": _options(data)}
+        extra = {"tools": data.get("tools"), "format": _format(data), "think": _think(data)}
+        body.update({k: v for k, v in extra.items() if v is not None})
         response = _call(native, "/api/chat", body)
     except _Fail as fail:
         return fail.response
+    head = _head("chat.completion.chunk" if stream else "chat.completion", "chatcmpl", model)
     if stream:
-        head = _head("chat.completion.chunk", "chatcmpl", model)
-        usage = bool((data.get("stream_options") or {}).get("include_usage"))
-
-        def choice(chunk: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            content = (chunk.get("message") or {}).get("content", "")
-            return {"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": finish}
-
-        return _sse(response, head, choice, usage)
+        return _chat_stream(response, head, bool((data.get("stream_options") or {}).get("include_usage")))
     final = json.loads(response.body)  # type: ignore[arg-type]
-    message = {"role": "assistant", "content": final["message"]["content"]}
-    choice = {"index": 0, "message": message, "finish_reason": _finish(final)}
-    head = _head("chat.completion", "chatcmpl", model)
+    calls = _tool_calls(final["message"].get("tool_calls"))
+    message: dict[str, Any] = {"role": "assistant", "content": final["message"]["content"]}
+    if calls:
+        message["tool_calls"] = calls
+    choice = {"index": 0, "message": message, "finish_reason": _finish(final, bool(calls))}
     return json_response(200, {**head, "choices": [choice], "usage": _usage(final)})
+
+
+def _chat_stream(response: Response, head: dict[str, Any], include_usage: bool) -> Response:
+    """Ollama's chat stream as OpenAI chunks: the role in the first, a tool call in its own, the finish reason
+    in an empty delta, then the usage when asked (closing this stream closes the native one)."""
+    native = response.body
+    assert isinstance(native, Stream)
+
+    def events() -> Iterator[bytes]:
+        first, called = True, False
+        for line in native:
+            data = json.loads(line)
+            if "error" in data:
+                yield _event({"error": {"message": data["error"], "type": "api_error", "param": None, "code": None}})
+                return
+            said = data.get("message") or {}
+            calls = _tool_calls(said.get("tool_calls"))
+            if not data.get("done") or first or said.get("content") or calls:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                delta["content"] = said.get("content", "")
+                if calls:
+                    delta["tool_calls"] = calls
+                    called = True
+                yield _event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                first = False
+            if data.get("done"):
+                yield _event({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(data, called)}]})
+                if include_usage:
+                    yield _event({**head, "choices": [], "usage": _usage(data)})
+        yield b"data: [DONE]\n\n"
+
+    return Response(200, Stream(events(), native.close), SSE)
 
 
 def completions(native: Native, request: Request) -> Response:

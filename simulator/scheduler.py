@@ -105,6 +105,7 @@ class RunnerView:
     expires_at: float
     busy: int
     loading: bool
+    slots: dict  # Slots.state(): each slot's cached tokens, the queue for a slot, the prompt token counters
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class Scheduler:
                     expires_at=r.expires_at if r.expires_at is not None else now + r.session,
                     busy=r.refcount,
                     loading=r.loading,
+                    slots=r.slots.state(),
                 )
                 for r in self._runners
             ]
@@ -302,6 +304,11 @@ class Scheduler:
             GpuUsage(i, g.name, g.vram, min(g.vram, u), max(0, g.vram - u))
             for i, (g, u) in enumerate(zip(self._gpus, used, strict=True))
         ]
+
+    def pending(self) -> int:
+        """Requests waiting for a load now (those OLLAMA_MAX_QUEUE bounds)."""
+        with self._cond:
+            return self._pending
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Loads and unloads per model name since start."""

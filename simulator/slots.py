@@ -1,6 +1,6 @@
 """A runner's parallel slots and their prompt cache, after llama-server: `num_parallel` slots, each holding the
 tokens of its last request (prompt and answer); a request takes the free slot whose cache shares the longest
-prefix with its prompt (the least recently used one when none shares any), reuses that prefix and computes
+prefix with its prompt (the least recently used one when none shares more than a tenth), reuses that prefix and computes
 the rest; requests beyond the slots wait in arrival order. The cache lives as long as the runner."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from simulator.prompt import Tokens, common_prefix
 
+SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
 _TICK = 0.05  # seconds between checks that a waiting request is still wanted
 
 
@@ -57,11 +58,15 @@ def reusable(cached: Sequence[str], prompt: Sequence[str]) -> int:
 
 
 def choose_slot(slots: Sequence[Slot], prompt: Sequence[str]) -> Slot | None:
-    """The free slot sharing the longest prefix with `prompt`; among equals the least recently used."""
+    """llama-server's get_available_slot: the free slot sharing the longest prefix with `prompt` when that
+    prefix is more than `SIMILARITY` of the prompt, else the least recently used free slot."""
     free = [s for s in slots if not s.busy]
     if not free:
         return None
-    return max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.used, -s.index))
+    best = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.used, -s.index))
+    if prompt and common_prefix(best.cached, prompt) > SIMILARITY * len(prompt):
+        return best
+    return min(free, key=lambda s: (s.used, s.index))
 
 
 class Slots:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from gpurouter.serve.gojson import json_kind
 from simulator.gotypes import go_decoded
 from simulator.httpserver import Request, Response, Stream, json_response
 
@@ -35,6 +36,81 @@ def _body(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _Fail(error(400, "invalid request body: expected a JSON object"))
     return data
+
+
+_KINDS: dict[str, Callable[[object], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float64": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "float32": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "list": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+_CHAT_REQUEST = {
+    "model": "string", "messages": "[]openai.Message", "stream": "bool", "stream_options": "openai.StreamOptions",
+    "max_tokens": "int", "seed": "int", "temperature": "float64", "frequency_penalty": "float64",
+    "presence_penalty": "float64", "top_p": "float64", "response_format": "openai.ResponseFormat",
+    "tools": "[]api.Tool", "reasoning": "openai.Reasoning", "reasoning_effort": "string", "logprobs": "bool",
+    "top_logprobs": "int",
+}  # fmt: skip
+_COMPLETION_REQUEST = {
+    "model": "string", "frequency_penalty": "float32", "max_tokens": "int",
+    "presence_penalty": "float32", "seed": "int", "stream": "bool", "stream_options": "openai.StreamOptions",
+    "temperature": "float32", "top_p": "float32", "suffix": "string", "logprobs": "int",
+}  # fmt: skip
+_MESSAGE = {"role": "string", "reasoning": "string", "tool_calls": "[]openai.ToolCall", "name": "string",
+            "tool_call_id": "string"}  # fmt: skip
+_TOOL_CALL = {"id": "string", "index": "int", "type": "string", "function": "object"}
+
+
+def _kind_of(go_type: str) -> str:
+    if go_type.startswith("[]"):
+        return "list"
+    return go_type if go_type in _KINDS else "object"
+
+
+def _type_error(data: dict[str, Any], struct: str, path: str, fields: dict[str, str]) -> str | None:
+    """encoding/json's error for the first field of the wrong kind (Go struct field STRUCT.PATH.FIELD)."""
+    for key, go_type in fields.items():
+        value = data.get(key)
+        if value is None or _KINDS[_kind_of(go_type)](value):
+            continue
+        kind = json_kind(value)
+        if go_type == "int" and isinstance(value, float):
+            kind = f"number {value:g}"
+        return f"json: cannot unmarshal {kind} into Go struct field {struct}.{path}{key} of type {go_type}"
+    return None
+
+
+def _cannot(value: object, field: str, go_type: str) -> str:
+    return f"json: cannot unmarshal {json_kind(value)} into Go struct field {field} of type {go_type}"
+
+
+def _bind(data: dict[str, Any], struct: str, fields: dict[str, str]) -> None:
+    """ShouldBindJSON into openai.`struct`: 400 with Go's text for a value of the wrong type."""
+    error_text = _type_error(data, struct, "", fields)
+    messages = data.get("messages") if "messages" in fields and error_text is None else None
+    for message in messages or []:
+        if not isinstance(message, dict):
+            error_text = _cannot(message, f"{struct}.messages", "openai.Message")
+            break
+        error_text = _type_error(message, "Message", "messages.", _MESSAGE)
+        for call in message.get("tool_calls") or [] if error_text is None else []:
+            if not isinstance(call, dict):
+                error_text = _cannot(call, "Message.messages.tool_calls", "openai.ToolCall")
+                break
+            error_text = _type_error(call, "ToolCall", "messages.tool_calls.", _TOOL_CALL)
+            if error_text is None:
+                function = call.get("function") or {}
+                fields_of = {"name": "string", "arguments": "string"}
+                error_text = _type_error(function, "", "messages.tool_calls.function.", fields_of)
+            if error_text is not None:
+                break
+        if error_text is not None:
+            break
+    if error_text is not None:
+        raise _Fail(error(400, error_text))
 
 
 class _Fail(Exception):
@@ -61,9 +137,14 @@ def _options(data: dict[str, Any]) -> dict[str, Any]:
     limit = data.get("max_completion_tokens", data.get("max_tokens"))
     if isinstance(limit, int) and not isinstance(limit, bool):
         options["num_predict"] = limit
-    for key in ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty"):
+    for key in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
         if data.get(key) is not None:
             options[key] = data[key]
+    stop = data.get("stop")  # a string or a list whose strings are kept; anything else is ignored
+    if isinstance(stop, str):
+        options["stop"] = [stop]
+    elif isinstance(stop, list):
+        options["stop"] = [s for s in stop if isinstance(s, str)]
     return options
 
 
@@ -210,6 +291,7 @@ def chat(native: Native, request: Request) -> Response:
     """POST /v1/chat/completions."""
     try:
         data = _body(request)
+        _bind(data, "ChatCompletionRequest", _CHAT_REQUEST)
         model = str(data.get("model") or "")
         stream = data.get("stream") is True
         body = {"model": model, "messages": _messages(data), "stream": stream, "options": _options(data)}
@@ -266,6 +348,7 @@ def completions(native: Native, request: Request) -> Response:
     """POST /v1/completions."""
     try:
         data = _body(request)
+        _bind(data, "CompletionRequest", _COMPLETION_REQUEST)
         model = str(data.get("model") or "")
         prompt = data.get("prompt")
         if isinstance(prompt, list):

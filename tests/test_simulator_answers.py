@@ -6,6 +6,8 @@ malformed fields."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from typing import Any
 
 import jsonschema
 import ollama
@@ -15,7 +17,7 @@ import requests
 from pydantic import BaseModel
 
 from simulator.prompt import render_chat, tokenize
-from simulator.run import Fleet, fleet_from_dict
+from simulator.run import DEMO_FLEET, Fleet, fleet_from_dict, load_fleet
 from simulator.structured import value_for
 
 NODE = {
@@ -224,9 +226,15 @@ def test_tools_give_a_tool_call_in_openais_shape_streaming_or_not(url):
     assert final.choices[0].finish_reason == "stop" and final.choices[0].message.content
 
 
-def test_langchain_structured_output_and_bound_tools(url):
+def test_langchain_structured_output_and_bound_tools_on_the_demo_cluster():
     chat_ollama = pytest.importorskip("langchain_ollama").ChatOllama
-    model = chat_ollama(model="llama3.1:8b", base_url=url)
+    demo = load_fleet(DEMO_FLEET)
+    nodes = tuple(replace(n, port=0, load_speed=0) for n in demo.nodes)  # its speeds, no fixed ports
+    with Fleet(replace(demo, control_port=0, nodes=nodes)) as running:
+        _langchain_against(chat_ollama(model="llama3.1:latest", base_url=running.urls["gpu-large"]))
+
+
+def _langchain_against(model: Any) -> None:
     person = model.with_structured_output(Person).invoke("Describe a person")
     assert isinstance(person, Person)
     as_tool = model.with_structured_output(Person, method="function_calling").invoke("Describe a person")

@@ -24,7 +24,7 @@ PREFILL = 2000.0  # prompt tokens per second on GPU, fast enough for tests
 NODE = {
     "name": "gpu",
     "gpus": [{"name": "RTX 4090", "vram": "24GiB"}],
-    "models": ["llama3.1:8b", "llama3.2:1b", "codellama:7b", "nomic-embed-text"],
+    "models": ["llama3.1:8b", "llama3.2:1b", "llama3.2:3b", "codellama:7b", "nomic-embed-text"],
     "token_rate": 0,
     "prefill_rate": PREFILL,
     "num_parallel": 2,
@@ -172,8 +172,11 @@ def test_embedding_models_and_some_families_get_one_slot(fleet, url):
 # -- 4. queue limits
 
 
-def test_more_than_max_queue_requests_waiting_for_a_load_get_503():
-    node = {**NODE, "load_speed": "1MiB", "max_queue": 1}  # a load takes hours: requests wait until the stop
+@pytest.mark.parametrize(("version", "loaded_status"), [("0.32.15", 200), ("0.11.4", 503)])
+def test_more_than_max_queue_requests_waiting_for_a_load_get_503(version, loaded_status):
+    """From v0.11.5 a request for a loaded model passes the full queue; before, every request was queued."""
+    preload = [{"model": "llama3.2:1b", "keep_alive": -1}]
+    node = {**NODE, "version": version, "load_speed": "1MiB", "max_queue": 1, "preload": preload}  # loads take hours
     with Fleet(fleet_from_dict({"nodes": [node]})) as running:
         url, results = running.urls["gpu"], []
 
@@ -181,13 +184,15 @@ def test_more_than_max_queue_requests_waiting_for_a_load_get_503():
             reply = requests.post(f"{url}/api/generate", json={"model": model, "prompt": "hi"}, timeout=30)
             results.append(reply.status_code)
 
-        loading = threading.Thread(target=generate, args=("llama3.2:1b",))
+        loading = threading.Thread(target=generate, args=("llama3.1:8b",))
         loading.start()
-        wait_for(lambda: state(running)["loaded"], what="the first load")
-        waiting = threading.Thread(target=generate, args=("llama3.1:8b",))
+        wait_for(lambda: len(state(running)["loaded"]) == 2, what="the second load")
+        waiting = threading.Thread(target=generate, args=("codellama:7b",))
         waiting.start()
         wait_for(lambda: state(running)["pending_loads"] == 1, what="one request waiting for a load")
-        refused = requests.post(f"{url}/api/generate", json={"model": "codellama:7b", "prompt": "hi"}, timeout=10)
+        refused = requests.post(f"{url}/api/generate", json={"model": "llama3.2:1b", "prompt": "x"}, timeout=10)
+        assert refused.status_code == loaded_status
+        refused = requests.post(f"{url}/api/generate", json={"model": "llama3.2:3b", "prompt": "x"}, timeout=10)
         assert (refused.status_code, refused.json()) == (503, {"error": MAX_QUEUE})
         assert MAX_QUEUE == "server busy, please try again.  maximum pending requests exceeded"
     loading.join(10)

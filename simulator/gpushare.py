@@ -6,7 +6,7 @@ once however many of its slots generate."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 
 def shared_rate(own: float, rates: Iterable[float], capacity: float) -> float:
@@ -46,11 +46,8 @@ class GpuShare:
     def rate(self, runner: int, gpus: Iterable[int], own: float) -> float:
         """The rate `runner` generates at now: its own, bounded by its tightest GPU's share."""
         with self._lock:
-            active: Mapping[int, Mapping[int, tuple[float, int]]] = self._active
-            return min(
-                (shared_rate(own, [r for r, _ in active.get(g, {}).values()], self.capacity) for g in gpus),
-                default=own,
-            )
+            rates = [[r for r, _ in self._active.get(g, {}).values()] for g in gpus]
+        return min((shared_rate(own, on_gpu, self.capacity) for on_gpu in rates), default=own)
 
     def generating(self) -> dict[int, int]:
         """How many runners generate on each GPU now."""

@@ -191,20 +191,20 @@ class Scheduler:
         with self._cond:
             self._check_open()
             self._reap()
-            if self._queue_all or not self._ready(request):
-                if self._pending >= self._max_queue:
-                    raise SchedulerError(503, MAX_QUEUE)
-                self._pending += 1
-            else:
-                return self._attach(self._find(request.spec), request.keep_alive)  # type: ignore[arg-type]
+            runner = self._usable(request)
+            if runner is not None and not self._queue_all:
+                return self._attach(runner, request.keep_alive)
+            if self._pending >= self._max_queue:
+                raise SchedulerError(503, MAX_QUEUE)
+            self._pending += 1
             try:
                 while True:
                     self._check_open()
                     self._reap()
-                    if self._ready(request):
-                        return self._attach(self._find(request.spec), request.keep_alive)  # type: ignore[arg-type]
-                    runner = self._find(request.spec)
-                    if (runner is None or runner.evicting or self._reloads(runner, request)) and not self._loading:
+                    runner = self._usable(request)
+                    if runner is not None:
+                        return self._attach(runner, request.keep_alive)
+                    if not self._loading and not self._loading_same(request):
                         self._loading = True
                         break
                     self._cond.wait(_TICK)
@@ -331,10 +331,17 @@ class Scheduler:
     def _find(self, spec: ModelSpec) -> Runner | None:
         return next((r for r in self._runners if r.spec is spec), None)
 
-    def _ready(self, request: LoadRequest) -> bool:
-        """A loaded runner of the model serves this request as it is (no load, no reload)."""
+    def _usable(self, request: LoadRequest) -> Runner | None:
+        """The loaded runner of the model that serves this request as it is (no load, no reload), if any."""
         runner = self._find(request.spec)
-        return runner is not None and not runner.evicting and not runner.loading and not self._reloads(runner, request)
+        if runner is None or runner.evicting or runner.loading or self._reloads(runner, request):
+            return None
+        return runner
+
+    def _loading_same(self, request: LoadRequest) -> bool:
+        """A runner of the model is loading with the options this request needs (wait for it, load nothing)."""
+        runner = self._find(request.spec)
+        return runner is not None and runner.loading and not runner.evicting and not self._reloads(runner, request)
 
     def _attach(self, runner: Runner, keep_alive: float | None) -> Runner:
         runner.refcount += 1

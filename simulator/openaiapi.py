@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from gpurouter.serve.gojson import json_kind
-from simulator.gotypes import go_decoded
+from simulator.gotypes import go_decoded, go_quote
 from simulator.httpserver import Request, Response, Stream, json_response
 
 SSE = "text/event-stream"
@@ -240,14 +240,18 @@ def _format(data: dict[str, Any]) -> object:
 
 
 def _think(data: dict[str, Any]) -> object:
-    """`reasoning_effort` (or `reasoning.effort`) as Ollama's `think`: none → false, a level → that level."""
+    """`reasoning_effort` (or `reasoning.effort`) as Ollama's `think` (thinkFromReasoningEffort): none → false,
+    minimal → low, xhigh and ultra → max; anything else is a 400."""
     reasoning = data.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, dict) else data.get("reasoning_effort")
     if not effort:
         return None
-    if effort == "none":
-        return False
-    return {"minimal": "low", "xhigh": "max", "ultra": "max"}.get(effort, effort)
+    levels = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "max": "max"}
+    levels.update(xhigh="max", ultra="max")
+    if effort not in levels:
+        allowed = '"minimal", "low", "medium", "high", "xhigh", "ultra", "max", or "none"'
+        raise _Fail(error(400, f"invalid reasoning value: {go_quote(str(effort))} (must be {allowed})"))
+    return levels[effort]
 
 
 def _sse(

@@ -133,6 +133,13 @@ def test_think_on_a_model_without_thinking_is_400_with_each_eras_text(fleet):
     )
     with pytest.raises(ollama.ResponseError, match="does not support thinking"):
         ollama.Client(host=fleet.urls["new"]).chat(model="llama3.1:8b", messages=[], think=True)
+    client = openai.OpenAI(base_url=f"{fleet.urls['new']}/v1", api_key="x")
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match="does not support thinking"):
+        client.chat.completions.create(model="llama3.1:8b", messages=messages, reasoning_effort="high")
+    with pytest.raises(openai.BadRequestError, match='invalid reasoning value: "huge"'):
+        client.chat.completions.create(model="llama3.1:8b", messages=messages, reasoning_effort="huge")
+    assert client.chat.completions.create(model="llama3.1:8b", messages=messages, reasoning_effort="none").choices
 
 
 def test_tools_on_a_model_without_tools_is_400_on_api_chat_and_v1(url):

@@ -258,9 +258,9 @@ def _langchain_against(model: Any) -> None:
     ("path", "body", "status", "error"),
     [
         ("/api/generate", {"model": "llama3.1:8b", "prompt": "x", "keep_alive": "\ud800"}, 400,
-         'time: invalid duration "\ufffd"'),
-        ("/api/chat", {"model": "llama3.1:8b", "keep_alive": "\ud800"}, 400, 'time: invalid duration "\ufffd"'),
-        ("/api/embed", {"model": "nomic-embed-text", "keep_alive": "\ud800"}, 400, 'time: invalid duration "\ufffd"'),
+         'time: invalid duration "\\xef\\xbf\\xbd"'),
+        ("/api/chat", {"model": "llama3.1:8b", "keep_alive": "\ud800"}, 400, 'time: invalid duration "\\xef\\xbf\\xbd"'),
+        ("/api/embed", {"model": "nomic-embed-text", "keep_alive": "\ud800"}, 400, 'time: invalid duration "\\xef\\xbf\\xbd"'),
         ("/api/generate", {"model": "\ud800"}, 404, "model '\ufffd' not found"),
         ("/api/generate", {"model": "llama3.1:8b", "prompt": "\ud800", "stream": False}, 200, None),
         ("/api/chat", {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "\ud800"}], "stream": False},

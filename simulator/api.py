@@ -16,6 +16,7 @@ from gpurouter.sizing.catalog import ModelSpec
 from simulator import fields, openaiapi, showinfo
 from simulator.fleet import display_name
 from simulator.generation import RUNNER_GONE, Answer, Generation, answer
+from simulator.gobind import cannot_unmarshal
 from simulator.gotypes import go_decoded, go_quote, go_time, parse_keep_alive
 from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response
 from simulator.options import merge_options, num_predict
@@ -66,9 +67,7 @@ def _finite(text: str) -> float:
 
 def _cannot(value: object, field: str, go_type: str) -> Response:
     """encoding/json's error for a value of the wrong kind in a struct field."""
-    return error_response(
-        400, f"json: cannot unmarshal {json_kind(value)} into Go struct field {field} of type {go_type}"
-    )
+    return error_response(400, cannot_unmarshal(value, field, go_type))
 
 
 def decode(request: Request, type_name: str, fields: Mapping[str, str]) -> dict:

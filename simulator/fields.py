@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from gpurouter.serve.gojson import json_kind
+from simulator.gobind import cannot_unmarshal
 from simulator.gotypes import go_quote
 
 THINK_VALUES = ("high", "medium", "low")
@@ -18,16 +18,12 @@ THINK_QUOTED = (0, 12, 5)  # `"x" does not support thinking`; before, the schedu
 _MESSAGE_STRINGS = ("role", "content", "thinking", "tool_name", "tool_call_id")
 
 
-def _cannot(value: object, field: str, go_type: str) -> str:
-    return f"json: cannot unmarshal {json_kind(value)} into Go struct field {field} of type {go_type}"
-
-
 def think_error(value: object, request_type: str, version: tuple[int, ...]) -> str | None:
     """The decoding error for a `think` value, or None when it is acceptable (or ignored, before v0.9)."""
     if value is None or version < THINK_KNOWN:
         return None
     if version < THINK_TYPED:
-        return None if isinstance(value, bool) else _cannot(value, f"{request_type}.think", "bool")
+        return None if isinstance(value, bool) else cannot_unmarshal(value, f"{request_type}.think", "bool")
     levels = (*THINK_VALUES, "max") if version >= THINK_MAX else THINK_VALUES
     shown = ", ".join(f'"{v}"' for v in levels)
     if isinstance(value, bool):
@@ -55,27 +51,27 @@ def message_error(messages: list[Any]) -> str | None:
     """The decoding error for a chat request's messages (each an api.Message), or None."""
     for message in messages:
         if not isinstance(message, Mapping):
-            return _cannot(message, "ChatRequest.messages", "api.Message")
+            return cannot_unmarshal(message, "ChatRequest.messages", "api.Message")
         for key in _MESSAGE_STRINGS:
             if message.get(key) is not None and not isinstance(message[key], str):
-                return _cannot(message[key], f"Message.messages.{key}", "string")
+                return cannot_unmarshal(message[key], f"Message.messages.{key}", "string")
         images = message.get("images")
         if images is not None:
             if not isinstance(images, list):
-                return _cannot(images, "Message.messages.images", "[]api.ImageData")
+                return cannot_unmarshal(images, "Message.messages.images", "[]api.ImageData")
             if not all(isinstance(i, str) for i in images):
                 bad = next(i for i in images if not isinstance(i, str))
-                return _cannot(bad, "Message.messages.images", "api.ImageData")
+                return cannot_unmarshal(bad, "Message.messages.images", "api.ImageData")
         calls = message.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
-                return _cannot(calls, "Message.messages.tool_calls", "[]api.ToolCall")
+                return cannot_unmarshal(calls, "Message.messages.tool_calls", "[]api.ToolCall")
             for call in calls:
                 if not isinstance(call, Mapping):
-                    return _cannot(call, "Message.messages.tool_calls", "api.ToolCall")
+                    return cannot_unmarshal(call, "Message.messages.tool_calls", "api.ToolCall")
                 function = call.get("function")
                 if function is not None and not isinstance(function, Mapping):
-                    return _cannot(function, "ToolCall.messages.tool_calls.function", "api.ToolCallFunction")
+                    return cannot_unmarshal(function, "ToolCall.messages.tool_calls.function", "api.ToolCallFunction")
     return None
 
 
@@ -84,15 +80,15 @@ def tools_error(tools: object) -> str | None:
     if tools is None:
         return None
     if not isinstance(tools, list):
-        return _cannot(tools, "ChatRequest.tools", "api.Tools")
+        return cannot_unmarshal(tools, "ChatRequest.tools", "api.Tools")
     for tool in tools:
         if not isinstance(tool, Mapping):
-            return _cannot(tool, "ChatRequest.tools", "api.Tool")
+            return cannot_unmarshal(tool, "ChatRequest.tools", "api.Tool")
         for key, go_type in (("type", "string"), ("function", "api.ToolFunction")):
             value = tool.get(key)
             wanted = str if go_type == "string" else Mapping
             if value is not None and not isinstance(value, wanted):
-                return _cannot(value, f"Tool.tools.{key}", go_type)
+                return cannot_unmarshal(value, f"Tool.tools.{key}", go_type)
     return None
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from gpurouter.serve.gojson import json_kind
+from simulator.gobind import cannot_unmarshal, type_error
 from simulator.gotypes import go_decoded, go_quote
 from simulator.httpserver import Request, Response, Stream, json_response
 
@@ -38,15 +38,6 @@ def _body(request: Request) -> dict[str, Any]:
     return data
 
 
-_KINDS: dict[str, Callable[[object], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float64": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "float32": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "list": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-}
 _CHAT_REQUEST = {
     "model": "string", "messages": "[]openai.Message", "stream": "bool", "stream_options": "openai.StreamOptions",
     "max_tokens": "int", "seed": "int", "temperature": "float64", "frequency_penalty": "float64",
@@ -61,56 +52,39 @@ _COMPLETION_REQUEST = {
 }  # fmt: skip
 _MESSAGE = {"role": "string", "reasoning": "string", "tool_calls": "[]openai.ToolCall", "name": "string",
             "tool_call_id": "string"}  # fmt: skip
-_TOOL_CALL = {"id": "string", "index": "int", "type": "string", "function": "object"}
+_TOOL_CALL = {"id": "string", "index": "int", "type": "string", "function": "struct"}
 
 
-def _kind_of(go_type: str) -> str:
-    if go_type.startswith("[]"):
-        return "list"
-    return go_type if go_type in _KINDS else "object"
+_FUNCTION = {"name": "string", "arguments": "string"}
 
 
-def _type_error(data: dict[str, Any], struct: str, path: str, fields: dict[str, str]) -> str | None:
-    """encoding/json's error for the first field of the wrong kind (Go struct field STRUCT.PATH.FIELD)."""
-    for key, go_type in fields.items():
-        value = data.get(key)
-        if value is None or _KINDS[_kind_of(go_type)](value):
-            continue
-        kind = json_kind(value)
-        if go_type == "int" and isinstance(value, float):
-            kind = f"number {value:g}"
-        return f"json: cannot unmarshal {kind} into Go struct field {struct}.{path}{key} of type {go_type}"
+def _messages_error(struct: str, messages: object) -> str | None:
+    """The binding error of an OpenAI request's messages and their tool calls, or None."""
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            return cannot_unmarshal(message, f"{struct}.messages", "openai.Message")
+        found = type_error(message, "Message", "messages.", _MESSAGE)
+        for call in message.get("tool_calls") or [] if found is None else []:
+            if not isinstance(call, dict):
+                return cannot_unmarshal(call, "Message.messages.tool_calls", "openai.ToolCall")
+            function = call.get("function") or {}
+            found = type_error(call, "ToolCall", "messages.tool_calls.", _TOOL_CALL) or type_error(
+                function, "", "messages.tool_calls.function.", _FUNCTION
+            )
+            if found is not None:
+                return found
+        if found is not None:
+            return found
     return None
-
-
-def _cannot(value: object, field: str, go_type: str) -> str:
-    return f"json: cannot unmarshal {json_kind(value)} into Go struct field {field} of type {go_type}"
 
 
 def _bind(data: dict[str, Any], struct: str, fields: dict[str, str]) -> None:
     """ShouldBindJSON into openai.`struct`: 400 with Go's text for a value of the wrong type."""
-    error_text = _type_error(data, struct, "", fields)
-    messages = data.get("messages") if "messages" in fields and error_text is None else None
-    for message in messages or []:
-        if not isinstance(message, dict):
-            error_text = _cannot(message, f"{struct}.messages", "openai.Message")
-            break
-        error_text = _type_error(message, "Message", "messages.", _MESSAGE)
-        for call in message.get("tool_calls") or [] if error_text is None else []:
-            if not isinstance(call, dict):
-                error_text = _cannot(call, "Message.messages.tool_calls", "openai.ToolCall")
-                break
-            error_text = _type_error(call, "ToolCall", "messages.tool_calls.", _TOOL_CALL)
-            if error_text is None:
-                function = call.get("function") or {}
-                fields_of = {"name": "string", "arguments": "string"}
-                error_text = _type_error(function, "", "messages.tool_calls.function.", fields_of)
-            if error_text is not None:
-                break
-        if error_text is not None:
-            break
-    if error_text is not None:
-        raise _Fail(error(400, error_text))
+    found = type_error(data, struct, "", fields)
+    if found is None and "messages" in fields:
+        found = _messages_error(struct, data.get("messages"))
+    if found is not None:
+        raise _Fail(error(400, found))
 
 
 class _Fail(Exception):

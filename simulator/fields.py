@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from simulator.gobind import cannot_unmarshal
+from simulator.gobind import cannot_unmarshal, type_error
 from simulator.gotypes import go_quote
 
 THINK_VALUES = ("high", "medium", "low")
@@ -15,7 +15,10 @@ THINK_MAX = (0, 30, 0)  # "max" is accepted from the llama-server era
 THINK_TYPED = (0, 11, 0)  # api.ThinkValue (a bool or a level); before, a *bool
 THINK_KNOWN = (0, 9, 0)  # `think` exists; older servers ignore it
 THINK_QUOTED = (0, 12, 5)  # `"x" does not support thinking`; before, the scheduler's "<full name> does not ..."
-_MESSAGE_STRINGS = ("role", "content", "thinking", "tool_name", "tool_call_id")
+_MESSAGE = {
+    "role": "string", "content": "string", "thinking": "string", "images": "[]api.ImageData",
+    "tool_calls": "[]api.ToolCall", "tool_name": "string", "tool_call_id": "string",
+}  # fmt: skip
 
 
 def think_error(value: object, request_type: str, version: tuple[int, ...]) -> str | None:
@@ -52,43 +55,31 @@ def message_error(messages: list[Any]) -> str | None:
     for message in messages:
         if not isinstance(message, Mapping):
             return cannot_unmarshal(message, "ChatRequest.messages", "api.Message")
-        for key in _MESSAGE_STRINGS:
-            if message.get(key) is not None and not isinstance(message[key], str):
-                return cannot_unmarshal(message[key], f"Message.messages.{key}", "string")
-        images = message.get("images")
-        if images is not None:
-            if not isinstance(images, list):
-                return cannot_unmarshal(images, "Message.messages.images", "[]api.ImageData")
-            if not all(isinstance(i, str) for i in images):
-                bad = next(i for i in images if not isinstance(i, str))
-                return cannot_unmarshal(bad, "Message.messages.images", "api.ImageData")
-        calls = message.get("tool_calls")
-        if calls is not None:
-            if not isinstance(calls, list):
-                return cannot_unmarshal(calls, "Message.messages.tool_calls", "[]api.ToolCall")
-            for call in calls:
-                if not isinstance(call, Mapping):
-                    return cannot_unmarshal(call, "Message.messages.tool_calls", "api.ToolCall")
-                function = call.get("function")
-                if function is not None and not isinstance(function, Mapping):
-                    return cannot_unmarshal(function, "ToolCall.messages.tool_calls.function", "api.ToolCallFunction")
+        found = type_error(message, "Message", "messages.", _MESSAGE)
+        if found is not None:
+            return found
+        bad = [i for i in message.get("images") or [] if not isinstance(i, str)]
+        if bad:
+            return cannot_unmarshal(bad[0], "Message.messages.images", "api.ImageData")
+        for call in message.get("tool_calls") or []:
+            if not isinstance(call, Mapping):
+                return cannot_unmarshal(call, "Message.messages.tool_calls", "api.ToolCall")
+            found = type_error(call, "ToolCall", "messages.tool_calls.", {"function": "api.ToolCallFunction"})
+            if found is not None:
+                return found
     return None
 
 
 def tools_error(tools: object) -> str | None:
     """The decoding error for a chat request's `tools` (api.Tools), or None."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
+    if tools is not None and not isinstance(tools, list):
         return cannot_unmarshal(tools, "ChatRequest.tools", "api.Tools")
-    for tool in tools:
+    for tool in tools or []:
         if not isinstance(tool, Mapping):
             return cannot_unmarshal(tool, "ChatRequest.tools", "api.Tool")
-        for key, go_type in (("type", "string"), ("function", "api.ToolFunction")):
-            value = tool.get(key)
-            wanted = str if go_type == "string" else Mapping
-            if value is not None and not isinstance(value, wanted):
-                return cannot_unmarshal(value, f"Tool.tools.{key}", go_type)
+        found = type_error(tool, "Tool", "tools.", {"type": "string", "function": "api.ToolFunction"})
+        if found is not None:
+            return found
     return None
 
 

@@ -270,6 +270,8 @@ def chat(native: Native, request: Request) -> Response:
     try:
         data = _body(request)
         _bind(data, "ChatCompletionRequest", _CHAT_REQUEST)
+        if not data.get("messages"):
+            raise _Fail(error(400, "[] is too short - 'messages'"))
         model = str(data.get("model") or "")
         stream = data.get("stream") is True
         body = {"model": model, "messages": _messages(data), "stream": stream, "options": _options(data)}

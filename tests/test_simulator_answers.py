@@ -281,6 +281,7 @@ def _langchain_against(model: Any) -> None:
          400, "json: cannot unmarshal array into Go struct field Message.messages.tool_call_id of type string"),
         ("/v1/chat/completions", {"model": "llama3.1:8b", "messages": [], "max_tokens": 1.5}, 400,
          "json: cannot unmarshal number 1.5 into Go struct field ChatCompletionRequest.max_tokens of type int"),
+        ("/v1/chat/completions", {"model": "llama3.1:8b", "messages": []}, 400, "[] is too short - 'messages'"),
         ("/v1/completions", {"model": "llama3.1:8b", "prompt": ["\ud800"]}, 200, None),
         ("/v1/embeddings", {"model": "nomic-embed-text", "input": "\ud800"}, 200, None),
     ],

@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from gpurouter.serve.gojson import json_error, json_kind
-from gpurouter.sizing import eras
-from gpurouter.sizing.catalog import ModelSpec
-from simulator import openaiapi, showinfo
+from simulator import eras, openaiapi, showinfo
+from simulator.catalog import ModelSpec
 from simulator.fleet import display_name
 from simulator.gotypes import go_quote, go_time, parse_keep_alive
 from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response

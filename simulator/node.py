@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpurouter.logfmt import log_event
-from gpurouter.sizing import catalog, eras
-from gpurouter.sizing.catalog import ModelSpec
-from simulator import serverlog
+from simulator import catalog, eras, serverlog
+from simulator.catalog import ModelSpec
 from simulator.faults import FAULTS, ONE_SHOT, check_fault
 from simulator.fleet import NodeSpec, display_name
 from simulator.gotypes import go_time
@@ -56,11 +55,6 @@ class Traffic:
             return {"active": self._active, **self._ended}
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """(0, 12, 6) from "0.12.6" or "0.12.6-rc1"."""
-    return tuple(int(part) for part in version.split("-", 1)[0].split("."))
-
-
 class SimNode:
     """A node of the fleet. Thread-safe; `state()` is what the control server reports for it."""
 
@@ -75,7 +69,7 @@ class SimNode:
         self.spec = spec
         self.log_path = log_path  # the server log it appends to at every start, if any
         self.clock = clock
-        self.version = version_tuple(spec.version)
+        self.version = eras.version_tuple(spec.version)
         self.era = eras.era_of(spec.version)
         self.scheduler = Scheduler(
             spec.gpus,

@@ -27,6 +27,7 @@ class Estimate:
     overflow: int
     layers: int
     total_layers: int  # block_count + 1: the output layer counts
+    held: int = 0  # what every GPU in use starts with: the reserve and a one-layer buffer (W_0 + KV_0)
 
     @property
     def size_vram(self) -> int:
@@ -110,4 +111,4 @@ def estimate(
         return Estimate((0,) * len(free), sum(alloc) + overflow, 0, total_layers)
     graph_used = full if placed == total_layers else partial
     per_gpu = tuple(a + graph_used if n else a for a, n in zip(alloc, counts, strict=True))
-    return Estimate(per_gpu, overflow, placed, total_layers)
+    return Estimate(per_gpu, overflow, placed, total_layers, RESERVE + first)

@@ -2,8 +2,8 @@
 
 - classic (≤ v0.12.10): Ollama's estimate walks the layers (`simulator.classic`); a model must fit
   beside the loaded ones, only the first may spill to CPU;
-- layout (v0.12.11 – v0.24): the same walk, but the per-GPU reserve is held back from free memory instead of
-  being counted in the model's size;
+- layout (v0.12.11 – v0.24): the same walk, but the per-GPU reserve and one-layer buffer are held back from
+  free memory instead of being counted in the model's size;
 - llama_server (≥ v0.30, reference ollama-current.md §2): admission by Ollama's prediction against 80 % of
   free memory (`simulator.admission`; only when another model is loaded), one GPU when it fits there
   (`main_gpu` pins), then llama.cpp's fit, or exactly the layers `num_gpu` forces — an out-of-memory failure
@@ -21,7 +21,7 @@ from typing import Protocol
 from simulator import eras, llamacpp, showinfo
 from simulator.admission import Prediction, predict
 from simulator.catalog import Arch, ModelSpec
-from simulator.classic import RESERVE, Estimate, estimate
+from simulator.classic import Estimate, estimate
 from simulator.options import RunnerOptions
 
 
@@ -93,15 +93,15 @@ class ClassicPlacer:
         return None
 
     def _choice(self, e: Estimate, gpus: Sequence[int], parallel: int) -> Choice:
-        per_gpu = {g: used for g, used in zip(gpus, e.per_gpu, strict=True) if used}
-        held = 0 if self.reserve_in_size else RESERVE * len(per_gpu)
-        if held:
-            per_gpu = {g: used - RESERVE for g, used in per_gpu.items()}
-        return Choice(e.size - held, e.size_vram - held, per_gpu, parallel, e.layers, e.total_layers)
+        held = 0 if self.reserve_in_size else e.held
+        per_gpu = {g: used - held for g, used in zip(gpus, e.per_gpu, strict=True) if used}
+        hidden = held * len(per_gpu)
+        return Choice(e.size - hidden, e.size_vram - hidden, per_gpu, parallel, e.layers, e.total_layers)
 
 
 class LayoutPlacer(ClassicPlacer):
-    """v0.12.11 – v0.24: the reserve is subtracted from free memory, not shown in the size."""
+    """v0.12.11 – v0.24: the reserve and the one-layer buffer are subtracted from free memory, not shown in the
+    size (reference ollama-api.md §5.6: llama3.1:8b at 4096 tokens ≈ 5,464,647,680 bytes)."""
 
     era = eras.LAYOUT
     reserve_in_size = False

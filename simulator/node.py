@@ -20,6 +20,8 @@ from simulator.options import merge_options
 from simulator.placement import placer_for
 from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError, log
 
+SHORT_WAIT = 0.1  # seconds: waits up to this long are plain sleeps (see SimNode.sleep)
+
 
 @dataclass(frozen=True)
 class Installed:
@@ -130,7 +132,11 @@ class SimNode:
         self._server.close()
 
     def sleep(self, seconds: float) -> bool:
-        """Wait, unless the node stops first (then False)."""
+        """Wait, unless the node stops first (then False). A short wait (a token's time) is a plain sleep, half
+        the CPU of an event's timed wait when a thousand requests generate at once; a stop then shows at its end."""
+        if seconds <= SHORT_WAIT:
+            time.sleep(max(0.0, seconds))
+            return not self._stopping.is_set()
         return not self._stopping.wait(seconds)
 
     def resolve(self, name: str) -> Installed | None:

@@ -132,7 +132,11 @@ def main() -> int:
             rounds = [_round(proc, urls, args.requests, args.tokens) for _ in range(args.rounds)]
         finally:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     floor, wall, ok = min(rounds, key=lambda r: r[1] / r[0])
     met = ok == args.requests and wall <= BURST_GOAL * floor
     print(

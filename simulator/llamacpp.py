@@ -51,7 +51,7 @@ def compute_buffer(arch: Arch, cells: int) -> int:
     (residual, normed input, attention output) per token, the f16 attention mask over the context, and the
     logits of one output (llama.cpp PR #23861) — the pooled embedding for an embedder."""
     tokens = min(UBATCH, cells)
-    gated = arch.architecture not in ("bert",)
+    gated = arch.architecture != "bert"  # bert's feed-forward has no gate
     widths = (3 if gated else 2) * arch.feed_forward_length + 3 * arch.embedding_length
     outputs = arch.embedding_length if arch.embedding else arch.vocab_size
     return F32 * tokens * widths + F16 * tokens * cells + F32 * outputs

@@ -11,7 +11,7 @@ qwen2.5-coder:0.5b loaded, generating T tokens a second (default 20). Prints:
   each of --rounds rounds (default 3; the best counts, as the machine may be busy with other work).
   Goal: every request answered 200 and the burst done within 1.5 × the floor.
 
-Run: `python bench/simulator.py [--nodes 1000] [--requests 1000] [--tokens 40] [--token-rate 20] [--idle 5]
+Run: `python bench/simulator_load.py [--nodes 1000] [--requests 1000] [--tokens 40] [--token-rate 20] [--idle 5]
 [--rounds 3]`.
 """
 

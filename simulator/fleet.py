@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gpurouter.cluster.yamlfile import closest, read_yaml, show, show_key
-from gpurouter.sizing import catalog, eras
 from gpurouter.units import GIB, MAX_SIZE, parse_size
+from simulator import catalog, eras
 from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
@@ -98,7 +98,7 @@ class NodeSpec:
         """The context a model gets when neither the request nor its Modelfile sets one: OLLAMA_CONTEXT_LENGTH,
         else (v0.15.5+) the tier of the GPUs' total memory less OLLAMA_GPU_OVERHEAD each, else 4096."""
         total = sum(max(0, g.vram - self.gpu_overhead) for g in self.gpus)
-        return eras.default_context(self.version, self.context_length, total)[0]
+        return eras.default_context(self.version, self.context_length, total)
 
 
 def _mixed_rate(gpu_share: float, gpu: float, cpu: float) -> float:

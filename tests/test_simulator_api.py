@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpurouter.sizing.catalog import find
+from simulator.catalog import find
 from simulator.fleet import load_fleet
 from simulator.gotypes import FOREVER, go_time, parse_duration, parse_keep_alive
 from simulator.run import DEMO_FLEET, Fleet, fleet_from_dict

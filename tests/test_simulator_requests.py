@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from cli.localstack import wait_for
-from gpurouter.sizing.catalog import find
+from simulator.catalog import find
 from simulator.fleet import NodeSpec, load_fleet
 from simulator.gpushare import GpuShare, shared_rate
 from simulator.prompt import common_prefix, render_chat, render_generate, tokenize

@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt
-from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.config import Config, model_key, name_problem
 from gpurouter.cluster.ollama import parse_go_time
 from gpurouter.decide.choose import Choice, choose
 from gpurouter.serve.auth import Authenticator
@@ -193,6 +193,8 @@ class Proxy:
         model = data.get("model") or (data.get("name") if request.path == "/api/show" else None)
         if not isinstance(model, str) or not model.strip():
             return error(dialect, 400, "model is required")
+        if name_problem(model):  # a lone surrogate from a "\ud800" escape could not even be written into an answer
+            return error(dialect, 400, "invalid model name")
         options = data.get("options") if isinstance(data.get("options"), dict) else {}
         state = self.view.state
         assert state is not None  # the first poll ends before the server listens

@@ -140,7 +140,9 @@ def _routes(app: Flask, s: Services) -> None:
     def index() -> Any:
         status = render.status_json(s.states.get(), time.time())
         actions = [dataclasses.asdict(a) for a in s.queue.actions()]
-        return Response(statuspage.render(status, actions), mimetype="text/html")
+        next_pass = s.reconciler.next_pass_in() if s.reconciler is not None else None
+        page = statuspage.render(status, actions, next_pass=next_pass, monitor_only=not config.auto_optimize)
+        return Response(page, mimetype="text/html")
 
     @app.post("/webhook")
     def receive() -> Any:

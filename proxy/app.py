@@ -289,9 +289,9 @@ class Proxy:
         except asyncio.TimeoutError:
             upstream.close()
             raise _Failed("timeout", f"no answer within {self.settings.read_timeout:g}s") from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientError:
             upstream.close()
-            raise _Failed("reset", f"connection lost before the answer ({type(exc).__name__})") from None
+            raise _Failed("reset", "connection to the node was lost before the answer") from None
         except BaseException:
             upstream.close()
             raise
@@ -331,7 +331,8 @@ class Proxy:
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    broken = "no bytes in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    timeout = isinstance(exc, asyncio.TimeoutError)
+                    broken = "no bytes in time" if timeout else "connection to the node was lost"
                     break
                 if not chunk:
                     complete = True

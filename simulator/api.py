@@ -28,7 +28,7 @@ GARBAGE = b'{"models":[{"name":"\xff\xfe<html>502 Bad Gateway'  # what the `garb
 RUNNER_GONE = "llama runner process has terminated: signal: killed"
 _OPTIONS = "map[string]interface {}"
 _WORDS = (
-    "The", " simulated", " node", " answers", " with", " plain", " words", ",", " one", " token", " at",
+    " The", " simulated", " node", " answers", " with", " plain", " words", ",", " one", " token", " at",
     " a", " time", ".", " It", " keeps", " the", " model", " busy", " while", " it", " streams",
 )  # fmt: skip
 _DEFAULT_TOKENS = 24

@@ -221,9 +221,7 @@ def _mutate(text: str, edits: list[tuple[float, str]]) -> str:
 @given(edits=_mutations())
 def test_every_mutation_of_the_example_config_loads_or_is_one_line(tmp_path: Path, edits: list) -> None:
     path = tmp_path / "gpu_router_config.yaml"
-    path.write_text(
-        _mutate((EXAMPLES / "gpu_router_config.yaml").read_text(), edits), encoding="utf-8"
-    )
+    path.write_text(_mutate((EXAMPLES / "gpu_router_config.yaml").read_text(), edits), encoding="utf-8")
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -239,9 +237,7 @@ def test_every_mutation_of_the_example_config_loads_or_is_one_line(tmp_path: Pat
 @given(edits=_mutations())
 def test_every_mutation_of_the_demo_fleet_loads_or_is_one_line(tmp_path: Path, edits: list) -> None:
     path = tmp_path / "fleet.yaml"
-    path.write_text(
-        _mutate((EXAMPLES / "demo-fleet.yaml").read_text(), edits), encoding="utf-8"
-    )
+    path.write_text(_mutate((EXAMPLES / "demo-fleet.yaml").read_text(), edits), encoding="utf-8")
     try:
         fleet = load_fleet(path)
     except ValueError as exc:
@@ -251,3 +247,9 @@ def test_every_mutation_of_the_demo_fleet_loads_or_is_one_line(tmp_path: Path, e
     else:
         for node in fleet.nodes:
             assert all(g.name.isprintable() for g in node.gpus) and all(m.isprintable() for m in node.models)
+
+
+def test_a_missing_fleet_file_is_one_line_with_the_command_and_the_file(tmp_path: Path) -> None:
+    done = run_cli("simulate", "--fleet", str(tmp_path / "nosuch.yaml"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"gpu-router simulate: {tmp_path / 'nosuch.yaml'}: no such file"]

@@ -93,22 +93,25 @@ class Secret:
     value: str | None = None
     env: str | None = None
     file: str | None = None
+    key: str = ""  # "FILE: KEY" of the setting that gives it, for the messages of `resolve`
 
     def resolve(self) -> str:
-        """The credential's text; raises ConfigError when its source is missing or empty."""
+        """The credential's text; raises ConfigError (naming the file and the key) when its source is missing or
+        empty."""
+        where = f"{self.key}: " if self.key else ""
         if self.value is not None:
             text = self.value
         elif self.env is not None:
             text = os.environ.get(self.env, "")
             if not text:
-                raise ConfigError(f"environment variable {self.env} is not set or empty")
+                raise ConfigError(f"{where}environment variable {self.env} is not set or empty")
         else:
             try:
                 text = Path(str(self.file)).read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read credentials file {self.file}: {exc.strerror}") from None
+                raise ConfigError(f"{where}cannot read credentials file {self.file}: {exc.strerror}") from None
             if not text:
-                raise ConfigError(f"credentials file {self.file} is empty")
+                raise ConfigError(f"{where}credentials file {self.file} is empty")
         return text
 
 
@@ -176,6 +179,7 @@ class Config:
     prometheus: PrometheusSource = field(default_factory=PrometheusSource)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    actions_log: str | None = None  # the shared actions log (gpurouter.act.journal); None = each process its own
     source: str = "<config>"
 
     def node(self, name: str) -> NodeConfig | None:
@@ -328,7 +332,8 @@ class _Reader:
         if not given:
             return None
         (name, value), *_ = given.items()
-        return Secret(**{forms[name]: self.string(value, _join(path, name))})
+        key = _join(path, name)
+        return Secret(**{forms[name]: self.string(value, key)}, key=f"{self.source}: {key}")
 
 
 def _join(path: str, key: str) -> str:
@@ -348,6 +353,7 @@ _TOP = (
     "prometheus",
     "optimizer",
     "proxy",
+    "actions_log",
 )
 _NODE = (
     "name",
@@ -410,6 +416,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     if any(n.gpu_source == "prometheus" for n in nodes) and not prometheus.url:
         raise r.fail("prometheus_url", "required when a node has gpu_source: prometheus")
     level = raw.get("log_level", "INFO")
+    actions_log = raw.get("actions_log")
     return Config(
         nodes=nodes,
         priority_models=priorities,
@@ -422,6 +429,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
         proxy=_proxy(r, raw.get("proxy") or {}),
+        actions_log=os.path.expanduser(r.string(actions_log, "actions_log")) if actions_log is not None else None,
         source=source,
     )
 

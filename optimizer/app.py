@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from gpurouter import render
 from gpurouter.act.execute import Execution
 from gpurouter.act.jobs import JobQueue, Metrics, Remediator, log, log_event
-from gpurouter.cluster.config import Config, PriorityModel
+from gpurouter.cluster.config import Config, PriorityModel, name_problem
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide import placement
@@ -284,6 +284,8 @@ def _model_query(s: Services) -> tuple[ClusterState, str]:
     model = request.args.get("model", "").strip()
     if not model:
         raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
+    if problem := name_problem(model):
+        raise ApiError(400, f"model: {problem}")
     state = s.states.get()
     if not placement.is_known(state, model):
         raise ApiError(404, render.unknown_model_text(state, webhook.clip(model)))
@@ -313,7 +315,9 @@ def _optimize_request(config: Config) -> tuple[bool, list[PriorityModel]]:
     if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
         raise ApiError(400, "models: expected a list of model names")
     wanted = []
-    for name in names:
+    for i, name in enumerate(names):
+        if problem := name_problem(name):
+            raise ApiError(400, f"models[{i}]: {problem}")
         priority = config.priority(name)
         if priority is None:
             raise ApiError(404, f"{webhook.clip(name)!r} is not a configured priority model")

@@ -15,8 +15,10 @@ import requests
 from conftest import alert, payload, run_cli
 from test_proxy import stack
 
-from gpurouter.cluster.config import ConfigError, load_config, name_problem
+from gpurouter.cluster.config import ConfigError, load_config, name_problem, parse_config
+from gpurouter.cluster.observe import Observer
 from optimizer import webhook
+from optimizer.app import create_app
 from proxy.app import ROUTED
 from simulator.fleet import fleet_from_dict
 
@@ -94,3 +96,21 @@ def test_the_command_line_refuses_a_model_argument_that_is_not_text(tmp_path: Pa
         .splitlines()[-1]
         .endswith("argument MODEL: invalid model name: a lone surrogate (U+DCFF) is not text")
     )
+
+
+def test_the_optimizer_api_refuses_a_model_name_that_is_not_text() -> None:
+    config = parse_config({"nodes": ["http://127.0.0.1:1"], "priority_models": ["llama3.1"], "auto_optimize": False})
+    with Observer(config) as observer:
+        app = create_app(config, observer=observer)
+        try:
+            client = app.test_client()
+            for path in ("/api/v1/route", "/api/v1/check"):
+                answer = client.get(path, query_string={"model": "a\x01b"})
+                assert answer.status_code == 400, path
+                assert answer.get_json()["error"].startswith("model: an unprintable character (U+0001)"), path
+            body = '{"dry_run": true, "models": ["llama3.1", "\\ud800"]}'
+            answer = client.post("/api/v1/optimize", data=body)
+            assert answer.status_code == 400
+            assert answer.get_json() == {"error": "models[1]: a lone surrogate (U+D800) is not text"}
+        finally:
+            app.extensions["gpu_router"].queue.stop()

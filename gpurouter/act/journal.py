@@ -40,7 +40,7 @@ def append(path: str | Path, records: Iterable[dict[str, object]]) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data.encode("utf-8", "backslashreplace"))
+            os.write(fd, data.encode("utf-8", "replace"))  # a lone surrogate in a detail: "?"
         finally:
             os.close(fd)
     except OSError as exc:

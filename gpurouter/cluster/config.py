@@ -93,12 +93,12 @@ class Secret:
     value: str | None = None
     env: str | None = None
     file: str | None = None
-    key: str = ""  # "FILE: KEY" of the setting that gives it, for the messages of `resolve`
+    origin: str = ""  # "FILE: KEY" of the setting that gives it, for the messages of `resolve`
 
     def resolve(self) -> str:
         """The credential's text; raises ConfigError (naming the file and the key) when its source is missing or
         empty."""
-        where = f"{self.key}: " if self.key else ""
+        where = f"{self.origin}: " if self.origin else ""
         if self.value is not None:
             text = self.value
         elif self.env is not None:
@@ -333,7 +333,7 @@ class _Reader:
             return None
         (name, value), *_ = given.items()
         key = _join(path, name)
-        return Secret(**{forms[name]: self.string(value, key)}, key=f"{self.source}: {key}")
+        return Secret(**{forms[name]: self.string(value, key)}, origin=f"{self.source}: {key}")
 
 
 def _join(path: str, key: str) -> str:

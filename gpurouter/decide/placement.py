@@ -98,21 +98,25 @@ def close_models(state: ClusterState, model: str, limit: int = 3, cutoff: float 
     it come first, shortest first (`mxbai` → mxbai-embed-large, `llama3.2` → llama3.2:1b and :3b); else the
     closest by spelling and those nearly as close, the tag compared only where `model` gives one."""
     key = model_key(model)
-    base = key.rsplit(":", 1)[0]
-    wanted = key if ":" in model.strip().rsplit("/", 1)[-1] else base  # ":latest" is no part of `mxbai`
+    wanted = key if ":" in model.strip().rsplit("/", 1)[-1] else key.rsplit(":", 1)[0]  # not `mxbai:latest`
     pools = [installed_models(state)]
     if catalog.find(key) is None:
         pools.append(sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)}))
     for names in pools:
-        others = [n for n in names if n != key]
-        prefixed = sorted((n for n in others if n.startswith(base)), key=lambda n: (len(n), n))
+        prefixed = _beginning_with(names, key, limit)
         if prefixed:
-            return prefixed[:limit]
-        scored = sorted(((_likeness(wanted, n), n) for n in others), key=lambda x: (-x[0], x[1]))
+            return prefixed
+        scored = sorted(((_likeness(wanted, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
         if scored and scored[0][0] >= cutoff:  # the best, and those nearly as close (not every distant cousin)
             floor = max(cutoff, scored[0][0] - 0.15)
             return [n for score, n in scored if score >= floor][:limit]
     return []
+
+
+def _beginning_with(names: Iterable[str], key: str, limit: int = 3) -> list[str]:
+    """The names other than `key` that begin with its name without the tag, shortest first."""
+    base = key.rsplit(":", 1)[0]
+    return sorted((n for n in names if n != key and n.startswith(base)), key=lambda n: (len(n), n))[:limit]
 
 
 def is_known(state: ClusterState, model: str) -> bool:
@@ -357,8 +361,9 @@ def check(state: ClusterState, model: str, now: float) -> CheckResult:
     verdicts = tuple(_verdict(state, node, key, priority, now) for node in state.nodes)
     code, result = _result(verdicts)
     installed = installed_models(state)
-    if code == "nowhere" and key not in installed:  # `llama3.2` where llama3.2:1b and :3b are installed
-        close = [n for n in close_models(state, model) if n in installed]
+    if code == "nowhere" and key not in installed:
+        # `llama3.2` where llama3.2:1b and :3b are installed; no search by spelling (the proxy checks every request)
+        close = _beginning_with(installed, key)
         result += f" (did you mean {', '.join(close)}?)" if close else ""
     return CheckResult(model=key, verdicts=verdicts, result=result, needs=model_needs(state, key), code=code)
 

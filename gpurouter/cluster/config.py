@@ -293,13 +293,12 @@ class _Reader:
 
     def url(self, value: Any, path: str) -> str:
         text = self.string(value, path).rstrip("/")
-        parts = urlsplit(text)
         try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        host = parts.hostname or ""
-        if parts.scheme not in ("http", "https") or not 0 < len(host) <= 253 or port == -1:
+            parts = urlsplit(text)
+            scheme, host, port = parts.scheme, parts.hostname or "", parts.port
+        except ValueError:  # "Invalid IPv6 URL" (an unclosed "["), a port that is not a number
+            scheme, host, port = "", "", -1
+        if scheme not in ("http", "https") or not 0 < len(host) <= 253 or port == -1:
             raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {show(value)}")
         return text
 

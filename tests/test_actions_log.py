@@ -12,7 +12,8 @@ from conftest import gpu_router
 
 from cli.localstack import wait_for
 from gpurouter.act import journal
-from gpurouter.cluster.config import load_config
+from gpurouter.act.jobs import ActionRecord, JobQueue, JobResult
+from gpurouter.cluster.config import load_config, parse_config
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.ollama import OllamaClient
 from optimizer.service import start_optimizer
@@ -119,3 +120,15 @@ def test_a_node_that_is_down_shows_its_era_and_context_as_unknown() -> None:
     html = render({"taken_at": time.time(), "nodes": [node], "priority_models": []}, [])
     assert "era unknown · default context unknown" in html
     assert 'data-era=""' in html and 'data-context=""' in html and "4096 tokens" not in html
+
+
+def test_a_log_that_cannot_be_written_still_shows_the_optimizers_own_actions(tmp_path: Path) -> None:
+    config = parse_config({"nodes": ["http://127.0.0.1:1"], "actions_log": str(tmp_path / "no-such-dir" / "a.jsonl")})
+    record = ActionRecord(1.0, "m:latest", "n", "load", "success", 0.5)
+    queue = JobQueue(config, lambda job: JobResult(ok=True, actions=(record,))).start()
+    try:
+        queue.submit("m")
+        assert queue.wait_idle(10)
+        assert queue.actions() == [record]  # and a warning was logged
+    finally:
+        queue.stop()

@@ -278,12 +278,14 @@ class JobQueue:
             return [job.snapshot(now) for job in self._jobs.values()]
 
     def actions(self) -> list[ActionRecord]:
-        """The last HISTORY actions, oldest first: with `actions_log`, every process's from the log; else this
-        queue's own."""
-        if self.config.actions_log is not None:
-            return [ActionRecord.from_json(r) for r in journal.read(self.config.actions_log, HISTORY)]
+        """The last HISTORY actions, oldest first: this queue's own, and with `actions_log` every process's from
+        the log (this queue's own still shown when the log could not be written)."""
         with self._cond:
-            return list(self._history)
+            own = list(self._history)
+        if self.config.actions_log is None:
+            return own
+        shared = {ActionRecord.from_json(r) for r in journal.read(self.config.actions_log, HISTORY)}
+        return sorted(shared.union(own), key=lambda r: r.time)[-HISTORY:]
 
     def cooldowns(self) -> dict[str, float]:
         """Seconds of cooldown left per model that has one."""

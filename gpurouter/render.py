@@ -101,8 +101,11 @@ def need_groups(needs: dict[str, ModelNeed]) -> list[tuple[ModelNeed, list[str]]
 
 
 def not_installed_text(state: ClusterState, model: str) -> str:
-    """`not installed on any node (did you mean mxbai-embed-large:latest?)`."""
+    """`not installed on any node (did you mean mxbai-embed-large:latest?)`; where it is installed is unknown
+    when no node answered (and no other name is offered for it)."""
     down = [n.name for n in state.nodes if not n.up]
+    if len(down) == len(state.nodes):
+        return "unknown whether it is installed: no node answered"
     where = "any node that answered" if down else "any node"
     close = close_models(state, model)
     return f"not installed on {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")

@@ -42,6 +42,7 @@ class Reconciler:
         self.leftovers = leftovers
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next: float | None = None  # time.monotonic() of the next pass; None while one runs
 
     def run_once(self) -> list[str]:
         """One pass: the priority models not fully on GPU (queued, or only planned in monitor mode)."""
@@ -94,6 +95,11 @@ class Reconciler:
         self._thread.start()
         return self
 
+    def next_pass_in(self) -> float:
+        """Seconds until the next pass starts; 0 while one runs (or before the first)."""
+        due = self._next
+        return 0.0 if due is None else max(0.0, due - time.monotonic())
+
     @property
     def dead(self) -> bool:
         """True when the loop's thread ended although nobody stopped it."""
@@ -110,10 +116,12 @@ class Reconciler:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self._next = None
                 try:
                     self.run_once()
                 except Exception:  # a bad pass must not end the loop
                     log.exception("event=reconcile outcome=failure")
+                self._next = time.monotonic() + self.interval
                 self._stop.wait(self.interval)
         except BaseException:  # the loop itself broke: say so; /healthz reports it from now on
             log.exception("event=reconcile outcome=dead")

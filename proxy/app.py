@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt
-from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.config import Config, model_key, name_problem
 from gpurouter.cluster.ollama import parse_go_time
 from gpurouter.decide.choose import Choice, choose
 from gpurouter.serve.auth import Authenticator
@@ -193,6 +193,8 @@ class Proxy:
         model = data.get("model") or (data.get("name") if request.path == "/api/show" else None)
         if not isinstance(model, str) or not model.strip():
             return error(dialect, 400, "model is required")
+        if name_problem(model):  # a lone surrogate from a "\ud800" escape could not even be written into an answer
+            return error(dialect, 400, "invalid model name")
         options = data.get("options") if isinstance(data.get("options"), dict) else {}
         state = self.view.state
         assert state is not None  # the first poll ends before the server listens
@@ -287,9 +289,9 @@ class Proxy:
         except asyncio.TimeoutError:
             upstream.close()
             raise _Failed("timeout", f"no answer within {self.settings.read_timeout:g}s") from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientError:
             upstream.close()
-            raise _Failed("reset", f"connection lost before the answer ({type(exc).__name__})") from None
+            raise _Failed("reset", "connection to the node was lost before the answer") from None
         except BaseException:
             upstream.close()
             raise
@@ -329,7 +331,8 @@ class Proxy:
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    broken = "no bytes in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    timeout = isinstance(exc, asyncio.TimeoutError)
+                    broken = "no bytes in time" if timeout else "connection to the node was lost"
                     break
                 if not chunk:
                     complete = True

@@ -38,7 +38,7 @@ class Healer:
         self._pool: ThreadPoolExecutor | None = None
         self._headers: dict[str, str] = {}
         if self.mode == "in_process":
-            self._queue = JobQueue(config, Remediator(config, observer)).start()
+            self._queue = JobQueue(config, Remediator(config, observer), by="proxy").start()
         elif self.mode == "api":
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heal")
             self._headers = _credentials(config)

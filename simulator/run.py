@@ -127,13 +127,13 @@ def serve(
     """
     try:
         fleet = Fleet(load_fleet(fleet_path), control_port, log_dir=log_dir)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+    except ValueError as exc:  # the message names the file
+        print(f"gpu-router simulate: {exc}", file=sys.stderr)
         return 2
     try:
         fleet.start()
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+    except ValueError as exc:  # a preload that cannot load: the message names the node and the model
+        print(f"gpu-router simulate: {fleet_path}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"gpu-router simulate: {fleet_path}: cannot start the fleet: {exc.strerror or exc}", file=sys.stderr)

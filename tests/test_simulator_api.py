@@ -459,4 +459,6 @@ def test_cli_bad_fleet_file_exits_2_with_one_line(tmp_path):
             process.kill()
             process.wait(5)
     assert process.returncode == 2
-    assert err.strip().splitlines() == [f"{path}: nodes[0].gpus[0].vram: expected a size like 8GiB, got 'lots'"]
+    assert err.strip().splitlines() == [
+        f"gpu-router simulate: {path}: nodes[0].gpus[0].vram: expected a size like 8GiB, got 'lots'"
+    ]

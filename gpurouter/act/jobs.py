@@ -14,13 +14,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gpurouter import logfmt
-from gpurouter.act import execute
+from gpurouter.act import execute, journal
 from gpurouter.cluster.config import Config, PriorityModel, model_key
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.ollama import OllamaClient, OllamaError
@@ -80,7 +80,8 @@ class ActionRecord:
     load/unload/evict, or plan/job for a job's own outcome;
     `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
     dry-run (auto_optimize: false), unplaced (the plan found no node for the model) or by_ollama (an `evict`
-    Ollama did on its own while a load of ours ran)."""
+    Ollama did on its own while a load of ours ran). `by` is the process that took it: optimizer, proxy (its
+    in-process heal) or cli (`gpu-router optimize`)."""
 
     time: float  # Unix seconds when it started
     model: str
@@ -89,6 +90,44 @@ class ActionRecord:
     outcome: str
     duration_seconds: float
     detail: str = ""
+    by: str = "optimizer"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ActionRecord:
+        """A record read back from the actions log (`journal.read` checked the fields every record has)."""
+        return cls(
+            time=float(data["time"]),
+            model=data["model"],
+            node=data["node"],
+            action=data["action"],
+            outcome=data["outcome"],
+            duration_seconds=float(data.get("duration_seconds") or 0.0),
+            detail=str(data.get("detail") or ""),
+            by=str(data.get("by") or "?"),
+        )
+
+
+def action_records(
+    execution: execute.Execution, offset: float, now: float, *, stopping: bool = False, by: str = "optimizer"
+) -> list[ActionRecord]:
+    """The records of a plan's execution: each step's outcome (its start moved to Unix time by `offset`), each
+    model Ollama evicted on its own meanwhile; for a dry run each planned step, as of `now`."""
+    if execution.dry_run:
+        return [
+            ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason, by) for s in execution.plan.steps
+        ]
+    records = []
+    for o in execution.outcomes:
+        outcome = "success" if o.ok else "abandoned" if stopping else "skipped" if o.skipped else "failure"
+        step = o.step
+        records.append(
+            ActionRecord(o.started + offset, step.model, step.node, step.action, outcome, o.duration, o.detail, by)
+        )
+        why = f"Ollama unloaded it on its own while {step.model} loaded (not in the plan)"
+        records += [
+            ActionRecord(o.started + offset, m, step.node, "evict", "by_ollama", 0.0, why, by) for m in o.evicted
+        ]
+    return records
 
 
 @dataclass(frozen=True)
@@ -150,9 +189,12 @@ class JobQueue:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        by: str = "optimizer",
     ) -> None:
+        """`by`: the process that runs it, as its records name it (optimizer or proxy)."""
         self.config = config
         self.run_job = run_job
+        self.by = by
         self.metrics = metrics or Metrics()
         self.stopping = stop or threading.Event()
         self.clock = clock
@@ -236,9 +278,14 @@ class JobQueue:
             return [job.snapshot(now) for job in self._jobs.values()]
 
     def actions(self) -> list[ActionRecord]:
-        """The last HISTORY actions, oldest first."""
+        """The last HISTORY actions, oldest first: this queue's own, and with `actions_log` every process's from
+        the log (this queue's own still shown when the log could not be written)."""
         with self._cond:
-            return list(self._history)
+            own = list(self._history)
+        if self.config.actions_log is None:
+            return own
+        shared = {ActionRecord.from_json(r) for r in journal.read(self.config.actions_log, HISTORY)}
+        return sorted(shared.union(own), key=lambda r: r.time)[-HISTORY:]
 
     def cooldowns(self) -> dict[str, float]:
         """Seconds of cooldown left per model that has one."""
@@ -287,7 +334,10 @@ class JobQueue:
 
     def _finish(self, job: Job, result: JobResult) -> None:
         now = self.clock()
-        for record in result.actions:
+        records = [replace(r, by=self.by) for r in result.actions]
+        if self.config.actions_log is not None:
+            journal.append(self.config.actions_log, [asdict(r) for r in records])
+        for record in records:
             if record.action in ACTIONS and record.outcome in ("success", "failure", "by_ollama"):
                 self.metrics.actions.labels(action=record.action, result=record.outcome).inc()
             level = logging.WARNING if record.outcome in ("failure", "unplaced", "by_ollama") else logging.INFO
@@ -304,7 +354,7 @@ class JobQueue:
         if result.fixed:
             self.metrics.remediation.observe(max(0.0, now - job.received))
         with self._cond:
-            self._history.extend(result.actions)
+            self._history.extend(records)
             if result.ok:
                 self._failures.pop(job.model, None)
                 self._cool_until.pop(job.model, None)
@@ -451,27 +501,10 @@ class Remediator:
 
     def _result(self, model: str, plan: placement.Plan, execution: execute.Execution, offset: float) -> JobResult:
         now = self.wall()
-        if execution.dry_run:
-            records = [ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason) for s in plan.steps]
-        else:
-            records = []
+        records = action_records(execution, offset, now, stopping=self.stopping.is_set())
+        if not execution.dry_run:
             for o in execution.outcomes:
                 self._track_removal(o)
-                records.append(
-                    ActionRecord(
-                        o.started + offset,
-                        o.step.model,
-                        o.step.node,
-                        o.step.action,
-                        self._outcome(o),
-                        o.duration,
-                        o.detail,
-                    )
-                )
-                why = f"Ollama unloaded it on its own while {o.step.model} loaded (not in the plan)"
-                records += [
-                    ActionRecord(o.started + offset, m, o.step.node, "evict", "by_ollama", 0.0, why) for m in o.evicted
-                ]
                 if o.hidden:
                     in_place = o.step.num_gpu is not None
                     why = (
@@ -503,10 +536,3 @@ class Remediator:
                 nodes.discard(step.node)
             else:
                 nodes.add(step.node)
-
-    def _outcome(self, outcome: execute.Outcome) -> str:
-        if outcome.ok:
-            return "success"
-        if self.stopping.is_set():
-            return "abandoned"
-        return "skipped" if outcome.skipped else "failure"

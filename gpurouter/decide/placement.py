@@ -93,16 +93,30 @@ def _likeness(wanted: str, name: str) -> float:
 
 
 def close_models(state: ClusterState, model: str, limit: int = 3, cutoff: float = 0.6) -> list[str]:
-    """Names close to `model` (the closest and those nearly as close): the installed (or loaded) ones first,
-    catalog names only when no installed one is close."""
+    """Names close to `model`: the installed (or loaded) ones first, catalog names only when no installed one
+    is close and `model` is not a catalog name itself (a known name is not a misspelling). Names that begin with
+    it come first, shortest first (`mxbai` → mxbai-embed-large, `llama3.2` → llama3.2:1b and :3b); else the
+    closest by spelling and those nearly as close, the tag compared only where `model` gives one."""
     key = model_key(model)
-    catalog_names = sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)})
-    for names in (installed_models(state), catalog_names):
-        scored = sorted(((_likeness(key, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
+    wanted = key if ":" in model.strip().rsplit("/", 1)[-1] else key.rsplit(":", 1)[0]  # not `mxbai:latest`
+    pools = [installed_models(state)]
+    if catalog.find(key) is None:
+        pools.append(sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)}))
+    for names in pools:
+        prefixed = _beginning_with(names, key, limit)
+        if prefixed:
+            return prefixed
+        scored = sorted(((_likeness(wanted, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
         if scored and scored[0][0] >= cutoff:  # the best, and those nearly as close (not every distant cousin)
             floor = max(cutoff, scored[0][0] - 0.15)
             return [n for score, n in scored if score >= floor][:limit]
     return []
+
+
+def _beginning_with(names: Iterable[str], key: str, limit: int = 3) -> list[str]:
+    """The names other than `key` that begin with its name without the tag, shortest first."""
+    base = key.rsplit(":", 1)[0]
+    return sorted((n for n in names if n != key and n.startswith(base)), key=lambda n: (len(n), n))[:limit]
 
 
 def is_known(state: ClusterState, model: str) -> bool:
@@ -346,6 +360,11 @@ def check(state: ClusterState, model: str, now: float) -> CheckResult:
     priority = _priority_keys(state)
     verdicts = tuple(_verdict(state, node, key, priority, now) for node in state.nodes)
     code, result = _result(verdicts)
+    installed = installed_models(state)
+    if code == "nowhere" and key not in installed:
+        # `llama3.2` where llama3.2:1b and :3b are installed; no search by spelling (the proxy checks every request)
+        close = _beginning_with(installed, key)
+        result += f" (did you mean {', '.join(close)}?)" if close else ""
     return CheckResult(model=key, verdicts=verdicts, result=result, needs=model_needs(state, key), code=code)
 
 
@@ -452,9 +471,11 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
     if best.loaded_model(key) is not None:
         facts.append("already runs it")
     facts.append(f"{size_text(_ram_held(best))} held in RAM by loaded models")
-    causes = [c for group in _off_gpu_causes(_by_kind(result.verdicts)) for c in group] or ["no GPU can hold it fully"]
-    cause = "; ".join(causes)
-    why = f"{cause[0].upper()}{cause[1:]}; {best.name} {', '.join(facts)}"
+    by_kind = _by_kind(result.verdicts)
+    cause = "; ".join(c for group in _off_gpu_causes(by_kind) for c in group) or "no GPU can hold it fully"
+    if "down" not in by_kind:  # then the sentence starts "gpu-large did not answer": a name keeps its case
+        cause = cause[0].upper() + cause[1:]
+    why = f"{cause}; {best.name} {', '.join(facts)}"
     if len(candidates) > 1:
         why += f" (best of {len(candidates)} CPU candidates)"
     return Route(key, best.name, "CPU", why, result.verdicts, result.needs)

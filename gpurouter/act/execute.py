@@ -5,10 +5,14 @@ then the removal of its CPU/partial copies elsewhere (each holding that node's s
 copy was verified. Different target nodes work in parallel. Before every step the node's `/api/ps` is read
 again: a model already fully on GPU there means the work is done, a victim already gone needs no unload.
 
-A load is verified by polling `/api/ps` until the copy shows `size_vram == size`. Once Ollama lists the
-copy (the load call has returned) its placement is final, so a copy that stays short of that for a settle
-period (`max(2 s, 4 polls)`) is a failure: it is unloaded again unless it is the only copy serving the
-model. Every failure is recorded as an `Outcome`, never raised.
+A load is verified by polling `/api/ps` until the copy shows `size_vram == size`. Once Ollama answered the
+load its placement is final, so a copy that stays short of that for a settle period (`max(2 s, 4 polls)`) is
+a failure: it is unloaded again unless it is the only copy serving the model. A copy not listed within the
+settle period is gone (Ollama unloaded it, e.g. to admit a busy client's request): the step fails at once and
+the copy counts among the models Ollama evicted. A removal of a copy elsewhere runs only while the job's GPU
+copy is still listed fully on GPU (read again just before), so the router never removes the last copy that
+serves a model. A `pin` asks Ollama again with the options the copy was listed with and its configured
+keep_alive: no reload, only the keep_alive changes. Every failure is recorded as an `Outcome`, never raised.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Outcome:
     verified: bool = False
     evicted: tuple[str, ...] = ()  # models Ollama unloaded on its own while this step loaded
     hidden: int = 0  # bytes inferred held outside Ollama: the room the load needed less what it got
+    evidence: str | None = None  # the copy left loaded whose placement backs `hidden` (its change drops it)
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,11 @@ class Execution:
 class _Failed(Exception):
     """A step failed; the message is its outcome's detail, `hidden` what the failure says is held elsewhere."""
 
-    def __init__(self, message: str, hidden: int = 0) -> None:
+    def __init__(self, message: str, hidden: int = 0, vanished: bool = False, evidence: str | None = None) -> None:
         super().__init__(message)
         self.hidden = hidden
+        self.evidence = evidence
+        self.vanished = vanished  # the step's own fresh copy disappeared: Ollama unloaded it
 
 
 def execute(
@@ -177,13 +184,27 @@ class _Runner:
                         if not outcomes[i].ok:
                             stop = f"{step.action} of {step.model} on {step.node} failed"
                         verified = outcomes[i].verified
+        home = next((steps[i].node for i in first if steps[i].action == "load"), None)
         for i in later:
             step = steps[i]
+            if verified and not self._still_on_gpu(model, home):
+                verified, stop = False, f"the GPU copy of {model} is gone again: every other copy is kept"
             if not verified:
                 outcomes[i] = self._skip(step, stop or f"no verified GPU copy of {step.model}")
                 continue
             with self._slot(step.node):
                 outcomes[i] = self._run(step, model)
+
+    def _still_on_gpu(self, model: str, home: str | None) -> bool:
+        """Read again just before a removal: the model is listed fully on GPU on `home` (or, for a job of
+        removals only, on a node of the state that answers)."""
+        homes = [home] if home is not None else [n.name for n, m in self.state.placements(model) if m.fully_on_gpu]
+        for node in homes:
+            with contextlib.suppress(_Failed):
+                copy = self._ps(node).get(model)
+                if copy is not None and copy.fully_on_gpu:
+                    return True
+        return False
 
     def _skip(self, step: Step, why: str) -> Outcome:
         detail = f"skipped: {why}"
@@ -199,29 +220,32 @@ class _Runner:
         verified: bool = False,
         evicted: tuple[str, ...] = (),
         hidden: int = 0,
+        evidence: str | None = None,
     ) -> Outcome:
         if evicted:
             detail += f"; Ollama also unloaded {', '.join(evicted)} on its own"
         self._event("done" if ok else "failed", step, detail)
         duration = self.clock() - started
-        return Outcome(step, ok, detail, started, duration, verified=verified, evicted=evicted, hidden=hidden)
+        return Outcome(step, ok, detail, started, duration, False, verified, evicted, hidden, evidence)
 
     def _run(self, step: Step, model: str) -> Outcome:
         """One step, after re-reading its node's /api/ps; a job model already fully on GPU there is done."""
         started = self.clock()
         self._event("start", step, _describe(step))
-        action = {"evict": self._evict, "load": self._load, "unload": self._unload}[step.action]
+        action = {"evict": self._evict, "load": self._load, "unload": self._unload, "pin": self._pin}[step.action]
         loaded: dict[str, LoadedModel] = {}
         try:
             loaded = self._ps(step.node)
             copy = loaded.get(model)
-            if step.action != "unload" and copy is not None and copy.fully_on_gpu:
+            if step.action in ("evict", "load") and copy is not None and copy.fully_on_gpu:
                 detail = f"not needed: {model} already fully on GPU on {step.node}"
                 return self._record(step, True, detail, started, verified=True)
             detail = action(step, loaded)
         except _Failed as failed:
-            gone = self._gone(step, loaded)
-            return self._record(step, False, str(failed), started, evicted=gone, hidden=failed.hidden)
+            gone = self._gone(step, loaded) + ((model_key(step.model),) if failed.vanished else ())
+            return self._record(
+                step, False, str(failed), started, evicted=gone, hidden=failed.hidden, evidence=failed.evidence
+            )
         except OllamaError as exc:
             return self._record(step, False, str(exc), started, evicted=self._gone(step, loaded))
         loads = step.action == "load"
@@ -283,7 +307,8 @@ class _Runner:
             except OllamaError as exc:
                 restored = self._restore(step) if num_gpu is not None else ""
                 hidden = self._hidden(step, loaded, 0)
-                raise _Failed(f"load failed: {exc}{restored or self._undo(step)}", hidden) from None
+                detail = f"load failed: {exc}{restored or self._undo(step)}"
+                raise _Failed(detail, hidden, evidence=self._left(step)) from None
             copy = self._verify(step)
             if copy is not None and copy.fully_on_gpu:
                 return f"{step.model} now on GPU on {step.node} ({size_text(copy.size)}, 100% GPU)"
@@ -291,10 +316,19 @@ class _Runner:
                 break
             self._event("progress", step, f"still {copy.gpu_ratio:.0%} on GPU; asking again with num_gpu {num_gpu + 1}")
         if copy is None:
-            raise _Failed(f"{step.model} not listed on {step.node} within {self.load_timeout:g}s")
+            why = f"{step.model} not listed on {step.node} {self.settle:g}s after Ollama answered the load: gone"
+            raise _Failed(why, vanished=True)
         landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {size_text(copy.size)})"
         hidden = self._hidden(step, loaded, copy.size_vram)
-        raise _Failed(landed + self._undo(step), hidden)
+        detail = landed + self._undo(step)
+        raise _Failed(detail, hidden, evidence=self._left(step))
+
+    def _left(self, step: Step) -> str | None:
+        """The model when a copy of it is still listed on the step's node (after a load that came up short)."""
+        with contextlib.suppress(_Failed):
+            if model_key(step.model) in self._ps(step.node):
+                return model_key(step.model)
+        return None
 
     def _hidden(self, step: Step, before: Mapping[str, LoadedModel], landed: int) -> int:
         """What a load that came up short says is held outside Ollama (0 when the router never counted room
@@ -331,19 +365,16 @@ class _Runner:
         )
 
     def _verify(self, step: Step) -> LoadedModel | None:
-        """The copy once it is fully on GPU, or as it settled (None: never listed)."""
+        """The copy once it is fully on GPU, or as it stood when the settle period ended (None: not listed,
+        gone). Ollama answered the load, so the copy is listed at once unless something unloaded it."""
         self._event("progress", step, "loaded; verifying on /api/ps")
         key = model_key(step.model)
-        deadline = self.clock() + self.load_timeout
-        settle_until: float | None = None
+        settle_until = self.clock() + self.settle
         while True:
             copy = self._ps(step.node).get(key)
             if copy is not None and copy.fully_on_gpu:
                 return copy
-            now = self.clock()
-            if copy is not None and settle_until is None:
-                settle_until = min(deadline, now + self.settle)
-            if now >= (settle_until if settle_until is not None else deadline):
+            if self.clock() >= settle_until:
                 return copy
             self.sleep(self.poll)
 
@@ -395,10 +426,36 @@ class _Runner:
         self._wait_gone(step.node, step.model)
         return f"removed the {copy.gpu_ratio:.0%}-on-GPU copy from {step.node}"
 
+    def _pin(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
+        """Ask for the copy again with the context it was listed with and the configured keep_alive (a request
+        that leaves num_gpu unset matches any runner: Ollama keeps it and only resets its expiry)."""
+        copy = loaded.get(model_key(step.model))
+        if copy is None:
+            raise _Failed(f"{step.model} is no longer loaded on {step.node}: nothing to pin")
+        if is_busy(copy, self.wall()):
+            return f"not now: {step.model} on {step.node} is busy (a later pass pins it)"
+        self.clients[step.node].load(
+            step.model,
+            num_ctx=copy.context_length or step.num_ctx,
+            keep_alive=step.keep_alive,
+            embedding=self.state.is_embedding(step.model),
+            timeout=self.load_timeout,
+        )
+        after = self._ps(step.node).get(model_key(step.model))
+        if after is None or _signature(after) != _signature(copy):
+            raise _Failed(f"{step.model} on {step.node} was reloaded by the pin request")
+        return f"pinned {step.model} on {step.node} (keep_alive {step.keep_alive}), copy kept as it was"
+
+
+def _signature(copy: LoadedModel) -> tuple[int, int]:
+    return copy.size, copy.size_vram
+
 
 def _describe(step: Step) -> str:
     if step.action == "load":
         return f"Loading {step.model} on GPU at {step.node}..."
+    if step.action == "pin":
+        return f"Pinning {step.model} on {step.node} (keep_alive {step.keep_alive})..."
     if step.action == "evict":
         return f"Evicting {step.model} from {step.node} ({step.reason})..."
     return f"Removing the CPU copy of {step.model} from {step.node}..."

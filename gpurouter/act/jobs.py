@@ -32,7 +32,7 @@ from gpurouter.urls import redact
 log = logging.getLogger("gpu_router.optimizer")
 
 HISTORY = 200  # actions kept for /api/v1/actions
-ACTIONS = ("load", "unload", "evict")
+ACTIONS = ("load", "unload", "evict", "pin")
 WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
 REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -77,7 +77,7 @@ class Metrics:
 @dataclass(frozen=True)
 class ActionRecord:
     """One entry of the actions history (GET /api/v1/actions), named as optimize's outcomes are. `action` is
-    load/unload/evict, or plan/job for a job's own outcome;
+    load/unload/evict/pin, or plan/job for a job's own outcome;
     `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
     dry-run (auto_optimize: false), unplaced (the plan found no node for the model) or by_ollama (an `evict`
     Ollama did on its own while a load of ours ran)."""
@@ -405,7 +405,42 @@ class Remediator:
             )
         finally:
             self._release(nodes)
-        return self._result(job.model, plan, execution, offset)
+        result = self._result(job.model, plan, execution, offset)
+        if self.dry_run or result.fixed or self.stopping.is_set():
+            return result
+        kept = self._keep_served(priority)
+        return result if kept is None else replace(result, actions=(*result.actions, kept))
+
+    def _keep_served(self, priority: PriorityModel) -> ActionRecord | None:
+        """A priority model with no copy on any node that answers is loaded at once where Ollama places it
+        (partly or all on CPU if need be), so it stays served while later jobs keep trying for GPU. On a node
+        with a GPU where other models are loaded it is loaded on CPU (`num_gpu: 0`): a load Ollama places by
+        itself could make it evict one of them."""
+        key = model_key(priority.name)
+        state = self.observer.poll()
+        if any(n.loaded_model(key) is not None for n in state.nodes if n.up) or not any(n.up for n in state.nodes):
+            return None
+        now = self.wall()
+        node_name = placement.route(state, key, now).node
+        node = state.node(node_name) if node_name is not None else None
+        if node is None:
+            return None
+        on_cpu = bool(node.loaded) and node.capacity.source != "none" and node.vram_total != 0
+        started = self.clock()
+        try:
+            self._clients[node.name].load(
+                key,
+                num_ctx=priority.num_ctx,
+                keep_alive=priority.keep_alive,
+                num_gpu=0 if on_cpu else None,
+                embedding=state.is_embedding(key),
+                timeout=self.config.optimizer.load_timeout,
+            )
+            outcome, detail = "success", f"no copy anywhere: loaded on {node.name}{' on CPU' if on_cpu else ''} "
+            detail += "so that it stays served; the plan keeps trying for GPU"
+        except OllamaError as exc:
+            outcome, detail = "failure", f"no copy anywhere; loading it on {node.name} to keep it served failed: {exc}"
+        return ActionRecord(now, key, node.name, "load", outcome, self.clock() - started, detail)
 
     def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, placement.Plan, list[str]] | None:
         """Poll and plan until the plan's nodes can be reserved; None when the service stops first."""
@@ -473,13 +508,12 @@ class Remediator:
                     ActionRecord(o.started + offset, m, o.step.node, "evict", "by_ollama", 0.0, why) for m in o.evicted
                 ]
                 if o.hidden:
-                    in_place = o.step.num_gpu is not None
                     why = (
                         f"Ollama unloaded {', '.join(o.evicted)} to admit {o.step.model}"
                         if o.ok
                         else f"{o.step.model} came up short by {size_text(o.hidden)}"
                     )
-                    self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
+                    self.observer.hidden.record(o.step.node, o.hidden, why, o.evidence)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
         records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]
         fixed = not execution.dry_run and any(

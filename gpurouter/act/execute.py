@@ -35,6 +35,7 @@ from gpurouter.units import mb, size_text
 from gpurouter.urls import redact
 
 Event = Callable[[str, Step, str], None]  # (start|progress|done|failed, step, detail)
+REUSED = 1.0  # seconds: a copy listed expiring this long after its unload was asked was used again since
 
 
 @dataclass(frozen=True)
@@ -271,12 +272,19 @@ class _Runner:
         except OllamaError as exc:
             raise _Failed(f"cannot read /api/ps of {node}: {exc}") from None
 
-    def _wait_gone(self, node: str, model: str) -> None:
+    def _wait_gone(self, node: str, model: str, was: LoadedModel, asked: float) -> bool:
+        """Wait until the copy (`was`, as listed before) asked to unload at `asked` (Unix time) is gone: True;
+        False when a request loaded or used it again meanwhile (listed with a new expiry, later than the unload
+        left it): a client wants it, and waiting longer would only wait for the client."""
         deadline = self.clock() + self.load_timeout
-        while model_key(model) in self._ps(node):
+        while (copy := self._ps(node).get(model_key(model))) is not None:
+            expires = copy.expires_at
+            if expires is not None and expires != was.expires_at and expires.timestamp() > asked + REUSED:
+                return False
             if self.clock() >= deadline:
                 raise _Failed(f"{model} still loaded on {node} after {self.load_timeout:g}s")
             self.sleep(self.poll)
+        return True
 
     # ---------------------------------------------------------------------------------------- actions
 
@@ -286,8 +294,10 @@ class _Runner:
             return "already gone"
         if is_busy(copy, self.wall()):
             raise _Failed(f"{step.model} on {step.node} is busy (requests in flight): not evicted")
+        asked = self.wall()
         self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
-        self._wait_gone(step.node, step.model)
+        if not self._wait_gone(step.node, step.model, copy, asked):
+            return f"asked {step.model} on {step.node} to unload; a client loaded it again at once"
         return f"unloaded {step.model} from {step.node} ({size_text(copy.size_vram)} of VRAM freed)"
 
     def _load(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
@@ -316,8 +326,8 @@ class _Runner:
                 break
             self._event("progress", step, f"still {copy.gpu_ratio:.0%} on GPU; asking again with num_gpu {num_gpu + 1}")
         if copy is None:
-            why = f"{step.model} not listed on {step.node} {self.settle:g}s after Ollama answered the load: gone"
-            raise _Failed(why, vanished=True)
+            why = f"{step.model} not listed on {step.node} after Ollama answered the load: gone{self._restore(step)}"
+            raise _Failed(why, vanished=True, evidence=self._left(step))
         landed = f"landed {copy.gpu_ratio:.0%} on GPU ({mb(copy.size_vram)} of {size_text(copy.size)})"
         hidden = self._hidden(step, loaded, copy.size_vram)
         detail = landed + self._undo(step)
@@ -343,14 +353,20 @@ class _Runner:
     def _refused_by_ollama(self, step: Step, before: Mapping[str, LoadedModel]) -> int:
         """What an eviction Ollama made on its own says is held outside Ollama: on llama-server Ollama evicts
         when the prediction exceeds 80 % of the free memory, so where the router's own figures admitted the load,
-        at least the difference between the free memory it counted and the least that admits it is hidden."""
+        at least the difference between the free memory it counted and the least that admits it is hidden; in
+        the classic era Ollama evicts when its estimate does not fit the free memory, so at least what the router
+        counted free beyond the need is."""
         node = self.state.node(step.node)
         room = Room.of(node) if node is not None else None
         need = self.state.need(step.model, step.node)
-        if node is None or room is None or need is None or need.admission is None or need.era != eras.LLAMA_SERVER:
+        if node is None or room is None or need is None:
             return 0
         others = sum(m.size_vram for key, m in before.items() if key != model_key(step.model))
         free = room.total - others - node.hidden
+        if need.era != eras.LLAMA_SERVER:
+            return max(0, free - need.bytes + 1)
+        if need.admission is None:
+            return 0
         least = -(-need.admission.predicted(free) * 100 // 80)  # the smallest free memory Ollama admits it in
         return max(0, free - least + 1) if need.admission.admits(free) else 0
 
@@ -365,30 +381,31 @@ class _Runner:
         )
 
     def _verify(self, step: Step) -> LoadedModel | None:
-        """The copy once it is fully on GPU, or as it stood when the settle period ended (None: not listed,
-        gone). Ollama answered the load, so the copy is listed at once unless something unloaded it."""
+        """The copy once it is fully on GPU, or as it stood when the settle period ended; None as soon as a read
+        does not list it: Ollama answered the load, so the copy is listed at once unless something (Ollama, for
+        another request) unloaded it again."""
         self._event("progress", step, "loaded; verifying on /api/ps")
         key = model_key(step.model)
         settle_until = self.clock() + self.settle
         while True:
             copy = self._ps(step.node).get(key)
-            if copy is not None and copy.fully_on_gpu:
-                return copy
-            if self.clock() >= settle_until:
+            if copy is None or copy.fully_on_gpu or self.clock() >= settle_until:
                 return copy
             self.sleep(self.poll)
 
     def _restore(self, step: Step) -> str:
-        """After a failed reload in place: when the model is now loaded nowhere, load it the way Ollama places
-        it by itself (llama.cpp's fit, or the classic estimate), so it is served again."""
+        """After a failed reload in place, or a fresh copy that vanished: when the model is now loaded nowhere,
+        load it the way Ollama places it by itself (llama.cpp's fit, or the classic estimate), so it is served
+        again — on CPU (`num_gpu: 0`) where other models are loaded, whom a load Ollama places could evict."""
         key = model_key(step.model)
-        if key in self._ps(step.node):
+        loaded = self._ps(step.node)
+        if key in loaded:
             return "; the copy was kept"
         others = [n.name for n, _ in self.state.placements(key) if n.name != step.node]
         if any(name in self.clients and self._serves(name, key) for name in others):
             return ""
         try:
-            self._request_load(step, None)
+            self._request_load(step, 0 if loaded else None)
         except OllamaError as exc:
             return f"; could not load it again: {exc}"
         copy = self._ps(step.node).get(key)
@@ -406,8 +423,10 @@ class _Runner:
         serving = [name for name in others if name in self.clients and self._serves(name, key)]
         if not serving:
             return "; kept: it is the only copy serving the model"
+        asked = self.wall()
         self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
-        self._wait_gone(step.node, step.model)
+        if not self._wait_gone(step.node, step.model, copy, asked):
+            return "; asked to unload it again, but a client uses it"
         return f"; unloaded again, still served on {', '.join(serving)}"
 
     def _serves(self, node: str, key: str) -> bool:
@@ -422,8 +441,10 @@ class _Runner:
             return "already gone"
         if copy.fully_on_gpu:
             return f"kept: {step.model} is now fully on GPU on {step.node} too"
+        asked = self.wall()
         self.clients[step.node].unload(step.model, embedding=self.state.is_embedding(step.model))
-        self._wait_gone(step.node, step.model)
+        if not self._wait_gone(step.node, step.model, copy, asked):
+            return f"asked to remove the copy on {step.node}; a client loaded it again at once"
         return f"removed the {copy.gpu_ratio:.0%}-on-GPU copy from {step.node}"
 
     def _pin(self, step: Step, loaded: dict[str, LoadedModel]) -> str:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -85,11 +85,24 @@ class Cell:
         return f"{self.era}/{self.fault}/{self.start}"
 
 
+# The first attempt of a router blind to another process's memory, on a classic node: Ollama's classic scheduler
+# offloads only the first model partly, so it evicts the client's model to admit the priority model before any
+# evidence exists (then the surprise is recorded). No static capacity can foresee it; these cells allow one.
+FIRST_SURPRISE = {("classic", "hog_before"), ("classic", "hog_after")}
+
+
 @dataclass(frozen=True)
 class Goals:
     heal: float = 2 * COOLDOWN
     without_copy: float = CHECK_INTERVAL + 0.5  # a reconcile pass notices, then one load (≈ 0.25 s) lands
-    max_loads: int = 2 + math.ceil(FAULT_SECONDS / COOLDOWN) * 2  # a retest per cooldown while the fault lasts
+    # an attempt per cooldown while the fault lasts and one after it, each loading at most twice: a CPU copy
+    # that keeps the model served while its only copy reloads, then the GPU copy
+    max_loads: int = 2 * (2 + math.ceil(FAULT_SECONDS / COOLDOWN))
+    busy_evicted: int = 0
+
+    @classmethod
+    def of(cls, cell: Cell) -> Goals:
+        return cls(busy_evicted=1) if (cell.era, cell.fault) in FIRST_SURPRISE else cls()
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,10 @@ class Result:
     unloads: int
     busy_evicted: int  # times Ollama evicted the busy client's model (to admit another), whoever asked the load
     churn: int  # loads of the priority model in the SETTLE seconds after healing
-    goals: Goals = field(default_factory=Goals)
+
+    @property
+    def goals(self) -> Goals:
+        return Goals.of(self.cell)
 
     def misses(self) -> list[str]:
         out = []
@@ -109,7 +125,7 @@ class Result:
             out.append(f"healed in {_seconds(self.healed_in)} > {self.goals.heal:g}s")
         if self.without_copy > self.goals.without_copy:
             out.append(f"no copy for {self.without_copy:.2f}s > {self.goals.without_copy:g}s")
-        if self.busy_evicted:
+        if self.busy_evicted > self.goals.busy_evicted:
             out.append(f"{self.busy_evicted} busy model(s) evicted")
         if self.loads > self.goals.max_loads or self.churn:
             out.append(f"{self.loads} loads, {self.churn} after healing (a loop)")
@@ -325,7 +341,8 @@ def table(results: Sequence[Result]) -> list[str]:
     goals = Goals()
     lines = [
         f"goals: healed ≤ {goals.heal:g}s after the fault clears, no copy ≤ {goals.without_copy:g}s, "
-        f"0 busy models evicted, ≤ {goals.max_loads} loads and none after healing "
+        f"0 busy models evicted (1 at the first blind attempt on classic hog cells), ≤ {goals.max_loads} loads "
+        "and none after healing "
         f"(cooldown {COOLDOWN:g}s, check_interval {CHECK_INTERVAL:g}s, faults {FAULT_SECONDS:g}s)",
         f"{'cell':<32} {'healed in':>9} {'no copy':>8} {'loads':>5} {'unloads':>7} {'evicted':>7}  verdict",
     ]

@@ -6,7 +6,7 @@ copy was verified. Different target nodes work in parallel. Before every step th
 again: a model already fully on GPU there means the work is done, a victim already gone needs no unload.
 
 A load is verified by polling `/api/ps` until the copy shows `size_vram == size`. Once Ollama answered the
-load its placement is final, so a copy that stays short of that for a settle period (`max(2 s, 4 polls)`) is
+load its placement is final, so a copy that stays short of that for a settle period (4 polls, 1 s by default) is
 a failure: it is unloaded again unless it is the only copy serving the model. A copy not listed within the
 settle period is gone (Ollama unloaded it, e.g. to admit a busy client's request): the step fails at once and
 the copy counts among the models Ollama evicted. A removal of a copy elsewhere runs only while the job's GPU
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gpurouter.cluster.config import model_key
 from gpurouter.cluster.ollama import LoadedModel, OllamaClient, OllamaError
@@ -138,7 +138,7 @@ class _Runner:
         self.clients = clients
         self.load_timeout = load_timeout
         self.poll = poll_interval
-        self.settle = max(2.0, 4 * poll_interval)
+        self.settle = 4 * poll_interval
         self.on_event = on_event
         self.shared = node_slots or {}
         self.slots: dict[str, threading.Semaphore] = {}
@@ -301,6 +301,59 @@ class _Runner:
         return f"unloaded {step.model} from {step.node} ({size_text(copy.size_vram)} of VRAM freed)"
 
     def _load(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
+        """Load and verify; a reload in place of the model's only copy first puts a copy on CPU on a node
+        without a GPU that has it installed (where there is one), removed again once it is not the only copy:
+        the reload stops the old runner, and the model must not be without a copy meanwhile."""
+        copy = loaded.get(model_key(step.model))
+        backup = self._backup(step) if copy is not None and step.num_gpu is not None else None
+        try:
+            detail = self._load_verified(step, loaded)
+        except _Failed as failed:
+            raise _Failed(
+                str(failed) + self._drop_backup(step, backup), failed.hidden, failed.vanished, failed.evidence
+            ) from None
+        return detail + self._drop_backup(step, backup)
+
+    def _backup(self, step: Step) -> str | None:
+        """The node a CPU copy was loaded on so that the model keeps one while its only copy reloads; None
+        when another node serves it already, or no node without a GPU has it installed."""
+        key = model_key(step.model)
+        if any(self._serves(name, key) for name in self.clients if name != step.node):
+            return None
+        spare = sorted(
+            (n for n in self.state.nodes if n.up and not n.config.maintenance and n.name != step.node),
+            key=lambda n: (len(n.loaded), n.name),
+        )
+        for node in spare:
+            if node.capacity.source == "none" or node.vram_total == 0:
+                if node.installed_model(key) is None:
+                    continue
+                self._event("progress", step, f"loading a copy on {node.name} first: the reload stops the only one")
+                try:
+                    self._request_load(replace(step, node=node.name), 0)
+                except OllamaError:
+                    continue
+                if self._serves(node.name, key):
+                    return node.name
+        return None
+
+    def _drop_backup(self, step: Step, backup: str | None) -> str:
+        """Remove the CPU copy `_backup` loaded, once the step's node lists the model again."""
+        if backup is None:
+            return ""
+        key = model_key(step.model)
+        if not self._serves(step.node, key):
+            return f"; the copy on {backup} kept serving it"
+        with contextlib.suppress(_Failed, OllamaError):
+            copy = self._ps(backup).get(key)
+            if copy is not None:
+                asked = self.wall()
+                self.clients[backup].unload(step.model, embedding=self.state.is_embedding(step.model))
+                self._wait_gone(backup, step.model, copy, asked)
+            return f"; a copy on {backup} served it meanwhile"
+        return f"; the copy loaded on {backup} meanwhile is left there"
+
+    def _load_verified(self, step: Step, loaded: dict[str, LoadedModel]) -> str:
         """Load and verify. A reload in place asks for every layer (`num_gpu`), and once more with one layer
         more when the copy stays partial: Ollama keeps a runner whose options match the request, so a copy an
         earlier forced load left partial only moves when the value differs. If the forced load fails (on

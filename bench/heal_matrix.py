@@ -242,7 +242,7 @@ class Watch:
 
 
 @contextmanager
-def _running(*workers: BusyClient | Watch) -> Iterator[None]:
+def running(*workers: BusyClient | Watch) -> Iterator[None]:
     for w in workers:
         w.thread.start()
     try:
@@ -284,7 +284,7 @@ def run_cell(cell: Cell) -> Result:
             queue = JobQueue(config, job, metrics=metrics).start()
             reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=job.leftovers)
             watch = Watch(fleet)
-            with _running(BusyClient(fleet.urls["gpu"]), watch):
+            with running(BusyClient(fleet.urls["gpu"]), watch):
                 _wait(lambda: any(e["busy"] for e in gpu.state()["loaded"]), 5)
                 timed = {"hog_before": ("vram_hog", {"bytes": HOG}), "gpu_lost": ("gpu_lost", {})}
                 timed |= {"slow": ("slow", {"latency_ms": SLOW_MS}), "partition": ("down", {})}

@@ -6,25 +6,10 @@ its own fleet and optimizer (short cooldown and check_interval, loads of about 0
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+from conftest import bench_module
 
-
-def _bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "bench" / "heal_matrix.py"
-    spec = importlib.util.spec_from_file_location("bench_heal_matrix", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-matrix = _bench()
+matrix = bench_module("heal_matrix")
 CELLS = matrix.cells()
 
 

@@ -406,7 +406,7 @@ class Remediator:
         finally:
             self._release(nodes)
         result = self._result(job.model, plan, execution, offset)
-        if self.dry_run or result.fixed or self.stopping.is_set():
+        if self.dry_run or result.ok or self.stopping.is_set():
             return result
         kept = self._keep_served(priority)
         return result if kept is None else replace(result, actions=(*result.actions, kept))

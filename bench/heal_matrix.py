@@ -21,7 +21,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -262,7 +262,7 @@ def _counts(fleet: Fleet, model: str) -> tuple[int, int]:
     return loads, unloads
 
 
-def _wait(condition: callable, seconds: float) -> bool:  # type: ignore[valid-type]
+def _wait(condition: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:

@@ -6,13 +6,15 @@ copy was verified. Different target nodes work in parallel. Before every step th
 again: a model already fully on GPU there means the work is done, a victim already gone needs no unload.
 
 A load is verified by polling `/api/ps` until the copy shows `size_vram == size`. Once Ollama answered the
-load its placement is final, so a copy that stays short of that for a settle period (4 polls, 1 s by default) is
-a failure: it is unloaded again unless it is the only copy serving the model. A copy not listed within the
-settle period is gone (Ollama unloaded it, e.g. to admit a busy client's request): the step fails at once and
-the copy counts among the models Ollama evicted. A removal of a copy elsewhere runs only while the job's GPU
-copy is still listed fully on GPU (read again just before), so the router never removes the last copy that
-serves a model. A `pin` asks Ollama again with the options the copy was listed with and its configured
-keep_alive: no reload, only the keep_alive changes. Every failure is recorded as an `Outcome`, never raised.
+load its placement is final, so a copy that stays short of that for a settle period (4 polls, 1 s by default)
+is a failure: it is unloaded again unless it is the only copy serving the model. A copy that a read after the
+answer does not list is gone (Ollama unloaded it, e.g. to admit a busy client's request): the step fails at
+once, the copy counts among the models Ollama evicted, and a model left with no copy is loaded again where
+Ollama places it. A reload in place of a model's only copy first puts a copy on CPU on a node without a GPU.
+A removal of a copy elsewhere runs only while the job's GPU copy is still listed fully on GPU (read again just
+before), so the router never removes the last copy that serves a model. A `pin` asks Ollama again with the
+options the copy was listed with and its configured keep_alive: no reload, only the keep_alive changes. Every
+failure is recorded as an `Outcome`, never raised.
 """
 
 from __future__ import annotations
@@ -516,13 +518,9 @@ class _Runner:
             timeout=self.load_timeout,
         )
         after = self._ps(step.node).get(model_key(step.model))
-        if after is None or _signature(after) != _signature(copy):
+        if after is None or after.placement != copy.placement:
             raise _Failed(f"{step.model} on {step.node} was reloaded by the pin request")
         return f"pinned {step.model} on {step.node} (keep_alive {step.keep_alive}), copy kept as it was"
-
-
-def _signature(copy: LoadedModel) -> tuple[int, int]:
-    return copy.size, copy.size_vram
 
 
 def _describe(step: Step) -> str:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpurouter.cluster.config import model_key
-from gpurouter.cluster.ollama import LoadedModel
 from gpurouter.cluster.state import ClusterState, NodeState
 from gpurouter.sizing.room import Room, per_gpu_extra
 
@@ -105,16 +104,12 @@ class HiddenUsage:
         return hidden
 
 
-def _signature(copy: LoadedModel) -> tuple[int, int]:
-    return copy.size, copy.size_vram
-
-
 def _anchored(hidden: Hidden, node: NodeState) -> Hidden:
     """The inference with what the first poll after it saw: its copy's placement and how many copies."""
     if hidden.listed is not None:
         return hidden
     evidence = node.loaded_model(hidden.model) if hidden.model else None
-    signature = _signature(evidence) if evidence is not None else None
+    signature = evidence.placement if evidence is not None else None
     return Hidden(hidden.bytes, hidden.since, hidden.until, hidden.why, hidden.model, signature, len(node.loaded))
 
 
@@ -126,6 +121,6 @@ def _contradicted(hidden: Hidden, node: NodeState, total: int) -> bool:
         return True
     if hidden.model is not None and hidden.listed is not None:
         evidence = node.loaded_model(hidden.model)
-        if evidence is None or evidence.fully_on_gpu or _signature(evidence) != hidden.copy:
+        if evidence is None or evidence.fully_on_gpu or evidence.placement != hidden.copy:
             return True
     return bool(hidden.listed) and not node.loaded  # every copy gone at once: a restart (or all expired)

@@ -11,11 +11,13 @@ healed within 2 cooldowns of the clearing, never without a copy for longer than 
 once healed. `tests/test_heal_matrix.py` runs the same cells and asserts the goals.
 
 Usage: python bench/heal_matrix.py [--jobs 3] [--era v0.32|classic] [--fault NAME] [--start cpu|partial]
+                                  [--hog SIZE]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpurouter.act.jobs import JobQueue, Metrics, Remediator
 from gpurouter.cluster.config import parse_config
 from gpurouter.cluster.observe import Observer
-from gpurouter.units import GIB
+from gpurouter.units import GIB, parse_size
 from optimizer.reconcile import Reconciler
 from simulator.fleet import fleet_from_dict
 from simulator.node import SimNode
@@ -271,8 +273,8 @@ def _wait(condition: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
-def run_cell(cell: Cell) -> Result:
-    """One cell, from a fresh fleet and a fresh optimizer."""
+def run_cell(cell: Cell, hog: int = HOG) -> Result:
+    """One cell, from a fresh fleet and a fresh optimizer; `hog` bytes for the hog faults."""
     with Fleet(fleet_from_dict(fleet_spec(cell))) as fleet:
         config = parse_config(router_settings(cell, fleet.urls))
         gpu = fleet.node("gpu")
@@ -286,7 +288,7 @@ def run_cell(cell: Cell) -> Result:
             watch = Watch(fleet)
             with running(BusyClient(fleet.urls["gpu"]), watch):
                 _wait(lambda: any(e["busy"] for e in gpu.state()["loaded"]), 5)
-                timed = {"hog_before": ("vram_hog", {"bytes": HOG}), "gpu_lost": ("gpu_lost", {})}
+                timed = {"hog_before": ("vram_hog", {"bytes": hog}), "gpu_lost": ("gpu_lost", {})}
                 timed |= {"slow": ("slow", {"latency_ms": SLOW_MS}), "partition": ("down", {})}
                 if cell.fault in timed:
                     fault, params = timed[cell.fault]
@@ -295,7 +297,7 @@ def run_cell(cell: Cell) -> Result:
                     reconciler.start()
                     if cell.fault == "hog_after":  # while the optimizer's first load runs
                         _wait(lambda: any(j["state"] == "running" for j in queue.jobs()), 5)
-                        gpu.inject("vram_hog", bytes=HOG)
+                        gpu.inject("vram_hog", bytes=hog)
                     if cell.fault == "restart":
                         gpu.inject("restart")
                     cleared = time.monotonic()
@@ -331,10 +333,10 @@ def cells(
     return [Cell(e, f, s) for e in eras for f in faults for s in starts]
 
 
-def run_matrix(todo: Sequence[Cell], jobs: int = 3) -> list[Result]:
+def run_matrix(todo: Sequence[Cell], jobs: int = 3, hog: int = HOG) -> list[Result]:
     """Every cell, `jobs` at a time (each cell has its own fleet, ports and optimizer)."""
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell") as pool:
-        return list(pool.map(run_cell, todo))
+        return list(pool.map(functools.partial(run_cell, hog=hog), todo))
 
 
 def table(results: Sequence[Result]) -> list[str]:
@@ -364,10 +366,12 @@ def main() -> int:
     parser.add_argument("--era", choices=tuple(ERAS), action="append")
     parser.add_argument("--fault", choices=FAULTS, action="append")
     parser.add_argument("--start", choices=STARTS, action="append")
+    parser.add_argument("--hog", type=parse_size, default=HOG, help="memory the hog faults hold (default 3.5GiB)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)
     started = time.monotonic()
-    results = run_matrix(cells(args.era or tuple(ERAS), args.fault or FAULTS, args.start or STARTS), args.jobs)
+    todo = cells(args.era or tuple(ERAS), args.fault or FAULTS, args.start or STARTS)
+    results = run_matrix(todo, args.jobs, args.hog)
     print("\n".join(table(results)))
     print(f"({time.monotonic() - started:.0f}s)")
     return 0 if all(not r.misses() for r in results) else 1

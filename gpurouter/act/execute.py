@@ -144,6 +144,7 @@ class _Runner:
         self.on_event = on_event
         self.shared = node_slots or {}
         self.slots: dict[str, threading.Semaphore] = {}
+        self.backups: dict[str, set[str]] = {}  # model → nodes where `_backup` loaded a CPU copy
         self.lock = threading.Lock()
         self.clock, self.wall, self.sleep = clock, wall, sleep
 
@@ -336,6 +337,8 @@ class _Runner:
                 except OllamaError:
                     continue
                 if self._serves(node.name, key):
+                    with self.lock:
+                        self.backups.setdefault(key, set()).add(node.name)
                     return node.name
         return None
 
@@ -456,11 +459,12 @@ class _Runner:
         loaded = self._ps(step.node)
         if key in loaded:
             return "; the copy was kept"
-        others = [n.name for n, _ in self.state.placements(key) if n.name != step.node]
-        if any(name in self.clients and self._serves(name, key) for name in others):
+        if self._served_elsewhere(step):
             return ""
+        node = self.state.node(step.node)
+        others = loaded or (node is not None and any(model_key(m.name) != key for m in node.loaded))
         try:
-            self._request_load(step, 0 if loaded else None)
+            self._request_load(step, 0 if others else None)
         except OllamaError as exc:
             return f"; could not load it again: {exc}"
         copy = self._ps(step.node).get(key)
@@ -474,8 +478,7 @@ class _Runner:
         copy = self._ps(step.node).get(key)
         if copy is None or copy.fully_on_gpu:
             return ""
-        others = [n.name for n, _ in self.state.placements(key) if n.name != step.node]
-        serving = [name for name in others if name in self.clients and self._serves(name, key)]
+        serving = self._served_elsewhere(step)
         if not serving:
             return "; kept: it is the only copy serving the model"
         asked = self.wall()
@@ -483,6 +486,13 @@ class _Runner:
         if not self._wait_gone(step.node, step.model, copy, asked):
             return "; asked to unload it again, but a client uses it"
         return f"; unloaded again, still served on {', '.join(serving)}"
+
+    def _served_elsewhere(self, step: Step) -> list[str]:
+        """The other nodes that list the step's model now: where the state saw a copy, and a CPU copy loaded
+        meanwhile so that it kept one (`_backup`)."""
+        key = model_key(step.model)
+        nodes = {n.name for n, _ in self.state.placements(key)} | self.backups.get(key, set())
+        return sorted(n for n in nodes - {step.node} if n in self.clients and self._serves(n, key))
 
     def _serves(self, node: str, key: str) -> bool:
         try:

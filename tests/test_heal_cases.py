@@ -6,18 +6,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import requests
 from conftest import bench_module, optimizer_parts
 
 from gpurouter import render
 from gpurouter.act import execute
 from gpurouter.act.jobs import Job, JobQueue, Remediator
-from gpurouter.cluster.config import parse_config
-from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.ollama import parse_go_time
 from gpurouter.decide import placement
 from gpurouter.units import GIB
 from optimizer.reconcile import Reconciler
-from simulator.run import Fleet, fleet_from_dict
+from simulator.run import Fleet
 
 PRIORITY = "llama3.2:3b"
 OTHER = "llama3.2:1b"
@@ -159,40 +158,21 @@ def test_case_5_a_priority_model_without_its_pin_is_pinned_again_without_a_reloa
         assert [(a.action, a.outcome) for a in queue.actions()] == [("pin", "success")]
 
 
-def test_case_6_ollama_evicts_a_busy_model_for_our_load_at_most_once():
-    """Classic node, static capacity blind to a 4.5 GiB hog, a client busy on another model: the first load makes
-    Ollama evict the client's model (no figure could foresee it); that surprise is counted, and no later pass
-    within the cooldown asks a load that makes Ollama evict it again — while the model stays served."""
-    spec = fleet_from_dict(
-        {
-            "nodes": [
-                {"name": "gpu", "version": "0.12.6", "gpus": [{"vram": "8GiB"}], "models": [PRIORITY, OTHER]}
-                | {"preload": [{"model": OTHER, "keep_alive": -1}], "token_rate": 200},
-                {"name": "cpu", "version": "0.12.6", "models": [PRIORITY]}
-                | {"preload": [{"model": PRIORITY, "keep_alive": -1}]},
-            ]
-        }
-    )
-    with Fleet(spec) as fleet:
-        config = parse_config(
-            {
-                "nodes": [{"name": n, "url": u, "vram": VRAM[n]} for n, u in fleet.urls.items()],
-                "priority_models": [PRIORITY],
-                **cooldown(10.0),
-            }
-        )
+def test_case_6_ollama_evicts_a_model_a_client_keeps_using_for_our_load_at_most_once():
+    """Classic node, static capacity blind to a 4.5 GiB hog, a client using another model between the optimizer's
+    passes: the first load makes Ollama evict the client's model (no figure could foresee it), and the client
+    brings it back, evicting the priority model. That surprise is counted: no later pass within the cooldown asks
+    a load that makes Ollama evict the client's model again, and the priority model is served meanwhile."""
+    client_copy = {"model": OTHER, "keep_alive": -1}
+    version = "0.12.6"
+    with optimizer_parts(nodes(version, (client_copy,)), [PRIORITY], VRAM, **cooldown(10.0)) as parts:
+        fleet, _, reconciler, queue = parts
         evictions = matrix.Evictions(fleet.node("gpu"), OTHER)
-        client = matrix.BusyClient(fleet.urls["gpu"])
-        with Observer(config) as observer, matrix.running(client):
-            queue = JobQueue(config, Remediator(config, observer)).start()
-            try:
-                reconciler = Reconciler(config, observer, queue, metrics=queue.metrics)
-                fleet.node("gpu").inject("vram_hog", bytes=int(4.5 * GIB))  # the priority model fits alone
-                deadline = time.monotonic() + 3.0
-                while time.monotonic() < deadline:  # passes for 3 s, well within one cooldown
-                    reconciler.run_once()
-                    assert nothing_running(queue, 5)
-                assert copies(fleet), "the priority model has no copy"
-            finally:
-                queue.stop()
+        fleet.node("gpu").inject("vram_hog", bytes=int(4.5 * GIB))  # the priority model fits alone
+        body = {"model": OTHER, "prompt": "hi", "stream": False, "keep_alive": -1}
+        for _ in range(4):
+            reconciler.run_once()
+            assert nothing_running(queue, 10)
+            requests.post(fleet.urls["gpu"] + "/api/generate", json=body, timeout=30).raise_for_status()
         assert evictions.count == 1
+        assert copies(fleet), "the priority model has no copy"

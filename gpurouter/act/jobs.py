@@ -377,6 +377,7 @@ class Remediator:
         self._reserved: dict[str, int] = {}
         self._generation = 0
         self._leftovers: dict[str, set[str]] = {}  # model → nodes holding a copy it failed to remove
+        self._healed: dict[str, float] = {}  # model → clock time a job last verified it on GPU
 
     def leftovers(self) -> list[str]:
         """Models with a CPU or partial copy that a job could not remove after verifying the GPU copy (the
@@ -392,6 +393,9 @@ class Remediator:
         if reserved is None:
             return JobResult(ok=True, detail="abandoned: the service is stopping")
         state, plan, nodes = reserved
+        undone = self._undone(job.model, plan)
+        if undone is not None:
+            plan = replace(plan, steps=tuple(s for s in plan.steps if s.action == "pin"))
         try:
             offset = self.wall() - self.clock()
             execution = execute.execute(
@@ -406,10 +410,30 @@ class Remediator:
         finally:
             self._release(nodes)
         result = self._result(job.model, plan, execution, offset)
+        if undone is not None:
+            record = ActionRecord(self.wall(), job.model, None, "plan", "unplaced", 0.0, undone)
+            result = replace(result, ok=False, actions=(*result.actions, record), detail=undone)
+        elif result.fixed:
+            with self._cond:
+                self._healed[job.model] = self.clock()
         if self.dry_run or result.ok or self.stopping.is_set():
             return result
         kept = self._keep_served(priority)
         return result if kept is None else replace(result, actions=(*result.actions, kept))
+
+    def _undone(self, model: str, plan: placement.Plan) -> str | None:
+        """Why the model is not put on GPU again now: it was, less than one cooldown ago, and something undid it
+        (Ollama unloaded it for another request, a client's model that does not fit beside it): loading it again
+        at once would only start a load/unload loop. None when the plan may run."""
+        with self._cond:
+            healed = self._healed.get(model)
+        since = self.clock() - healed if healed is not None else None
+        if since is None or since >= self.config.optimizer.cooldown_seconds or not plan.loads:
+            return None
+        return (
+            f"put on GPU {since:.1f}s ago and off it again since (Ollama unloaded it for another request): "
+            "kept served, and tried again after one cooldown"
+        )
 
     def _keep_served(self, priority: PriorityModel) -> ActionRecord | None:
         """A priority model with no copy on any node that answers is loaded at once where Ollama places it

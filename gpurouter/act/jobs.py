@@ -377,7 +377,7 @@ class Remediator:
         self._reserved: dict[str, int] = {}
         self._generation = 0
         self._leftovers: dict[str, set[str]] = {}  # model → nodes holding a copy it failed to remove
-        self._healed: dict[str, float] = {}  # model → clock time a job last verified it on GPU
+        self._healed: dict[str, tuple[float, str]] = {}  # model → (clock time, node) a job last put it on GPU
 
     def leftovers(self) -> list[str]:
         """Models with a CPU or partial copy that a job could not remove after verifying the GPU copy (the
@@ -393,7 +393,7 @@ class Remediator:
         if reserved is None:
             return JobResult(ok=True, detail="abandoned: the service is stopping")
         state, plan, nodes = reserved
-        undone = self._undone(job.model, plan)
+        undone = self._undone(job.model, plan, state)
         if undone is not None:
             plan = replace(plan, steps=tuple(s for s in plan.steps if s.action == "pin"))
         try:
@@ -414,25 +414,31 @@ class Remediator:
             record = ActionRecord(self.wall(), job.model, None, "plan", "unplaced", 0.0, undone)
             result = replace(result, ok=False, actions=(*result.actions, record), detail=undone)
         elif result.fixed:
+            home = next(o.step.node for o in execution.outcomes if o.verified and model_key(o.step.serves) == job.model)
             with self._cond:
-                self._healed[job.model] = self.clock()
+                self._healed[job.model] = (self.clock(), home)
         if self.dry_run or result.ok or self.stopping.is_set():
             return result
         kept = self._keep_served(priority)
         return result if kept is None else replace(result, actions=(*result.actions, kept))
 
-    def _undone(self, model: str, plan: placement.Plan) -> str | None:
-        """Why the model is not put on GPU again now: it was, less than one cooldown ago, and something undid it
-        (Ollama unloaded it for another request, a client's model that does not fit beside it): loading it again
-        at once would only start a load/unload loop. None when the plan may run."""
+    def _undone(self, model: str, plan: placement.Plan, state: ClusterState) -> str | None:
+        """Why the model is not put on GPU again now: a job put it there less than one cooldown ago, and another
+        model took its place on that node (Ollama unloaded it for a request that does not fit beside it):
+        loading it again at once would only start a load/unload loop. None when the plan may run (a restart,
+        or a copy of it still on that node, is no such sign)."""
         with self._cond:
             healed = self._healed.get(model)
-        since = self.clock() - healed if healed is not None else None
-        if since is None or since >= self.config.optimizer.cooldown_seconds or not plan.loads:
+        if healed is None or not plan.loads:
+            return None
+        since, home = self.clock() - healed[0], state.node(healed[1])
+        if since >= self.config.optimizer.cooldown_seconds or home is None or not home.up:
+            return None
+        if home.loaded_model(model) is not None or not home.loaded:
             return None
         return (
-            f"put on GPU {since:.1f}s ago and off it again since (Ollama unloaded it for another request): "
-            "kept served, and tried again after one cooldown"
+            f"put on GPU on {home.name} {since:.1f}s ago, and another model took its place there since: kept "
+            "served, tried again after one cooldown"
         )
 
     def _keep_served(self, priority: PriorityModel) -> ActionRecord | None:

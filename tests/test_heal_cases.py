@@ -176,3 +176,15 @@ def test_case_6_ollama_evicts_a_model_a_client_keeps_using_for_our_load_at_most_
             requests.post(fleet.urls["gpu"] + "/api/generate", json=body, timeout=30).raise_for_status()
         assert evictions.count == 1
         assert copies(fleet), "the priority model has no copy"
+
+
+def test_a_restart_right_after_a_heal_is_healed_at_once():
+    """The no-loop wait is for a copy another model displaced, not for a restart: within the cooldown of the
+    first heal, the next pass puts the model back on GPU."""
+    with optimizer_parts(nodes(), [PRIORITY], VRAM, **cooldown(30.0)) as (fleet, _, reconciler, queue):
+        reconciler.run_once()
+        assert queue.wait_idle(30) and on_gpu(fleet)
+        fleet.node("gpu").inject("restart")
+        assert copies(fleet) == []
+        reconciler.run_once()
+        assert queue.wait_idle(30) and on_gpu(fleet)

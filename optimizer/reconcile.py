@@ -1,4 +1,5 @@
-"""The reconcile loop: every `check_interval` seconds, queue a job for each priority model not fully on GPU.
+"""The reconcile loop: every `check_interval` seconds, queue a job for each priority model not fully on GPU
+or loaded without its pin (the job asks for it again with its keep_alive: no reload).
 
 It heals the cluster when Alertmanager is down or a notification was lost. With `auto_optimize: false` it
 only computes the plan and logs it (monitor mode); nothing is executed.
@@ -48,6 +49,7 @@ class Reconciler:
         """One pass: the priority models not fully on GPU (queued, or only planned in monitor mode)."""
         state = self.observer.poll()
         missing = [p for p in self.config.priority_models if not state.on_gpu(p.name)]
+        unpinned = sorted({s.model for s in placement.unpinned(state, self.wall())})
         down = [n.name for n in state.nodes if not n.up]
         if len(down) == len(state.nodes):  # nothing can be read or done: say so, queue nothing
             self.metrics.last_reconcile.set(self.wall())
@@ -55,12 +57,12 @@ class Reconciler:
             log_event(logging.WARNING, "reconcile", outcome="failure", reason=f"no node answered ({reasons})")
             return [p.name for p in missing]
         if self.config.auto_optimize:
-            for priority in missing:
-                self.queue.submit(priority.name, source="reconcile")
+            for name in dict.fromkeys([*(p.name for p in missing), *unpinned]):  # a lost pin is restored too
+                self.queue.submit(name, source="reconcile")
             for model in self.leftovers():  # a copy an earlier job could not remove: finish it
                 self.queue.submit(model, source="reconcile")
-        elif missing:
-            plan = placement.plan(state, now=self.wall())  # the whole picture: only missing models get steps
+        elif missing or unpinned:
+            plan = placement.plan(state, now=self.wall())  # the whole picture: missing and unpinned models
             for step in plan.steps:
                 log_event(
                     logging.INFO,
@@ -80,6 +82,7 @@ class Reconciler:
             "reconcile",
             outcome="partial" if down else "ok",
             not_on_gpu=",".join(model_key(n) for n in names) or "none",
+            unpinned=",".join(unpinned) or None,
             nodes_down=",".join(down) or None,
         )
         return names

@@ -32,7 +32,7 @@ from gpurouter.urls import redact
 log = logging.getLogger("gpu_router.optimizer")
 
 HISTORY = 200  # actions kept for /api/v1/actions
-ACTIONS = ("load", "unload", "evict")
+ACTIONS = ("load", "unload", "evict", "pin")
 WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
 REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -77,7 +77,7 @@ class Metrics:
 @dataclass(frozen=True)
 class ActionRecord:
     """One entry of the actions history (GET /api/v1/actions), named as optimize's outcomes are. `action` is
-    load/unload/evict, or plan/job for a job's own outcome;
+    load/unload/evict/pin, or plan/job for a job's own outcome;
     `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
     dry-run (auto_optimize: false), unplaced (the plan found no node for the model) or by_ollama (an `evict`
     Ollama did on its own while a load of ours ran). `by` is the process that took it: optimizer, proxy (its
@@ -427,6 +427,7 @@ class Remediator:
         self._reserved: dict[str, int] = {}
         self._generation = 0
         self._leftovers: dict[str, set[str]] = {}  # model → nodes holding a copy it failed to remove
+        self._healed: dict[str, tuple[float, str]] = {}  # model → (clock time, node) a job last put it on GPU
 
     def leftovers(self) -> list[str]:
         """Models with a CPU or partial copy that a job could not remove after verifying the GPU copy (the
@@ -442,6 +443,9 @@ class Remediator:
         if reserved is None:
             return JobResult(ok=True, detail="abandoned: the service is stopping")
         state, plan, nodes = reserved
+        undone = self._undone(job.model, plan, state)
+        if undone is not None:
+            plan = replace(plan, steps=tuple(s for s in plan.steps if s.action == "pin"))
         try:
             offset = self.wall() - self.clock()
             execution = execute.execute(
@@ -455,7 +459,68 @@ class Remediator:
             )
         finally:
             self._release(nodes)
-        return self._result(job.model, plan, execution, offset)
+        result = self._result(job.model, plan, execution, offset)
+        if undone is not None:
+            record = ActionRecord(self.wall(), job.model, None, "plan", "unplaced", 0.0, undone)
+            result = replace(result, ok=False, actions=(*result.actions, record), detail=undone)
+        elif result.fixed:
+            home = next(o.step.node for o in execution.outcomes if o.verified and model_key(o.step.serves) == job.model)
+            with self._cond:
+                self._healed[job.model] = (self.clock(), home)
+        if self.dry_run or result.ok or self.stopping.is_set():
+            return result
+        kept = self._keep_served(priority)
+        return result if kept is None else replace(result, actions=(*result.actions, kept))
+
+    def _undone(self, model: str, plan: placement.Plan, state: ClusterState) -> str | None:
+        """Why the model is not put on GPU again now: a job put it there less than one cooldown ago, and another
+        model took its place on that node (Ollama unloaded it for a request that does not fit beside it):
+        loading it again at once would only start a load/unload loop. None when the plan may run (a restart,
+        or a copy of it still on that node, is no such sign)."""
+        with self._cond:
+            healed = self._healed.get(model)
+        if healed is None or not plan.loads:
+            return None
+        since, home = self.clock() - healed[0], state.node(healed[1])
+        if since >= self.config.optimizer.cooldown_seconds or home is None or not home.up:
+            return None
+        if home.loaded_model(model) is not None or not home.loaded:
+            return None
+        return (
+            f"put on GPU on {home.name} {since:.1f}s ago, and another model took its place there since: kept "
+            "served, tried again after one cooldown"
+        )
+
+    def _keep_served(self, priority: PriorityModel) -> ActionRecord | None:
+        """A priority model with no copy on any node that answers is loaded at once where Ollama places it
+        (partly or all on CPU if need be), so it stays served while later jobs keep trying for GPU. On a node
+        with a GPU where other models are loaded it is loaded on CPU (`num_gpu: 0`): a load Ollama places by
+        itself could make it evict one of them."""
+        key = model_key(priority.name)
+        state = self.observer.poll()
+        if any(n.loaded_model(key) is not None for n in state.nodes if n.up) or not any(n.up for n in state.nodes):
+            return None
+        now = self.wall()
+        node_name = placement.route(state, key, now).node
+        node = state.node(node_name) if node_name is not None else None
+        if node is None:
+            return None
+        on_cpu = bool(node.loaded) and node.capacity.source != "none" and node.vram_total != 0
+        started = self.clock()
+        try:
+            self._clients[node.name].load(
+                key,
+                num_ctx=priority.num_ctx,
+                keep_alive=priority.keep_alive,
+                num_gpu=0 if on_cpu else None,
+                embedding=state.is_embedding(key),
+                timeout=self.config.optimizer.load_timeout,
+            )
+            outcome, detail = "success", f"no copy anywhere: loaded on {node.name}{' on CPU' if on_cpu else ''} "
+            detail += "so that it stays served; the plan keeps trying for GPU"
+        except OllamaError as exc:
+            outcome, detail = "failure", f"no copy anywhere; loading it on {node.name} to keep it served failed: {exc}"
+        return ActionRecord(now, key, node.name, "load", outcome, self.clock() - started, detail)
 
     def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, placement.Plan, list[str]] | None:
         """Poll and plan until the plan's nodes can be reserved; None when the service stops first."""
@@ -506,13 +571,12 @@ class Remediator:
             for o in execution.outcomes:
                 self._track_removal(o)
                 if o.hidden:
-                    in_place = o.step.num_gpu is not None
                     why = (
                         f"Ollama unloaded {', '.join(o.evicted)} to admit {o.step.model}"
                         if o.ok
                         else f"{o.step.model} came up short by {size_text(o.hidden)}"
                     )
-                    self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
+                    self.observer.hidden.record(o.step.node, o.hidden, why, o.evidence)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
         records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]
         fixed = not execution.dry_run and any(

@@ -62,6 +62,11 @@ class LoadedModel:
     def fully_on_gpu(self) -> bool:
         return self.size > 0 and self.size_vram >= self.size
 
+    @property
+    def placement(self) -> tuple[int, int]:
+        """(size, size_vram): a change means the runner was loaded again, with another placement."""
+        return self.size, self.size_vram
+
 
 @dataclass(frozen=True)
 class ShowInfo:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gpurouter.cluster.config import PriorityModel, model_key
+from gpurouter.cluster.goduration import FOREVER, parse_keep_alive
 from gpurouter.cluster.ollama import LoadedModel
 from gpurouter.cluster.state import ClusterState, ModelNeed, NodeState
 from gpurouter.sizing import catalog, eras
@@ -491,7 +492,7 @@ class Step:
     `for_model` is the priority model the step serves (an eviction's victim is `model`); None = `model`.
     """
 
-    action: str  # "evict" | "load" | "unload"
+    action: str  # "evict" | "load" | "unload" | "pin" (same options again, with the configured keep_alive)
     model: str
     node: str
     reason: str
@@ -739,7 +740,38 @@ def plan(
         elif not packer.add(item):
             unplaced.append((key, f"no room left after higher-priority models ({why})"))
     packer.improve()
-    return Plan(tuple(_steps(packer, copies, state.layers)), tuple(unplaced), tuple(already))
+    steps = _steps(packer, copies, state.layers)
+    loading = {s.model for s in steps if s.action == "load"}
+    keys = {model_key(p.name) for p in wanted}
+    pins = [s for s in unpinned(state, now) if s.model in keys and s.model not in loading]
+    return Plan(tuple(steps + pins), tuple(unplaced), tuple(already))
+
+
+PINNED_FOREVER = 10 * 365 * 86400.0  # seconds: an expiry further away than this is keep_alive forever
+PIN_SLACK = 60.0  # seconds an expiry may lie past the configured keep_alive (clocks, request time)
+
+
+def unpinned(state: ClusterState, now: float) -> list[Step]:
+    """A `pin` step for every idle copy of a priority model that lost its pin: configured forever (the default)
+    but expiring, or expiring later than its configured keep_alive allows (a client's longer keep_alive). A
+    copy that expires sooner than a finite keep_alive is not told apart from one idle since (left alone); a busy
+    copy shows no expiry to judge (a later pass looks again). Copies on nodes in maintenance are never touched."""
+    steps = []
+    for pm in state.config.priority_models:
+        key = model_key(pm.name)
+        wanted = parse_keep_alive(pm.keep_alive)
+        for node, copy in state.placements(key):
+            if node.config.maintenance or copy.expires_at is None or is_busy(copy, now):
+                continue
+            left = copy.expires_at.timestamp() - now
+            if left < PINNED_FOREVER if wanted >= FOREVER else left > wanted + PIN_SLACK:
+                why = f"{key} expires in {_duration(left)}, not as configured (keep_alive {pm.keep_alive})"
+                steps.append(Step("pin", key, node.name, why, copy.context_length or pm.num_ctx, pm.keep_alive))
+    return steps
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:.0f} days" if seconds >= 86400 else f"{max(0.0, seconds):.0f}s"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt
 from gpurouter.cluster.config import Config, model_key
-from gpurouter.cluster.ollama import parse_go_time
+from gpurouter.cluster.ollama import parse_go_time, redirect_error
 from gpurouter.decide.choose import Choice, choose
 from gpurouter.serve.auth import Authenticator
 from gpurouter.serve.gojson import json_error, json_kind
@@ -293,6 +293,10 @@ class Proxy:
         except BaseException:
             upstream.close()
             raise
+        redirect = redirect_error(redact(url), upstream.status, upstream.headers.get("Location"))
+        if redirect is not None:  # a node error wherever it comes from: never relayed, never followed
+            upstream.close()
+            raise _Failed("redirect", str(redirect))
         if upstream.status >= 500 and not last:
             upstream.close()
             text = first[:200].decode(errors="replace")

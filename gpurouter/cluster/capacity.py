@@ -23,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, wait
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +35,7 @@ from urllib.parse import urlsplit
 from gpurouter.cluster.config import Config, NodeConfig
 from gpurouter.cluster.ollamalog import LogFile, command_capacity, file_capacity
 from gpurouter.cluster.promsource import PrometheusCapacity
-from gpurouter.cluster.state import Capacity, GpuInfo, read_each
+from gpurouter.cluster.state import Capacity, GpuInfo
 from gpurouter.urls import redact
 
 # A batch reader: the capacity of each of `nodes` (by name) within `timeout` seconds. A node it leaves out
@@ -150,13 +153,24 @@ def _local(probe: Callable[[], Capacity]) -> Source:
 
 class OllamaLogReader:
     """The `gpu_source: ollama_log` nodes: each reads its own log file (incrementally) or runs its own command,
-    concurrently, each command within the poll's timeout."""
+    all at once, each in a thread of its own. The answer comes within the poll's timeout: a command is killed
+    shortly before it, and a read that has not ended by then (a file on a hung network mount) makes only its own
+    node's capacity unknown; while it runs, that node's next polls wait for it instead of starting another."""
 
     def __init__(self) -> None:
         self._files: dict[str, LogFile] = {}
+        self._running: dict[str, tuple[Future[Capacity], float]] = {}  # node → its read, and when it started
+        self._lock = threading.Lock()
 
     def read(self, nodes: Sequence[NodeConfig], timeout: float) -> dict[str, Capacity]:
-        return read_each(nodes, lambda n: self.read_node(n, timeout))
+        slack = min(0.5, timeout / 4)  # the answer's margin: the caller waits `timeout` in all
+        reads = {node.name: (node, *self._start(node, timeout - slack)) for node in nodes}
+        wait([future for _, future, _ in reads.values()], timeout=timeout - slack / 2)
+        now = time.monotonic()
+        return {
+            name: future.result() if future.done() else self._late(node, now - since, timeout)
+            for name, (node, future, since) in reads.items()
+        }
 
     def read_node(self, node: NodeConfig, timeout: float) -> Capacity:
         source = node.ollama_log
@@ -166,6 +180,32 @@ class OllamaLogReader:
             log = self._files.get(source.file) or self._files.setdefault(source.file, LogFile(source.file))
             return file_capacity(log)
         return command_capacity(source.command, timeout)
+
+    def _start(self, node: NodeConfig, timeout: float) -> tuple[Future[Capacity], float]:
+        """The node's read: the one still running, or a new one."""
+        with self._lock:
+            running = self._running.get(node.name)
+            if running is not None and not running[0].done():
+                return running
+            future: Future[Capacity] = Future()
+            running = self._running[node.name] = (future, time.monotonic())
+        threading.Thread(target=self._run, args=(node, timeout, future), name="ollama-log", daemon=True).start()
+        return running
+
+    def _run(self, node: NodeConfig, timeout: float, future: Future[Capacity]) -> None:
+        try:
+            future.set_result(self.read_node(node, timeout))
+        except Exception as exc:  # a bug must not leave the node waiting forever
+            future.set_result(unknown(f"ollama_log: {type(exc).__name__}: {exc}"))
+
+    @staticmethod
+    def _late(node: NodeConfig, running: float, timeout: float) -> Capacity:
+        source = node.ollama_log
+        where = source.file if source is not None and source.file is not None else "its command"
+        return unknown(
+            f"ollama_log: reading {where} gave no answer within {timeout:g} s (still running after {running:.0f} s; "
+            "only this node's capacity is unknown until it ends)"
+        )
 
 
 class CapacityReader:

@@ -283,7 +283,7 @@ def test_a_hung_driver_leaves_the_capacity_unknown_and_holds_one_thread() -> Non
         for _ in range(3):
             began = time.monotonic()
             cap = reader.read(cfg.nodes, 0.4)["a"]
-            assert time.monotonic() - began < 0.4
+            assert time.monotonic() - began < 0.4 + 0.3  # its timeout, and room for a busy machine
             assert not cap.known and cap.reason.startswith("NVML: no answer within 0.4 s")
         assert nvml.inits == 1
     finally:

@@ -204,6 +204,6 @@ def test_the_reader_answers_for_every_node_within_the_timeout(fifo: Path, tmp_pa
     )
     began = time.monotonic()
     answers = within(5, lambda: CapacityReader(config).read(config.nodes, 1.0))
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 1.0 + 0.5  # its timeout, and room for a busy machine
     assert answers["good"].total == 8 * GIB
     assert not answers["slow"].known and not answers["fifo"].known

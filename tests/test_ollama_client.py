@@ -43,7 +43,8 @@ class Canned(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.server.requests.append((self.command, self.path, json.loads(self.rfile.read(length) or b"null")))
-        status, kind, body, *extra = self.server.routes.get(self.path, (404, "text/plain", "404 page not found"))
+        route = self.path.split("?", 1)[0]
+        status, kind, body, *extra = self.server.routes.get(route, (404, "text/plain", "404 page not found"))
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)

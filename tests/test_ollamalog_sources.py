@@ -109,7 +109,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_commands_background_children_are_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no pidfd"])
+def test_a_commands_background_children_are_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
     log, pids = tmp_path / "ollama.log", tmp_path / "pids"
     log.write_text(LOG)
     script = f"sleep 300 >/dev/null 2>&1 & echo $! > {pids}; cat {log}"

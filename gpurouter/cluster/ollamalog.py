@@ -411,21 +411,27 @@ class _Tail:
 def _read_tails(process: subprocess.Popen[bytes], deadline: float) -> tuple[_Tail, _Tail, bool]:
     """The tails of the process's stdout and stderr, read until it has exited and left nothing more to read (a
     background child may hold the pipes open); False when the deadline came first. The process is not reaped
-    (a pidfd tells its exit), so its group can still be killed by its id."""
+    (a pidfd, or where there is none `waitid(WNOWAIT)` every 50 ms, tells its exit), so its group can still be
+    killed by its id."""
     assert process.stdout is not None and process.stderr is not None
     tails = {pipe.fileno(): _Tail() for pipe in (process.stdout, process.stderr)}
     out, err = tails.values()
-    pidfd = os.pidfd_open(process.pid)
+    try:
+        pidfd: int | None = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # before Linux 5.3, or a sandbox that forbids it
+        pidfd = None
     exited = False
     try:
         with selectors.DefaultSelector() as selector:
-            for fd in (*tails, pidfd):
+            for fd in (*tails, *([pidfd] if pidfd is not None else [])):
                 selector.register(fd, selectors.EVENT_READ)
             while (left := deadline - time.monotonic()) > 0:
-                ready = [key.fd for key, _ in selector.select(0 if exited else left)]
-                if pidfd in ready:
+                wait = 0 if exited else left if pidfd is not None else min(left, 0.05)
+                ready = [key.fd for key, _ in selector.select(wait)]
+                if pidfd in ready or (pidfd is None and not exited and _exited(process.pid)):
                     exited = True
-                    selector.unregister(pidfd)
+                    if pidfd is not None:
+                        selector.unregister(pidfd)
                 pipes = [fd for fd in ready if fd != pidfd]
                 for fd in pipes:
                     chunk = os.read(fd, _CHUNK)
@@ -436,8 +442,14 @@ def _read_tails(process: subprocess.Popen[bytes], deadline: float) -> tuple[_Tai
                 if exited and not pipes:
                     return out, err, True
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     return out, err, False
+
+
+def _exited(pid: int) -> bool:
+    """True when the process has exited; it is left unreaped."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def command_capacity(argv: Sequence[str], timeout: float) -> Capacity:

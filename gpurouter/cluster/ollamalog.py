@@ -267,6 +267,8 @@ TAIL = 256 * MIB
 OUTPUT_TAIL = 16 * MIB
 LONG_LINE = MIB  # Ollama's longest line that matters, `server config`, is a few KiB
 _CHUNK = MIB
+_AT_ONCE = 16  # commands running at once (each ends by its deadline)
+_COMMANDS = threading.BoundedSemaphore(_AT_ONCE)
 
 
 class LogFile:
@@ -356,6 +358,15 @@ def run_log_command(argv: Sequence[str], timeout: float) -> tuple[str, str]:
     background child of it outlives the read."""
     shown = shlex.join(argv)
     deadline = time.monotonic() + timeout
+    if not _COMMANDS.acquire(timeout=timeout):
+        raise LogUnavailable(f"ollama_log: `{shown}` did not start within {timeout:g} s ({_AT_ONCE} commands running)")
+    try:
+        return _run_command(argv, shown, timeout, deadline)
+    finally:
+        _COMMANDS.release()
+
+
+def _run_command(argv: Sequence[str], shown: str, timeout: float, deadline: float) -> tuple[str, str]:
     try:
         process = subprocess.Popen(
             list(argv),

@@ -26,14 +26,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt
 from gpurouter.cluster.config import Config, model_key, name_problem
-from gpurouter.cluster.ollama import parse_go_time
+from gpurouter.cluster.ollama import parse_go_time, redirect_error
 from gpurouter.decide.choose import Choice, choose
 from gpurouter.serve.auth import Authenticator
 from gpurouter.serve.gojson import json_error, json_kind
 from gpurouter.sizing import eras
-from gpurouter.units import body_too_large
 from gpurouter.urls import redact
 from proxy.heal import Healer
+from proxy.limits import BodyBudget, Refused
 from proxy.metrics import ProxyMetrics
 from proxy.view import ClusterView
 
@@ -107,10 +107,6 @@ class _Failed(Exception):
         self.kind = kind
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class Proxy:
     """The handlers and what they share; `application()` builds the aiohttp app."""
 
@@ -124,6 +120,7 @@ class Proxy:
         self.metrics = metrics
         self.auth = auth
         self.urls = {n.name: n.url for n in config.nodes}
+        self.bodies = BodyBudget(self.settings.max_body)
         self.session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------------------------------ wiring
@@ -184,9 +181,11 @@ class Proxy:
         started = time.monotonic()
         type_name, dialect, missing = ROUTED[request.path]
         try:
-            raw = await _read(request, self.settings.max_body)
-        except _TooLarge:
-            return error(dialect, 413, body_too_large(request.content_length, self.settings.max_body, "proxy.max_body"))
+            raw = await self.bodies.read(request, self.settings.max_body)
+        except Refused as refused:  # the rest of the body is not read: the connection ends with the answer
+            response = error(dialect, refused.status, str(refused), refused.headers)
+            response.force_close()
+            return response
         data = _parse(raw, type_name)
         if isinstance(data, str):
             return error(dialect, 400, data)
@@ -295,6 +294,10 @@ class Proxy:
         except BaseException:
             upstream.close()
             raise
+        redirect = redirect_error(redact(url), upstream.status, upstream.headers.get("Location"))
+        if redirect is not None:  # a node error wherever it comes from: never relayed, never followed
+            upstream.close()
+            raise _Failed("redirect", str(redirect))
         if upstream.status >= 500 and not last:
             upstream.close()
             text = first[:200].decode(errors="replace")
@@ -438,18 +441,6 @@ class Proxy:
         up = sum(1 for n in state.nodes if n.up) if state is not None else 0
         age = time.time() - state.taken_at if state is not None else None
         return web.json_response({"status": "ok", "nodes_up": up, "nodes": len(self.config.nodes), "view_age": age})
-
-
-async def _read(request: web.Request, limit: int) -> bytes:
-    """The whole body, or _TooLarge past `limit` bytes (told by Content-Length or counted)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise _TooLarge
-    return bytes(body)
 
 
 def _parse(raw: bytes, type_name: str) -> dict[str, Any] | str:

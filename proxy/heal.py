@@ -60,7 +60,9 @@ class Healer:
     def _post(self, model: str) -> None:
         url = f"{self.config.proxy.optimizer_url}/api/v1/optimize"
         try:
-            reply = requests.post(url, json={"models": [model]}, headers=self._headers, timeout=10)
+            reply = requests.post(
+                url, json={"models": [model]}, headers=self._headers, timeout=10, allow_redirects=False
+            )
             outcome = "queued" if reply.status_code == 202 else f"HTTP {reply.status_code}: {reply.text[:200]}"
         except requests.RequestException as exc:
             outcome = f"{type(exc).__name__}: {exc}"

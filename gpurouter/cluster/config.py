@@ -502,13 +502,16 @@ def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
     given = [key for key in _OLLAMA_LOG if raw.get(key) is not None]
     if len(given) != 1:
         raise r.fail(path, "give exactly one of file or command")
+    key = _join(path, given[0])
+    text = r.string(raw[given[0]], key)
+    if "\0" in text:  # no path or argument can hold one: the read would fail on every poll
+        raise r.fail(key, f"holds a NUL character (\\0): {show(text)}")
     if given == ["file"]:
-        return OllamaLogSource(file=os.path.expanduser(r.string(raw["file"], _join(path, "file"))))
-    text = r.string(raw["command"], _join(path, "command"))
+        return OllamaLogSource(file=os.path.expanduser(text))
     try:
         return OllamaLogSource(command=tuple(shlex.split(text)))
     except ValueError as exc:
-        raise r.fail(_join(path, "command"), f"cannot split {show(text)} into words: {exc}") from None
+        raise r.fail(key, f"cannot split {show(text)} into words: {exc}") from None
 
 
 def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:

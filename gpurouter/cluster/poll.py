@@ -1,0 +1,199 @@
+"""Reads of many Ollama nodes at once on one asyncio event loop (aiohttp), each node within its own deadline.
+
+The loop runs in a daemon thread of its own; callers in any thread block on `Poller.read` (or get a future from
+`Poller.show`). All requests share one aiohttp session: one connection pool, redirects never followed (a 3xx
+is a node error, as in `OllamaClient`), at most `concurrency` nodes read at once (the others wait their turn,
+and a node's deadline starts with its turn).
+
+A node is down only when it did not answer in time, never because this process was late to read an answer
+that had arrived: the deadline runs on the loop, a clock ticking on the same loop counts the time the loop
+woke late (the process busy elsewhere, or starved of CPU) and gives that time back to every node waiting
+(at most `limit` more), and before a node is declared timed out the loop reads what is already in its
+sockets. Parsing the answers into results happens here; sizing them is the caller's, after the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import requests
+
+from gpurouter.cluster.ollama import (
+    OllamaError,
+    ShowInfo,
+    answer_error,
+    json_object,
+    parse_ps,
+    parse_show,
+    parse_tags,
+    parse_version,
+    transport_error,
+)
+from gpurouter.urls import redact
+
+CONCURRENCY = 2048  # nodes read at once (two or three connections each): past that, nodes wait their turn
+TICK = 0.01  # seconds between the lateness clock's ticks
+LATE = 0.005  # a wake-up later than this is the process's own delay
+DRAIN = 8  # loop turns that read what already arrived before a node is declared timed out
+
+_PARSE: dict[str, tuple[str, str, Callable[[Mapping[str, Any], str], Any]]] = {
+    "ps": ("GET", "/api/ps", parse_ps),
+    "tags": ("GET", "/api/tags", parse_tags),
+    "version": ("GET", "/api/version", parse_version),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One node to read: its name, base URL and which reads (`ps`, `tags`, `version`)."""
+
+    name: str
+    url: str
+    reads: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Answers:
+    """One node's reads: the results by read, or the first error; and how long the node took."""
+
+    values: Mapping[str, Any]
+    error: OllamaError | None
+    seconds: float
+
+
+class _Lateness:
+    """While running, counts the seconds this loop woke later than asked (beyond `LATE`): the process's delay."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(TICK)
+            late = loop.time() - before - TICK
+            if late > LATE:
+                self.seconds += late
+
+
+class Poller:
+    """One event loop thread and one aiohttp session for every node of a configuration."""
+
+    def __init__(self, urls: Iterable[str] = (), *, concurrency: int = CONCURRENCY) -> None:
+        # proxies from the environment are looked up once, as `node_session` does for the action client
+        self._trust_env = any(requests.utils.get_environ_proxies(url) for url in urls)
+        self._concurrency = concurrency
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="poll-loop", daemon=True)
+        self._thread.start()
+        self._session: aiohttp.ClientSession = self._call(self._open())
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=3 * self._concurrency, limit_per_host=0, ttl_dns_cache=300)
+        return aiohttp.ClientSession(
+            connector=connector, trust_env=self._trust_env, timeout=aiohttp.ClientTimeout(total=None)
+        )
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            self._call(self._session.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    # --------------------------------------------------------------------------------------- reads
+
+    def read(self, targets: Sequence[Target], limit: float) -> dict[str, Answers]:
+        """Every target's reads, each node within `limit` seconds of its turn (plus the process's own delay)."""
+        return self._call(self._read_all(targets, limit))  # type: ignore[no-any-return]
+
+    async def _read_all(self, targets: Sequence[Target], limit: float) -> dict[str, Answers]:
+        clock = _Lateness()
+        ticking = asyncio.ensure_future(clock.run())
+        try:
+            answers = await asyncio.gather(*(self._node(t, limit, clock) for t in targets))
+        finally:
+            ticking.cancel()
+        return {t.name: a for t, a in zip(targets, answers, strict=True)}
+
+    async def _node(self, target: Target, limit: float, clock: _Lateness) -> Answers:
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            started, late_before = loop.time(), clock.seconds
+            tasks = {what: asyncio.ensure_future(self._get(target.url, what, limit)) for what in target.reads}
+            pending = set(tasks.values())
+            while pending:
+                end = started + limit + min(limit, clock.seconds - late_before)
+                if loop.time() < end:
+                    _, pending = await asyncio.wait(pending, timeout=end - loop.time())
+                    continue
+                for _ in range(DRAIN):  # read what already arrived (and let the clock count a late wake-up)
+                    await asyncio.sleep(0)
+                pending = {t for t in pending if not t.done()}
+                if pending and loop.time() >= started + limit + min(limit, clock.seconds - late_before):
+                    break
+            seconds = loop.time() - started
+        for task in pending:
+            task.cancel()
+        if pending:
+            error = OllamaError("timeout", f"{redact(target.url)}: no answer within {limit:g}s")
+            return Answers({}, error, seconds)
+        values: dict[str, Any] = {}
+        for what, task in tasks.items():
+            if isinstance(task.result(), OllamaError):
+                return Answers({}, task.result(), seconds)
+            values[what] = task.result()
+        return Answers(values, None, seconds)
+
+    async def _get(self, url: str, what: str, limit: float) -> Any:
+        """One read's result, or its `OllamaError` (returned, so that the first failure is the one reported)."""
+        method, path, parse = _PARSE[what]
+        try:
+            body = await self._request(method, url, path, None, limit)
+            return parse(body, redact(url.rstrip("/")))
+        except OllamaError as exc:
+            return exc
+        except Exception as exc:  # anything else about this node is its error, never the poll's
+            return OllamaError("error", redact(f"{url}: {type(exc).__name__}: {exc}"))
+
+    async def _request(
+        self, method: str, url: str, path: str, payload: Mapping[str, Any] | None, limit: float
+    ) -> dict[str, Any]:
+        base = url.rstrip("/")
+        shown = redact(base) + path
+        try:
+            async with self._session.request(method, base + path, json=payload, allow_redirects=False) as response:
+                content = await response.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            kind, words = transport_error(exc, limit)
+            raise OllamaError(kind, f"{shown}: {words}") from None
+        if response.status >= 300:
+            raise answer_error(shown, response.status, content, response.reason or "")
+        return json_object(content, shown, response.status)
+
+    # ---------------------------------------------------------------------------------------- show
+
+    def show(self, url: str, model: str, timeout: float) -> concurrent.futures.Future[ShowInfo]:
+        """/api/show of `model` on the node at `url`, within `timeout` seconds; the future fails with OllamaError."""
+        return asyncio.run_coroutine_threadsafe(self._show(url, model, timeout), self._loop)
+
+    async def _show(self, url: str, model: str, timeout: float) -> ShowInfo:
+        try:
+            body = await asyncio.wait_for(self._request("POST", url, "/api/show", {"model": model}, timeout), timeout)
+        except asyncio.TimeoutError:
+            raise OllamaError("timeout", f"{redact(url)}/api/show: no answer within {timeout:g}s") from None
+        return parse_show(body, redact(url.rstrip("/")))

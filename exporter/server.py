@@ -16,13 +16,14 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.registry import CollectorRegistry
 
-from exporter.collector import cluster_registry, exporter_version
+from exporter.collector import exporter_version
+from exporter.exposition import Exposition
 from gpurouter import logfmt
 from gpurouter.cluster.config import Config, find_config, load_config
 from gpurouter.cluster.observe import Observer
@@ -59,17 +60,25 @@ def landing_page(config: Config, version: str) -> bytes:
 
 
 def exporter_app(config: Config, observer: Observer) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """The WSGI application: /metrics from a private registry, the landing page and /healthz."""
+    """The WSGI application: /metrics (a poll, rendered by `exporter.exposition`), the landing page and
+    /healthz."""
     version = exporter_version()
-    registry = cluster_registry(observer, version)
+    exposition = Exposition()
+    rendering = threading.Lock()  # one exposition: its reuse of unchanged nodes' lines is per scrape
     page = landing_page(config, version)
+
+    def scrape(openmetrics: bool) -> bytes:
+        started = time.monotonic()
+        state = observer.poll()
+        with rendering:
+            return exposition.render(state, version, time.monotonic() - started, openmetrics=openmetrics)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _reply(start_response, "405 Method Not Allowed", b"only GET\n", [("Allow", "GET, HEAD")])
         if path == "/metrics":
-            return _metrics(registry, environ, start_response)
+            return _metrics(scrape, environ, start_response)
         if path == "/":
             return _reply(start_response, "200 OK", page, content_type="text/html; charset=utf-8")
         if path == "/healthz":
@@ -79,11 +88,11 @@ def exporter_app(config: Config, observer: Observer) -> Callable[[dict[str, Any]
     return app
 
 
-def _metrics(registry: CollectorRegistry, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+def _metrics(scrape: Callable[[bool], bytes], environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
     """A scrape: text format (OpenMetrics when asked), gzip at the fastest level when accepted (level 9, the
-    client library's, costs more CPU than building the families)."""
-    encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-    body = encoder(registry)
+    client library's, costs more CPU than building the series)."""
+    _, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+    body = scrape(content_type.startswith("application/openmetrics-text"))
     headers = []
     if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
         body = gzip.compress(body, compresslevel=1)

@@ -3,9 +3,9 @@
 `canned(spec)` starts one simulated node (`simulator.run.Fleet`) of the given spec and records, byte for byte,
 what it answers to every read a poll makes (`/api/version`, `/api/ps`, `/api/tags` and `/api/show` of each
 installed model). `python bench/fakefleet.py ANSWERS.json --nodes N --latency-ms L` then serves those answers
-from N ports of one aiohttp process, each after L ms (as the simulator's `latency_ms` delays every answer),
-and prints `ready {"node-0000": "http://127.0.0.1:PORT", ...}` on one line once every port listens. It runs
-until stdin closes or it gets SIGTERM. Every node answers exactly what the simulated node answered.
+from N ports of one asyncio process (a minimal HTTP/1.1 server: keep-alive, no chunking), each answer after
+L ms (as the simulator's `latency_ms` delays every answer), and prints `ready {"node-0000": "http://...", ...}`
+on one line once every port listens. It runs until stdin closes or it gets SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulator.run import Fleet, fleet_from_dict  # noqa: E402
+from simulator.run import Fleet, fleet_from_dict
 
 READS = ("/api/version", "/api/ps", "/api/tags")
 
@@ -43,44 +41,72 @@ def canned(node_spec: dict[str, Any]) -> dict[str, Any]:
     return answers
 
 
-def application(answers: dict[str, Any], latency: float) -> web.Application:
-    def reply(key: str) -> web.Response:
-        status, content_type, body = answers.get(key, [404, "text/plain", "404 page not found"])
-        return web.Response(status=status, body=body.encode(), headers={"Content-Type": content_type})
+def responses(answers: dict[str, Any]) -> dict[str, bytes]:
+    """Each canned answer as the bytes of a whole HTTP/1.1 response (keep-alive)."""
+    out = {}
+    for key, (status, content_type, body) in answers.items():
+        data = body.encode()
+        head = f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {content_type}\r\n"
+        out[key] = (head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+    missing = b"404 page not found"
+    out["missing"] = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 18\r\n\r\n" + missing
+    return out
 
-    async def read(request: web.Request) -> web.Response:
-        await asyncio.sleep(latency)
-        return reply(request.path)
 
-    async def show(request: web.Request) -> web.Response:
-        body = await request.json()
-        await asyncio.sleep(latency)
-        name = str(body.get("model", ""))
-        return reply("show:" + (name if ":" in name else name + ":latest"))
+class NodeProtocol(asyncio.Protocol):
+    """One connection to a fake node: reads requests (GET, or POST with a JSON body), answers each after the
+    latency, in order."""
 
-    app = web.Application()
-    for path in READS:
-        app.router.add_get(path, read)
-    app.router.add_post("/api/show", show)
-    return app
+    def __init__(self, canned: dict[str, bytes], latency: float) -> None:
+        self.canned = canned
+        self.latency = latency
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            method, path = head.split(b" ", 2)[:2]
+            key = path.decode()
+            if method == b"POST" and key == "/api/show":
+                name = str(json.loads(rest[:length]).get("model", ""))
+                key = "show:" + (name if ":" in name else name + ":latest")
+            answer = self.canned.get(key, self.canned["missing"])
+            asyncio.get_running_loop().call_later(self.latency, self._write, answer)
+
+    def _write(self, answer: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(answer)
 
 
 async def serve(answers: dict[str, Any], nodes: int, latency: float) -> None:
-    runner = web.AppRunner(application(answers, latency), access_log=None)
-    await runner.setup()
+    loop = asyncio.get_running_loop()
+    canned = responses(answers)
+    servers = []
     urls = {}
     for i in range(nodes):
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        urls[f"node-{i:04d}"] = f"http://127.0.0.1:{port}"
+        server = await loop.create_server(lambda: NodeProtocol(canned, latency), "127.0.0.1", 0, backlog=1024)
+        servers.append(server)
+        urls[f"node-{i:04d}"] = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     print("ready " + json.dumps(urls), flush=True)
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
     await stop.wait()
-    await runner.cleanup()
+    for server in servers:
+        server.close()
 
 
 def main() -> int:

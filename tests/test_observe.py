@@ -128,9 +128,9 @@ def test_a_node_that_recovers_is_up_again_with_its_version(fleet: Fleet) -> None
         calls: list[str] = []
         real = observer.poller._get
 
-        async def counting(url: str, what: str, limit: float) -> Any:
+        async def counting(url: str, what: str) -> Any:
             calls.append(what)
-            return await real(url, what, limit)
+            return await real(url, what)
 
         observer.poller._get = counting  # type: ignore[method-assign]
         assert observer.poll().nodes[0].version == "0.12.6"

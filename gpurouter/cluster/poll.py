@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ class _Lateness:
                 self.seconds += late
 
 
+def _end(turn: list[float] | None, limit: float, clock: _Lateness) -> float:
+    """When a node's turn ends: `limit` after it began, plus the process's own delay since (at most `limit`)."""
+    if turn is None:
+        return math.inf  # still waiting for its turn
+    return turn[0] + limit + min(limit, clock.seconds - turn[1])
+
+
 class Poller:
     """One event loop thread and one aiohttp session for every node of a configuration."""
 
@@ -96,6 +104,8 @@ class Poller:
         self._thread.start()
         self._session: aiohttp.ClientSession = self._call(self._open())
         self._slots = asyncio.Semaphore(concurrency)
+        self._shown_urls: dict[str, str] = {}
+        self._last: dict[tuple[str, str], tuple[bytes, Any]] = {}  # (url, read) → (last answer, its result)
 
     async def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=3 * self._concurrency, limit_per_host=0, ttl_dns_cache=300)
@@ -122,68 +132,95 @@ class Poller:
         return self._call(self._read_all(targets, limit))  # type: ignore[no-any-return]
 
     async def _read_all(self, targets: Sequence[Target], limit: float) -> dict[str, Answers]:
+        """All nodes at once; one watch (one timer, not one per node) ends each node's turn at its deadline."""
+        loop = asyncio.get_running_loop()
         clock = _Lateness()
         ticking = asyncio.ensure_future(clock.run())
+        turns: dict[str, list[float]] = {}  # node → [loop time its reads began, the clock's lateness then]
+        tasks = {asyncio.ensure_future(self._node(t, turns, clock)): t for t in targets}
+        timed_out: dict[asyncio.Future[Answers], float] = {}
         try:
-            answers = await asyncio.gather(*(self._node(t, limit, clock) for t in targets))
-        finally:
-            ticking.cancel()
-        return {t.name: a for t, a in zip(targets, answers, strict=True)}
-
-    async def _node(self, target: Target, limit: float, clock: _Lateness) -> Answers:
-        loop = asyncio.get_running_loop()
-        async with self._slots:
-            started, late_before = loop.time(), clock.seconds
-            tasks = {what: asyncio.ensure_future(self._get(target.url, what, limit)) for what in target.reads}
-            pending = set(tasks.values())
+            pending = set(tasks)
             while pending:
-                end = started + limit + min(limit, clock.seconds - late_before)
-                if loop.time() < end:
-                    _, pending = await asyncio.wait(pending, timeout=end - loop.time())
+                ends = {task: _end(turns.get(tasks[task].name), limit, clock) for task in pending}
+                wake = min(ends.values())
+                if wake > loop.time():  # nodes still waiting for their turn are looked at again every 0.1 s
+                    _, pending = await asyncio.wait(pending, timeout=min(wake - loop.time(), 0.1))
                     continue
                 for _ in range(DRAIN):  # read what already arrived (and let the clock count a late wake-up)
                     await asyncio.sleep(0)
+                now = loop.time()
+                for task in [t for t in pending if not t.done()]:
+                    turn = turns.get(tasks[task].name)
+                    if turn is not None and _end(turn, limit, clock) <= now:
+                        task.cancel()
+                        timed_out[task] = now - turn[0]
                 pending = {t for t in pending if not t.done()}
-                if pending and loop.time() >= started + limit + min(limit, clock.seconds - late_before):
-                    break
-            seconds = loop.time() - started
-        for task in pending:
-            task.cancel()
-        if pending:
-            error = OllamaError("timeout", f"{redact(target.url)}: no answer within {limit:g}s")
-            return Answers({}, error, seconds)
-        values: dict[str, Any] = {}
-        for what, task in tasks.items():
-            if isinstance(task.result(), OllamaError):
-                return Answers({}, task.result(), seconds)
-            values[what] = task.result()
-        return Answers(values, None, seconds)
+        finally:
+            ticking.cancel()
+            for task in tasks:
+                task.cancel()
+        answers = {}
+        for task, target in tasks.items():
+            if task in timed_out or task.cancelled():
+                error = OllamaError("timeout", f"{self._shown(target.url)}: no answer within {limit:g}s")
+                answers[target.name] = Answers({}, error, timed_out.get(task, limit))
+            else:
+                answers[target.name] = task.result()
+        return answers
 
-    async def _get(self, url: str, what: str, limit: float) -> Any:
-        """One read's result, or its `OllamaError` (returned, so that the first failure is the one reported)."""
+    async def _node(self, target: Target, turns: dict[str, list[float]], clock: _Lateness) -> Answers:
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            turns[target.name] = turn = [loop.time(), clock.seconds]
+            results = await asyncio.gather(*(self._get(target.url, what) for what in target.reads))
+            seconds = loop.time() - turn[0]
+        for result in results:
+            if isinstance(result, OllamaError):
+                return Answers({}, result, seconds)
+        return Answers(dict(zip(target.reads, results, strict=True)), None, seconds)
+
+    def _shown(self, url: str) -> str:
+        """The node's URL as messages name it (no credentials, no trailing slash), worked out once per URL."""
+        shown = self._shown_urls.get(url)
+        if shown is None:
+            shown = self._shown_urls[url] = redact(url.rstrip("/"))
+        return shown
+
+    async def _get(self, url: str, what: str) -> Any:
+        """One read's result, or its `OllamaError` (returned, so that the first failure is the one reported).
+        An answer the same, byte for byte, as the node's last one gives the same result, not parsed again."""
         method, path, parse = _PARSE[what]
         try:
-            body = await self._request(method, url, path, None, limit)
-            return parse(body, redact(url.rstrip("/")))
+            content = await self._request(method, url, path, None, None)
+            last = self._last.get((url, what))
+            if last is not None and last[0] == content:
+                return last[1]
+            shown = self._shown(url)
+            result = parse(json_object(content, shown + path), shown)
+            self._last[(url, what)] = (content, result)
+            return result
         except OllamaError as exc:
             return exc
         except Exception as exc:  # anything else about this node is its error, never the poll's
             return OllamaError("error", redact(f"{url}: {type(exc).__name__}: {exc}"))
 
     async def _request(
-        self, method: str, url: str, path: str, payload: Mapping[str, Any] | None, limit: float
-    ) -> dict[str, Any]:
-        base = url.rstrip("/")
-        shown = redact(base) + path
+        self, method: str, url: str, path: str, payload: Mapping[str, Any] | None, limit: float | None
+    ) -> bytes:
+        """The body of a 2xx answer; OllamaError for any other answer or none."""
+        shown = self._shown(url) + path
         try:
-            async with self._session.request(method, base + path, json=payload, allow_redirects=False) as response:
+            async with self._session.request(
+                method, url.rstrip("/") + path, json=payload, allow_redirects=False
+            ) as response:
                 content = await response.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             kind, words = transport_error(exc, limit)
             raise OllamaError(kind, f"{shown}: {words}") from None
         if response.status >= 300:
             raise answer_error(shown, response.status, content, response.reason or "")
-        return json_object(content, shown, response.status)
+        return content
 
     # ---------------------------------------------------------------------------------------- show
 
@@ -193,7 +230,8 @@ class Poller:
 
     async def _show(self, url: str, model: str, timeout: float) -> ShowInfo:
         try:
-            body = await asyncio.wait_for(self._request("POST", url, "/api/show", {"model": model}, timeout), timeout)
+            asking = self._request("POST", url, "/api/show", {"model": model}, timeout)
+            content = await asyncio.wait_for(asking, timeout)
         except asyncio.TimeoutError:
-            raise OllamaError("timeout", f"{redact(url)}/api/show: no answer within {timeout:g}s") from None
-        return parse_show(body, redact(url.rstrip("/")))
+            raise OllamaError("timeout", f"{self._shown(url)}/api/show: no answer within {timeout:g}s") from None
+        return parse_show(json_object(content, f"{self._shown(url)}/api/show"), self._shown(url))

@@ -175,12 +175,14 @@ def _arch_of(show: ShowInfo, disk_size: int | None) -> estimate.Arch | None:
 
 
 class NeedLedger:
-    """Remembers, across polls, the sizes seen on GPU and /api/show per digest (a digest never changes)."""
+    """Remembers, across polls, the sizes seen on GPU and /api/show per digest (a digest never changes); a
+    figure whose facts and node sizing are those of the last poll is that poll's, not worked out again."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._observed: dict[str, dict[ObservedKey, int]] = {}
         self._shows: dict[str, ShowInfo] = {}
+        self._last_needs: dict[Hashable, ModelNeed | None] = {}  # the last poll's figures, by what decides them
         self._lock = threading.Lock()
 
     def record(self, nodes: Iterable[NodeState]) -> None:
@@ -215,13 +217,18 @@ class NeedLedger:
         """What every known model takes on every node, and the set of embedding models."""
         nodes = list(nodes)
         facts = self._facts(nodes)
+        keys = {name: _facts_key(known) for name, known in facts.items()}
         needs: dict[tuple[str, str], ModelNeed] = {}
+        last, fresh = self._last_needs, {}
         for node in nodes:
             sizing = Sizing.of(node)
             for name, known in facts.items():
-                need = model_need(name, known, sizing)
+                key = (sizing, name, keys[name])
+                need = last[key] if key in last else model_need(name, known, sizing)
+                fresh[key] = need
                 if need is not None:
                     needs[(node.name, name)] = need
+        self._last_needs = fresh
         with self._lock:
             embedding = {name for name, known in facts.items() if _is_embedding(name, known.show)}
         return needs, frozenset(embedding)
@@ -269,6 +276,12 @@ class NeedLedger:
                     if arch is not None:
                         found[key] = arch.block_count + 1
         return found
+
+
+def _facts_key(facts: Facts) -> Hashable:
+    """What decides a model's figures besides the node's sizing (a digest stands for its /api/show)."""
+    observed = frozenset(facts.observed.items())
+    return facts.digest, facts.show is not None, facts.disk_size, facts.configured, facts.num_ctx, observed
 
 
 def _is_embedding(model: str, show: ShowInfo | None) -> bool:

@@ -27,6 +27,7 @@ from exporter.exposition import Exposition
 from gpurouter import logfmt
 from gpurouter.cluster.config import Config, find_config, load_config
 from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.shard import parse_shard, shard
 from gpurouter.serve.listen import cannot_listen, parse_listen
 from gpurouter.serve.wsgiserve import Served, serve
 from gpurouter.urls import redact
@@ -46,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         default=DEFAULT_LISTEN,
         help=f"address to serve /metrics on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        default="1/1",
+        help="observe only shard I of N of the configured nodes (by a stable hash of the node name), so that "
+        "N exporters split a large fleet (default 1/1: every node)",
     )
 
 
@@ -162,10 +170,11 @@ def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
     try:
         host, port = parse_listen(args.listen, DEFAULT_LISTEN)
+        index, count = parse_shard(args.shard)
     except ValueError as exc:
         print(f"gpu-router exporter: {exc}", file=sys.stderr)
         return 2
-    config = load_config(find_config(args.config))
+    config = shard(load_config(find_config(args.config)), index, count)
     limit_malloc_arenas()
     logfmt.setup(config.log_level)
     try:
@@ -177,7 +186,13 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logfmt.log_event(
-        log, logging.INFO, "listening", url=f"{server.url}/metrics", nodes=len(config.nodes), config=config.source
+        log,
+        logging.INFO,
+        "listening",
+        url=f"{server.url}/metrics",
+        nodes=len(config.nodes),
+        config=config.source,
+        shard=args.shard,
     )
     stop.wait()
     logfmt.log_event(log, logging.INFO, "stopping", outcome="signal received")

@@ -7,8 +7,8 @@ and a node's deadline starts with its turn).
 
 A node is down only when it did not answer in time, never because this process was late to read an answer
 that had arrived: the deadline runs on the loop, a clock ticking on the same loop counts the time the loop
-woke late (the process busy elsewhere, or starved of CPU) and gives that time back to every node waiting
-(at most `limit` more), and before a node is declared timed out the loop reads what is already in its
+woke late (the process busy elsewhere, or starved of CPU) and gives that time back to every node waiting,
+and before a node is declared timed out the loop reads what is already in its
 sockets. Parsing the answers into results happens here; sizing them is the caller's, after the I/O.
 """
 
@@ -86,10 +86,10 @@ class _Lateness:
 
 
 def _end(turn: list[float] | None, limit: float, clock: _Lateness) -> float:
-    """When a node's turn ends: `limit` after it began, plus the process's own delay since (at most `limit`)."""
+    """When a node's turn ends: `limit` after it began, plus the process's own delay since."""
     if turn is None:
         return math.inf  # still waiting for its turn
-    return turn[0] + limit + min(limit, clock.seconds - turn[1])
+    return turn[0] + limit + clock.seconds - turn[1]
 
 
 class Poller:

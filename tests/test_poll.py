@@ -153,7 +153,7 @@ def test_concurrency_is_bounded_and_a_deadline_starts_with_the_nodes_turn(fleet:
 
 
 class _Redirecting(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.send_response(302)
         self.send_header("Location", "/api/elsewhere")
         self.send_header("Content-Length", "0")

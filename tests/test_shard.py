@@ -74,4 +74,6 @@ def test_the_exporter_observes_only_its_shard(tmp_path: Path) -> None:
         process.wait()
     process = cli("exporter", "--config", str(config), "--shard", "4/3")
     _, err = process.communicate(timeout=30)
-    assert process.returncode == 2 and err.strip() == "gpu-router exporter: --shard: I must be between 1 and N, got '4/3'"
+    assert (
+        process.returncode == 2 and err.strip() == "gpu-router exporter: --shard: I must be between 1 and N, got '4/3'"
+    )

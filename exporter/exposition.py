@@ -34,34 +34,40 @@ def sample_line(name: str, labels: tuple[str, ...], value: float) -> str:
     return f"{name}{{{pairs}}} {floatToGoString(value)}\n"
 
 
-def _headers(openmetrics: bool) -> dict[str, str]:
+def _headers(openmetrics: bool) -> dict[str, bytes]:
     def help_text(text: str) -> str:
         text = text.replace("\\", r"\\").replace("\n", r"\n")
         return text.replace('"', r"\"") if openmetrics else text
 
-    return {name: f"# HELP {name} {help_text(text)}\n# TYPE {name} gauge\n" for name, (_, text) in METRICS.items()}
+    return {
+        name: f"# HELP {name} {help_text(text)}\n# TYPE {name} gauge\n".encode() for name, (_, text) in METRICS.items()
+    }
 
 
 HEADERS = {False: _headers(False), True: _headers(True)}
 
 
-def _lines(samples: list[Sample]) -> dict[str, str]:
+def _lines(samples: list[Sample]) -> dict[str, bytes]:
     """The samples' lines, joined per metric."""
     by_name: dict[str, list[str]] = {}
     for name, labels, value in samples:
         by_name.setdefault(name, []).append(sample_line(name, labels, value))
-    return {name: "".join(lines) for name, lines in by_name.items()}
+    return {name: "".join(lines).encode() for name, lines in by_name.items()}
 
 
 class Exposition:
     """Renders scrapes; remembers each node's lines and what they were built from."""
 
     def __init__(self) -> None:
-        self._nodes: dict[str, tuple[Any, dict[str, str]]] = {}  # node → (what the lines show, lines by metric)
+        self._nodes: dict[str, tuple[Any, dict[str, bytes]]] = {}  # node → (what the lines show, lines by metric)
 
     def render(self, state: ClusterState, version: str, collect_seconds: float, *, openmetrics: bool) -> bytes:
+        return b"".join(self.chunks(state, version, collect_seconds, openmetrics=openmetrics))
+
+    def chunks(self, state: ClusterState, version: str, collect_seconds: float, *, openmetrics: bool) -> list[bytes]:
+        """The text in pieces (most of them the nodes' kept lines): joined, or compressed one after the other."""
         models = cluster_models(state)[0]
-        nodes: dict[str, tuple[Any, dict[str, str]]] = {}
+        nodes: dict[str, tuple[Any, dict[str, bytes]]] = {}
         for node in state.nodes:
             basis = self._basis(node, state, models)
             known = self._nodes.get(node.name)
@@ -71,7 +77,7 @@ class Exposition:
                 samples = [s for s in node_samples(node, state, models) if s[0] != POLL_DURATION]
                 nodes[node.name] = (basis, _lines(samples))
         self._nodes = nodes
-        durations = "".join(sample_line(POLL_DURATION, (n.name,), n.poll_seconds) for n in state.nodes)
+        durations = "".join(sample_line(POLL_DURATION, (n.name,), n.poll_seconds) for n in state.nodes).encode()
         rest = _lines(cluster_samples(state, version, collect_seconds))
         headers = HEADERS[openmetrics]
         out = []
@@ -80,11 +86,11 @@ class Exposition:
             if name == POLL_DURATION:
                 out.append(durations)
             else:
-                out.extend(lines.get(name, "") for _, lines in nodes.values())
-                out.append(rest.get(name, ""))
+                out.extend(lines[name] for _, lines in nodes.values() if name in lines)
+                out.append(rest.get(name, b""))
         if openmetrics:
-            out.append("# EOF\n")
-        return "".join(out).encode()
+            out.append(b"# EOF\n")
+        return out
 
     @staticmethod
     def _basis(node: NodeState, state: ClusterState, models: frozenset[str]) -> tuple[Any, ...]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gzip
 import html
 import logging
 import signal
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,11 +75,11 @@ def exporter_app(config: Config, observer: Observer) -> Callable[[dict[str, Any]
     rendering = threading.Lock()  # one exposition: its reuse of unchanged nodes' lines is per scrape
     page = landing_page(config, version)
 
-    def scrape(openmetrics: bool) -> bytes:
+    def scrape(openmetrics: bool) -> list[bytes]:
         started = time.monotonic()
         state = observer.poll()
         with rendering:
-            return exposition.render(state, version, time.monotonic() - started, openmetrics=openmetrics)
+            return exposition.chunks(state, version, time.monotonic() - started, openmetrics=openmetrics)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -96,15 +96,21 @@ def exporter_app(config: Config, observer: Observer) -> Callable[[dict[str, Any]
     return app
 
 
-def _metrics(scrape: Callable[[bool], bytes], environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+def _metrics(
+    scrape: Callable[[bool], list[bytes]], environ: dict[str, Any], start_response: StartResponse
+) -> list[bytes]:
     """A scrape: text format (OpenMetrics when asked), gzip at the fastest level when accepted (level 9, the
-    client library's, costs more CPU than building the series)."""
+    client library's, costs more CPU than building the series), compressed piece by piece (the whole text is
+    never held)."""
     _, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-    body = scrape(content_type.startswith("application/openmetrics-text"))
+    chunks = scrape(content_type.startswith("application/openmetrics-text"))
     headers = []
     if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
-        body = gzip.compress(body, compresslevel=1)
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+        body = b"".join([*(compressor.compress(chunk) for chunk in chunks), compressor.flush()])
         headers.append(("Content-Encoding", "gzip"))
+    else:
+        body = b"".join(chunks)
     return _reply(start_response, "200 OK", body, headers, content_type)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Mapping
+import sys
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -277,17 +278,41 @@ def _models(body: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     return models
 
 
+_DETAILS: dict[Hashable, Mapping[str, Any]] = {}
+_DETAILS_KEPT = 4096
+
+
+def _details(raw: Any) -> Mapping[str, Any]:
+    """A model's `details`, read-only; one shared copy per distinct value (a fleet repeats the same few)."""
+    value = dict(raw or {})
+    try:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items()))
+        shared = _DETAILS.get(key)
+    except TypeError:  # a value that cannot be a key: not shared
+        return MappingProxyType(value)
+    if shared is None:
+        if len(_DETAILS) >= _DETAILS_KEPT:
+            _DETAILS.clear()
+        shared = _DETAILS[key] = MappingProxyType(value)
+    return shared
+
+
+def _text(value: Any) -> str:
+    """A name, digest or date: one copy per distinct text however many nodes and polls repeat it."""
+    return sys.intern(str(value))
+
+
 def parse_tags(body: Mapping[str, Any], shown: str) -> tuple[InstalledModel, ...]:
     where = f"{shown}/api/tags"
     models = _models(body, where)
     try:
         return tuple(
             InstalledModel(
-                name=str(m["name"]),
+                name=_text(m["name"]),
                 size=_int(m["size"]),
-                digest=str(m.get("digest", "")),
-                modified_at=str(m.get("modified_at", "")),
-                details=MappingProxyType(dict(m.get("details") or {})),
+                digest=_text(m.get("digest", "")),
+                modified_at=_text(m.get("modified_at", "")),
+                details=_details(m.get("details")),
             )
             for m in models
         )
@@ -301,13 +326,13 @@ def parse_ps(body: Mapping[str, Any], shown: str) -> tuple[LoadedModel, ...]:
     try:
         return tuple(
             LoadedModel(
-                name=str(m["name"]),
+                name=_text(m["name"]),
                 size=_int(m["size"]),
                 size_vram=_int(m.get("size_vram", 0)),
-                digest=str(m.get("digest", "")),
+                digest=_text(m.get("digest", "")),
                 expires_at=parse_go_time(m.get("expires_at")),
                 context_length=_int(m["context_length"]) if m.get("context_length") is not None else None,
-                details=MappingProxyType(dict(m.get("details") or {})),
+                details=_details(m.get("details")),
             )
             for m in models
         )

@@ -8,7 +8,7 @@ the nodes that changed and joins the rest. Only the nodes of the last scrape are
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields
 from typing import Any
 
 from prometheus_client.utils import floatToGoString
@@ -18,6 +18,7 @@ from gpurouter.cluster.config import model_key
 from gpurouter.cluster.state import ClusterState, NodeState
 
 POLL_DURATION = "gpu_router_node_poll_duration_seconds"
+_NODE_FIELDS = tuple(f.name for f in fields(NodeState) if f.name != "poll_seconds")  # what a node's lines show
 _ORDER = {name: sorted(range(len(labels)), key=labels.__getitem__) for name, (labels, _) in METRICS.items()}  # by name
 
 
@@ -65,7 +66,8 @@ class Exposition:
         return b"".join(self.chunks(state, version, collect_seconds, openmetrics=openmetrics))
 
     def chunks(self, state: ClusterState, version: str, collect_seconds: float, *, openmetrics: bool) -> list[bytes]:
-        """The text in pieces (most of them the nodes' kept lines): joined, or compressed one after the other."""
+        """The text in pieces, one per metric (joined from the nodes' kept lines): joined, or compressed one
+        after the other."""
         models = cluster_models(state)[0]
         nodes: dict[str, tuple[Any, dict[str, bytes]]] = {}
         for node in state.nodes:
@@ -82,12 +84,11 @@ class Exposition:
         headers = HEADERS[openmetrics]
         out = []
         for name in METRICS:
-            out.append(headers[name])
             if name == POLL_DURATION:
-                out.append(durations)
+                out.append(headers[name] + durations)
             else:
-                out.extend(lines[name] for _, lines in nodes.values() if name in lines)
-                out.append(rest.get(name, b""))
+                each = [lines[name] for _, lines in nodes.values() if name in lines]
+                out.append(b"".join([headers[name], *each, rest.get(name, b"")]))
         if openmetrics:
             out.append(b"# EOF\n")
         return out
@@ -96,4 +97,5 @@ class Exposition:
     def _basis(node: NodeState, state: ClusterState, models: frozenset[str]) -> tuple[Any, ...]:
         """Everything a node's lines are built from, poll duration aside."""
         names = sorted(models | {model_key(m.name) for m in node.loaded})
-        return replace(node, poll_seconds=0.0), models, tuple(state.need(m, node.name) for m in names)
+        shown = tuple(getattr(node, name) for name in _NODE_FIELDS)
+        return shown, models, tuple(state.need(m, node.name) for m in names)

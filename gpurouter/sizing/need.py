@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gpurouter.cluster.config import Config, model_key
 from gpurouter.cluster.ollama import ShowInfo
@@ -182,7 +182,7 @@ class NeedLedger:
         self.config = config
         self._observed: dict[str, dict[ObservedKey, int]] = {}
         self._shows: dict[str, ShowInfo] = {}
-        self._last_needs: dict[Hashable, ModelNeed | None] = {}  # the last poll's figures, by what decides them
+        self._last_needs: dict[Hashable, Any] = {}  # the last poll's figures by what decides them, per model and node
         self._lock = threading.Lock()
 
     def record(self, nodes: Iterable[NodeState]) -> None:
@@ -218,16 +218,21 @@ class NeedLedger:
         nodes = list(nodes)
         facts = self._facts(nodes)
         keys = {name: _facts_key(known) for name, known in facts.items()}
+        every = tuple(keys.items())  # the facts of every model: unchanged, a node's figures are the last poll's
         needs: dict[tuple[str, str], ModelNeed] = {}
         last, fresh = self._last_needs, {}
         for node in nodes:
             sizing = Sizing.of(node)
-            for name, known in facts.items():
-                key = (sizing, name, keys[name])
-                need = last[key] if key in last else model_need(name, known, sizing)
-                fresh[key] = need
-                if need is not None:
-                    needs[(node.name, name)] = need
+            figures = last.get((sizing, every))
+            if figures is None:
+                figures = {}
+                for name, known in facts.items():
+                    key = (sizing, name, keys[name])
+                    figures[key] = last[key] if key in last else model_need(name, known, sizing)
+                fresh.update(figures)
+                figures = {(node.name, name): need for (_, name, _), need in figures.items() if need is not None}
+            fresh[(sizing, every)] = figures
+            needs.update(figures)
         self._last_needs = fresh
         with self._lock:
             embedding = {name for name, known in facts.items() if _is_embedding(name, known.show)}

@@ -45,11 +45,11 @@ def test_a_slow_node_is_down_at_its_deadline_and_the_others_are_up(fleet: Fleet,
     started = time.monotonic()
     answers = poller.read(targets(fleet, "fast", "slow"), 0.4)
     took = time.monotonic() - started
-    assert 0.4 <= took < 0.4 + 0.3, took
+    assert 0.4 <= took < 1.5, took  # not the slow node's 2 s
     assert answers["fast"].error is None and [m.name for m in answers["fast"].values["tags"]] == ["all-minilm:latest"]
     error = answers["slow"].error
     assert error is not None and error.kind == "timeout" and "no answer within 0.4s" in str(error)
-    assert answers["slow"].seconds == pytest.approx(0.4, abs=0.15)
+    assert 0.4 <= answers["slow"].seconds < 1.5
 
 
 def test_a_node_is_not_down_because_this_process_was_late(fleet: Fleet, poller: Poller) -> None:
@@ -130,7 +130,7 @@ def test_a_node_under_local_cpu_load_is_not_down(node_process: str) -> None:
     for spinner in spinners:
         spinner.start()
     try:
-        polls = [poller.read([Target("busy-here", node_process, READS)], 0.2) for _ in range(10)]
+        polls = [poller.read([Target("busy-here", node_process, READS)], 0.5) for _ in range(10)]
     finally:
         stop.set()
         for spinner in spinners:
@@ -142,14 +142,14 @@ def test_a_node_under_local_cpu_load_is_not_down(node_process: str) -> None:
 def test_concurrency_is_bounded_and_a_deadline_starts_with_the_nodes_turn(fleet: Fleet) -> None:
     one_at_a_time = Poller(fleet.urls.values(), concurrency=1)
     try:
-        nodes = [Target(f"copy-{i}", fleet.urls["answers-in-100ms"], READS) for i in range(3)]
+        nodes = [Target(f"copy-{i}", fleet.urls["answers-in-100ms"], READS) for i in range(6)]
         started = time.monotonic()
-        answers = one_at_a_time.read(nodes, 0.25)
+        answers = one_at_a_time.read(nodes, 0.4)
         took = time.monotonic() - started
     finally:
         one_at_a_time.close()
-    assert took >= 3 * 0.1  # one node after the other
-    assert all(a.error is None for a in answers.values())  # 0.3 s in all, but each within its own 0.25 s
+    assert took >= 6 * 0.1  # one node after the other
+    assert all(a.error is None for a in answers.values())  # 0.6 s in all, but each within its own 0.4 s
 
 
 class _Redirecting(BaseHTTPRequestHandler):

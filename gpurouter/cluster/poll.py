@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import requests
+import yarl
 
 from gpurouter.cluster.ollama import (
     OllamaError,
@@ -109,12 +110,16 @@ class Poller:
         self._session: aiohttp.ClientSession = self._call(self._open())
         self._slots = asyncio.Semaphore(concurrency)
         self._shown_urls: dict[str, str] = {}
+        self._addresses: dict[tuple[str, str], yarl.URL] = {}
         self._last: dict[tuple[str, str], tuple[bytes, Any]] = {}  # (url, read) → (last answer's hash, result)
 
     async def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=3 * self._concurrency, limit_per_host=0, ttl_dns_cache=300)
         return aiohttp.ClientSession(
-            connector=connector, trust_env=self._trust_env, timeout=aiohttp.ClientTimeout(total=None)
+            connector=connector,
+            trust_env=self._trust_env,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),  # Ollama sets no cookies: none to keep or send
         )
 
     def _call(self, coro: Any) -> Any:
@@ -146,10 +151,11 @@ class Poller:
         try:
             pending = set(tasks)
             while pending:
-                ends = {task: _end(turns.get(tasks[task].name), limit, clock) for task in pending}
-                wake = min(ends.values())
-                if wake > loop.time():  # nodes still waiting for their turn are looked at again every 0.1 s
-                    _, pending = await asyncio.wait(pending, timeout=min(wake - loop.time(), 0.1))
+                wake = min(_end(turns.get(tasks[task].name), limit, clock) for task in pending)
+                if wake > loop.time():
+                    waiting = len(turns) < len(tasks)  # nodes still waiting for their turn: looked at every 0.1 s
+                    timeout = min(wake - loop.time(), 0.1) if waiting else wake - loop.time()
+                    _, pending = await asyncio.wait(pending, timeout=timeout)
                     continue
                 for _ in range(DRAIN):  # read what already arrived (and let the clock count a late wake-up)
                     await asyncio.sleep(0)
@@ -214,17 +220,17 @@ class Poller:
         self, method: str, url: str, path: str, payload: Mapping[str, Any] | None, limit: float | None
     ) -> bytes:
         """The body of a 2xx answer; OllamaError for any other answer or none."""
-        shown = self._shown(url) + path
+        address = self._addresses.get((url, path))
+        if address is None:  # parsed once, not on every request
+            address = self._addresses[(url, path)] = yarl.URL(url.rstrip("/") + path)
         try:
-            async with self._session.request(
-                method, url.rstrip("/") + path, json=payload, allow_redirects=False
-            ) as response:
+            async with self._session.request(method, address, json=payload, allow_redirects=False) as response:
                 content = await response.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             kind, words = transport_error(exc, limit)
-            raise OllamaError(kind, f"{shown}: {words}") from None
+            raise OllamaError(kind, f"{self._shown(url)}{path}: {words}") from None
         if response.status >= 300:
-            raise answer_error(shown, response.status, content, response.reason or "")
+            raise answer_error(self._shown(url) + path, response.status, content, response.reason or "")
         return content
 
     # ---------------------------------------------------------------------------------------- show

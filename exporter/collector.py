@@ -115,11 +115,10 @@ class _Samples:
             self.samples.append((name, labels, float(value)))
 
 
-def cluster_models(state: ClusterState) -> tuple[frozenset[str], list[str]]:
-    """(models that get fit series on every node: installed anywhere or priority, the priority models)."""
+def cluster_models(state: ClusterState) -> frozenset[str]:
+    """The models that get fit series on every node: installed anywhere, or a priority model."""
     installed = {model_key(m.name) for node in state.nodes for m in node.installed}
-    priorities = [model_key(p.name) for p in state.config.priority_models]
-    return frozenset(installed | set(priorities)), priorities
+    return frozenset(installed | {model_key(p.name) for p in state.config.priority_models})
 
 
 def node_samples(node: NodeState, state: ClusterState, models: frozenset[str]) -> list[Sample]:
@@ -145,7 +144,7 @@ def node_samples(node: NodeState, state: ClusterState, models: frozenset[str]) -
 def cluster_samples(state: ClusterState, version: str, collect_seconds: float) -> list[Sample]:
     """The series that belong to no node: priorities, on GPU anywhere, the build and the poll's duration."""
     out = _Samples()
-    priorities = cluster_models(state)[1]
+    priorities = [model_key(p.name) for p in state.config.priority_models]
     loaded = sorted({model_key(m.name) for node in state.nodes for m in node.loaded})
     for rank, model in enumerate(priorities, start=1):
         out.add("gpu_router_model_priority", (model,), rank)
@@ -159,7 +158,7 @@ def cluster_samples(state: ClusterState, version: str, collect_seconds: float) -
 def cluster_families(state: ClusterState, version: str, collect_seconds: float) -> list[Metric]:
     """Every metric family for one poll (pure: the same state always gives the same families)."""
     families = {name: GaugeMetricFamily(name, text, labels=labels) for name, (labels, text) in METRICS.items()}
-    models = cluster_models(state)[0]
+    models = cluster_models(state)
     for node in state.nodes:
         for name, labels, value in node_samples(node, state, models):
             families[name].add_metric(list(labels), value)

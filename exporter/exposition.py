@@ -68,7 +68,7 @@ class Exposition:
     def chunks(self, state: ClusterState, version: str, collect_seconds: float, *, openmetrics: bool) -> list[bytes]:
         """The text in pieces, one per metric (joined from the nodes' kept lines): joined, or compressed one
         after the other."""
-        models = cluster_models(state)[0]
+        models = cluster_models(state)
         nodes: dict[str, tuple[Any, dict[str, bytes]]] = {}
         for node in state.nodes:
             basis = self._basis(node, state, models)

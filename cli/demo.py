@@ -168,11 +168,11 @@ def main(args: argparse.Namespace) -> int:
     with Fleet(spec) as fleet, tempfile.TemporaryDirectory(prefix="gpu-router-demo-") as tmp:
         interval = 3600.0 if args.with_prometheus else args.check_interval
         config = demo_config(fleet, interval)
-        exporter, exporter_thread = start_exporter(config, port=_port(9877))
-        optimizer = start_optimizer(config, port=_port(9878))
-        proxy = start_proxy(config, port=_port(11435), heal=False)  # the optimizer's own loop heals
+        observer = Observer(config)  # one view of the cluster for all: the exporter owns it and closes it last
+        exporter, exporter_thread = start_exporter(config, port=_port(9877), observer=observer)
+        optimizer = start_optimizer(config, port=_port(9878), observer=observer)
+        proxy = start_proxy(config, port=_port(11435), heal=False, observer=observer)  # the optimizer heals
         stack: list[Any] = []
-        observer = Observer(config)
         story = Story(sys.stdout, observer, optimizer)
         try:
             if args.with_prometheus:
@@ -187,7 +187,6 @@ def main(args: argparse.Namespace) -> int:
         finally:
             for process in reversed(stack):
                 process.stop()
-            observer.close()
             proxy.stop()
             optimizer.stop()
             exporter.stop()

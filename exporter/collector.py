@@ -17,11 +17,11 @@ DESIGN.md's "Metrics" table. Choices where the table leaves room:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from importlib import metadata
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from gpurouter.cluster.config import model_key
 from gpurouter.cluster.observe import Observer
@@ -96,59 +96,78 @@ def fits_free(node: NodeState, room: Room, need: ModelNeed) -> bool:
     return room.fits_free(need, freed=freed, others=others)
 
 
-# --------------------------------------------------------------------------------------------- families
+# ---------------------------------------------------------------------------------------------- samples
+
+Sample = tuple[str, tuple[str, ...], float]  # (metric name, label values in METRICS' order, value)
 
 
-class _Families:
-    """Metric families under construction; a label set already added is not added twice."""
+class _Samples:
+    """Samples under construction; a label set already added is not added twice."""
 
     def __init__(self) -> None:
-        self.families = {name: GaugeMetricFamily(name, text, labels=labels) for name, (labels, text) in METRICS.items()}
+        self.samples: list[Sample] = []
         self._seen: set[tuple[str, tuple[str, ...]]] = set()
 
-    def add(self, name: str, labels: Sequence[str], value: float) -> None:
-        key = (name, tuple(labels))
+    def add(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        key = (name, labels)
         if key not in self._seen:
             self._seen.add(key)
-            self.families[name].add_metric(list(labels), float(value))
+            self.samples.append((name, labels, float(value)))
+
+
+def cluster_models(state: ClusterState) -> frozenset[str]:
+    """The models that get fit series on every node: installed anywhere, or a priority model."""
+    installed = {model_key(m.name) for node in state.nodes for m in node.installed}
+    return frozenset(installed | {model_key(p.name) for p in state.config.priority_models})
+
+
+def node_samples(node: NodeState, state: ClusterState, models: frozenset[str]) -> list[Sample]:
+    """Every series of one node: its own and its models' (what the node needs from the state: its needs)."""
+    out = _Samples()
+    _node_metrics(out, node)
+    room = Room.of(node)
+    for model in sorted(models | {model_key(m.name) for m in node.loaded}):
+        need = state.need(model, node.name)
+        if need is None:
+            continue
+        if room is not None and not room.has_gpu:  # a CPU node: nothing goes on a GPU there
+            out.add("gpu_router_model_fits", (node.name, model), 0)
+            out.add("gpu_router_model_fits_free", (node.name, model), 0)
+            continue
+        out.add("gpu_router_model_required_bytes", (node.name, model, need.source), need.bytes)
+        if room is not None and model in models:
+            out.add("gpu_router_model_fits", (node.name, model), room.fits(need))
+            out.add("gpu_router_model_fits_free", (node.name, model), fits_free(node, room, need))
+    return out.samples
+
+
+def cluster_samples(state: ClusterState, version: str, collect_seconds: float) -> list[Sample]:
+    """The series that belong to no node: priorities, on GPU anywhere, the build and the poll's duration."""
+    out = _Samples()
+    priorities = [model_key(p.name) for p in state.config.priority_models]
+    loaded = sorted({model_key(m.name) for node in state.nodes for m in node.loaded})
+    for rank, model in enumerate(priorities, start=1):
+        out.add("gpu_router_model_priority", (model,), rank)
+    for model in [*priorities, *loaded]:
+        out.add("gpu_router_model_on_gpu", (model,), state.on_gpu(model))
+    out.add("gpu_router_exporter_build_info", (version,), 1)
+    out.add("gpu_router_collect_duration_seconds", (), collect_seconds)
+    return out.samples
 
 
 def cluster_families(state: ClusterState, version: str, collect_seconds: float) -> list[Metric]:
     """Every metric family for one poll (pure: the same state always gives the same families)."""
-    out = _Families()
+    families = {name: GaugeMetricFamily(name, text, labels=labels) for name, (labels, text) in METRICS.items()}
+    models = cluster_models(state)
     for node in state.nodes:
-        _node_metrics(out, node)
-    installed: set[str] = set()
-    loaded: set[str] = set()
-    for node in state.nodes:
-        installed.update(model_key(m.name) for m in node.installed)
-        loaded.update(model_key(m.name) for m in node.loaded)
-    priorities = [model_key(p.name) for p in state.config.priority_models]
-    models = installed | set(priorities)
-    for node in state.nodes:
-        room = Room.of(node)
-        for model in sorted(models | {model_key(m.name) for m in node.loaded}):
-            need = state.need(model, node.name)
-            if need is None:
-                continue
-            if room is not None and not room.has_gpu:  # a CPU node: nothing goes on a GPU there
-                out.add("gpu_router_model_fits", (node.name, model), 0)
-                out.add("gpu_router_model_fits_free", (node.name, model), 0)
-                continue
-            out.add("gpu_router_model_required_bytes", (node.name, model, need.source), need.bytes)
-            if room is not None and model in models:
-                out.add("gpu_router_model_fits", (node.name, model), room.fits(need))
-                out.add("gpu_router_model_fits_free", (node.name, model), fits_free(node, room, need))
-    for rank, model in enumerate(priorities, start=1):
-        out.add("gpu_router_model_priority", (model,), rank)
-    for model in [*priorities, *sorted(loaded)]:
-        out.add("gpu_router_model_on_gpu", (model,), state.on_gpu(model))
-    out.add("gpu_router_exporter_build_info", (version,), 1)
-    out.add("gpu_router_collect_duration_seconds", (), collect_seconds)
-    return list(out.families.values())
+        for name, labels, value in node_samples(node, state, models):
+            families[name].add_metric(list(labels), value)
+    for name, labels, value in cluster_samples(state, version, collect_seconds):
+        families[name].add_metric(list(labels), value)
+    return list(families.values())
 
 
-def _node_metrics(out: _Families, node: NodeState) -> None:
+def _node_metrics(out: _Samples, node: NodeState) -> None:
     name = node.name
     capacity = node.capacity
     out.add("gpu_router_node_up", (name,), node.up)
@@ -198,10 +217,3 @@ class ClusterCollector(Collector):
         started = time.monotonic()
         state = self.observer.poll()
         yield from cluster_families(state, self.version, time.monotonic() - started)
-
-
-def cluster_registry(observer: Observer, version: str | None = None) -> CollectorRegistry:
-    """A private registry holding only the cluster collector."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ClusterCollector(observer, version))
-    return registry

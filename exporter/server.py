@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gzip
 import html
 import logging
 import signal
 import sys
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
-from prometheus_client.registry import CollectorRegistry
 
-from exporter.collector import cluster_registry, exporter_version
+from exporter.collector import exporter_version
+from exporter.exposition import Exposition
 from gpurouter import logfmt
 from gpurouter.cluster.config import Config, find_config, load_config
 from gpurouter.cluster.observe import Observer
+from gpurouter.cluster.shard import parse_shard, shard
 from gpurouter.serve.listen import cannot_listen, parse_listen
 from gpurouter.serve.wsgiserve import Served, serve
 from gpurouter.urls import redact
@@ -46,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LISTEN,
         help=f"address to serve /metrics on (default {DEFAULT_LISTEN})",
     )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        default="1/1",
+        help="observe only shard I of N of the configured nodes (by a stable hash of the node name), so that "
+        "N exporters split a large fleet (default 1/1: every node)",
+    )
 
 
 def landing_page(config: Config, version: str) -> bytes:
@@ -59,17 +68,25 @@ def landing_page(config: Config, version: str) -> bytes:
 
 
 def exporter_app(config: Config, observer: Observer) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """The WSGI application: /metrics from a private registry, the landing page and /healthz."""
+    """The WSGI application: /metrics (a poll, rendered by `exporter.exposition`), the landing page and
+    /healthz."""
     version = exporter_version()
-    registry = cluster_registry(observer, version)
+    exposition = Exposition()
+    rendering = threading.Lock()  # one exposition: its reuse of unchanged nodes' lines is per scrape
     page = landing_page(config, version)
+
+    def scrape(openmetrics: bool) -> list[bytes]:
+        started = time.monotonic()
+        state = observer.poll()
+        with rendering:
+            return exposition.chunks(state, version, time.monotonic() - started, openmetrics=openmetrics)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _reply(start_response, "405 Method Not Allowed", b"only GET\n", [("Allow", "GET, HEAD")])
         if path == "/metrics":
-            return _metrics(registry, environ, start_response)
+            return _metrics(scrape, environ, start_response)
         if path == "/":
             return _reply(start_response, "200 OK", page, content_type="text/html; charset=utf-8")
         if path == "/healthz":
@@ -79,15 +96,21 @@ def exporter_app(config: Config, observer: Observer) -> Callable[[dict[str, Any]
     return app
 
 
-def _metrics(registry: CollectorRegistry, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+def _metrics(
+    scrape: Callable[[bool], list[bytes]], environ: dict[str, Any], start_response: StartResponse
+) -> list[bytes]:
     """A scrape: text format (OpenMetrics when asked), gzip at the fastest level when accepted (level 9, the
-    client library's, costs more CPU than building the families)."""
-    encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-    body = encoder(registry)
+    client library's, costs more CPU than building the series), compressed piece by piece (the whole text is
+    never held)."""
+    _, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+    chunks = scrape(content_type.startswith("application/openmetrics-text"))
     headers = []
     if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
-        body = gzip.compress(body, compresslevel=1)
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+        body = b"".join([*(compressor.compress(chunk) for chunk in chunks), compressor.flush()])
         headers.append(("Content-Encoding", "gzip"))
+    else:
+        body = b"".join(chunks)
     return _reply(start_response, "200 OK", body, headers, content_type)
 
 
@@ -153,10 +176,11 @@ def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
     try:
         host, port = parse_listen(args.listen, DEFAULT_LISTEN)
+        index, count = parse_shard(args.shard)
     except ValueError as exc:
         print(f"gpu-router exporter: {exc}", file=sys.stderr)
         return 2
-    config = load_config(find_config(args.config))
+    config = shard(load_config(find_config(args.config)), index, count)
     limit_malloc_arenas()
     logfmt.setup(config.log_level)
     try:
@@ -168,7 +192,13 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logfmt.log_event(
-        log, logging.INFO, "listening", url=f"{server.url}/metrics", nodes=len(config.nodes), config=config.source
+        log,
+        logging.INFO,
+        "listening",
+        url=f"{server.url}/metrics",
+        nodes=len(config.nodes),
+        config=config.source,
+        shard=args.shard,
     )
     stop.wait()
     logfmt.log_event(log, logging.INFO, "stopping", outcome="signal received")

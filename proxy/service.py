@@ -60,17 +60,23 @@ class Running:
     observer: Observer
     healer: Healer
     port: int
+    owns_observer: bool = True
 
     async def close(self) -> None:
         await self.runner.cleanup()
         self.healer.close()
-        self.observer.close()
+        if self.owns_observer:
+            self.observer.close()
 
 
-async def open_proxy(config: Config, host: str, port: int, *, heal: bool = True) -> Running:
-    """Poll the cluster once, then listen (port 0 = any free port)."""
+async def open_proxy(
+    config: Config, host: str, port: int, *, heal: bool = True, observer: Observer | None = None
+) -> Running:
+    """Poll the cluster once, then listen (port 0 = any free port). An `observer` given is shared with its owner
+    (who closes it), e.g. the exporter and the optimizer in the same process."""
     raise_open_files_limit()
-    observer = Observer(config)
+    owned = observer is None
+    observer = observer or Observer(config)
     healer = Healer(config, observer) if heal else Healer(_no_heal(config), observer)
     proxy = Proxy(
         config,
@@ -95,10 +101,11 @@ async def open_proxy(config: Config, host: str, port: int, *, heal: bool = True)
     except BaseException:
         await runner.cleanup()
         healer.close()
-        observer.close()
+        if owned:
+            observer.close()
         raise
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return Running(proxy, runner, observer, healer, bound)
+    return Running(proxy, runner, observer, healer, bound, owned)
 
 
 def _no_heal(config: Config) -> Config:
@@ -132,8 +139,10 @@ class ProxyHandle:
         self._thread.join(timeout)
 
 
-def start_proxy(config: Config, host: str = "127.0.0.1", port: int = 0, *, heal: bool = True) -> ProxyHandle:
-    """Serve the proxy from a background thread and return once it listens."""
+def start_proxy(
+    config: Config, host: str = "127.0.0.1", port: int = 0, *, heal: bool = True, observer: Observer | None = None
+) -> ProxyHandle:
+    """Serve the proxy from a background thread and return once it listens (`observer`: see `open_proxy`)."""
     loop = asyncio.new_event_loop()
     started: dict[str, object] = {}
     ready = threading.Event()
@@ -141,7 +150,7 @@ def start_proxy(config: Config, host: str = "127.0.0.1", port: int = 0, *, heal:
     def run() -> None:
         asyncio.set_event_loop(loop)
         try:
-            started["running"] = loop.run_until_complete(open_proxy(config, host, port, heal=heal))
+            started["running"] = loop.run_until_complete(open_proxy(config, host, port, heal=heal, observer=observer))
         except BaseException as exc:
             started["error"] = exc
             ready.set()

@@ -241,6 +241,7 @@ class CapacityReader:
         self._nvml = nvml
         self.sysfs_root = Path(sysfs_root)
         self.local = local
+        self._fixed_answers: dict[NodeConfig, Capacity | None] = {}
         self.sources: dict[str, Source] = {
             "nvml": _local("NVML", lambda: nvml_capacity(self.nvml)),
             "amd": _local("AMD", lambda: amd_capacity(self.sysfs_root)),
@@ -298,7 +299,14 @@ class CapacityReader:
         return self.read([node], timeout)[node.name]
 
     def _fixed(self, node: NodeConfig) -> Capacity | None:
-        """The answer that needs no probe, or None when the node's sources must be asked."""
+        """The answer that needs no probe, or None when the node's sources must be asked (worked out once)."""
+        try:
+            return self._fixed_answers[node]
+        except KeyError:
+            answer = self._fixed_answers[node] = self._fixed_of(node)
+            return answer
+
+    def _fixed_of(self, node: NodeConfig) -> Capacity | None:
         source = node.gpu_source
         if source == "none":
             return Capacity(source="none", reason="gpu_source: none")

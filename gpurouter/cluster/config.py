@@ -6,6 +6,7 @@ what was expected, e.g. ``gpu_router_config.yaml: nodes[1].vram: expected a size
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shlex
@@ -198,6 +199,7 @@ class Config:
         return None
 
 
+@functools.lru_cache(maxsize=8192)  # asked for every model of every node on every poll
 def model_key(name: str) -> str:
     """A model name as Ollama lists it: the tag defaults to `latest`."""
     name = name.strip()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Mapping
+import sys
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -115,59 +116,16 @@ class OllamaClient:
     # ------------------------------------------------------------------------------------------ reads
 
     def version(self, timeout: float | None = None) -> str:
-        body = self._call("GET", "/api/version", timeout=timeout)
-        version = body.get("version")
-        if not isinstance(version, str):
-            raise OllamaError("garbage", f"{self.shown}/api/version: no version string in the answer")
-        return version
+        return parse_version(self._call("GET", "/api/version", timeout=timeout), self.shown)
 
     def tags(self, timeout: float | None = None) -> tuple[InstalledModel, ...]:
-        models = self._models("/api/tags", timeout)
-        try:
-            return tuple(
-                InstalledModel(
-                    name=str(m["name"]),
-                    size=_int(m["size"]),
-                    digest=str(m.get("digest", "")),
-                    modified_at=str(m.get("modified_at", "")),
-                    details=MappingProxyType(dict(m.get("details") or {})),
-                )
-                for m in models
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.shown}/api/tags: malformed model entry ({exc})") from None
+        return parse_tags(self._call("GET", "/api/tags", timeout=timeout), self.shown)
 
     def ps(self, timeout: float | None = None) -> tuple[LoadedModel, ...]:
-        models = self._models("/api/ps", timeout)
-        try:
-            return tuple(
-                LoadedModel(
-                    name=str(m["name"]),
-                    size=_int(m["size"]),
-                    size_vram=_int(m.get("size_vram", 0)),
-                    digest=str(m.get("digest", "")),
-                    expires_at=parse_go_time(m.get("expires_at")),
-                    context_length=_int(m["context_length"]) if m.get("context_length") is not None else None,
-                    details=MappingProxyType(dict(m.get("details") or {})),
-                )
-                for m in models
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.shown}/api/ps: malformed model entry ({exc})") from None
+        return parse_ps(self._call("GET", "/api/ps", timeout=timeout), self.shown)
 
     def show(self, model: str, timeout: float | None = None) -> ShowInfo:
-        body = self._call("POST", "/api/show", {"model": model}, timeout=timeout)
-        try:
-            return ShowInfo(
-                capabilities=tuple(str(c) for c in body.get("capabilities") or ()),
-                details=MappingProxyType(dict(body.get("details") or {})),
-                model_info=MappingProxyType(dict(body.get("model_info") or {})),
-                tensors=tuple(MappingProxyType(dict(t)) for t in body.get("tensors") or ()),
-                parameters=str(body.get("parameters") or ""),
-                raw=MappingProxyType(body),
-            )
-        except (TypeError, ValueError) as exc:
-            raise OllamaError("garbage", f"{self.shown}/api/show: malformed answer ({exc})") from None
+        return parse_show(self._call("POST", "/api/show", {"model": model}, timeout=timeout), self.shown)
 
     # ---------------------------------------------------------------------------------------- actions
 
@@ -210,13 +168,6 @@ class OllamaClient:
 
     # ---------------------------------------------------------------------------------------- plumbing
 
-    def _models(self, path: str, timeout: float | None) -> list[dict[str, Any]]:
-        body = self._call("GET", path, timeout=timeout)
-        models = body.get("models")
-        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-            raise OllamaError("garbage", f"{self.shown}{path}: expected {{'models': [...]}}")
-        return models
-
     def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
@@ -234,14 +185,8 @@ class OllamaClient:
         if failed is not None:
             raise failed
         if status >= 300:
-            raise OllamaError(_kind(status), f"{url}: HTTP {status}: {_error_text(response)}", status)
-        try:
-            parsed = response.json()
-        except ValueError:
-            raise OllamaError("garbage", f"{url}: answer is not JSON", status) from None
-        if not isinstance(parsed, dict):
-            raise OllamaError("garbage", f"{url}: expected a JSON object", status)
-        return parsed
+            raise answer_error(url, status, response.content, response.reason or "")
+        return json_object(response.content, url, status)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -279,7 +224,8 @@ def transport_error(exc: BaseException, timeout: tuple[float, float] | float | N
         return "timeout", "no connection within " + (f"{connect:g}s" if connect else "the time limit")
     if isinstance(exc, requests.exceptions.ReadTimeout) or any(isinstance(e, TimeoutError) for e in chain):
         return "timeout", "no answer within " + (f"{read:g}s" if read else "the time limit")
-    if any(isinstance(e, ConnectionResetError) for e in chain) or "RemoteDisconnected" in names:
+    reset = any(isinstance(e, ConnectionResetError) for e in chain)
+    if reset or names & {"RemoteDisconnected", "ServerDisconnectedError"}:
         return "reset", "connection reset: the server closed it before answering"
     detail = next((e for e in reversed(chain) if isinstance(e, OSError) and e.strerror), None)
     return "unreachable", detail.strerror if detail is not None and detail.strerror else type(exc).__name__
@@ -306,14 +252,125 @@ def _kind(status: int) -> str:
     return "http"
 
 
-def _error_text(response: requests.Response) -> str:
+def error_words(content: bytes, reason: str = "") -> str:
+    """What an error answer says: Ollama's `{"error": ...}`, else the start of the body, else the reason."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
-        return response.text[:200].strip() or response.reason or ""
+        return content[:200].decode(errors="replace").strip() or reason
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return body["error"][:200]
     return json.dumps(body)[:200]
+
+
+def answer_error(url: str, status: int, content: bytes, reason: str = "") -> OllamaError:
+    """The error for a non-2xx answer (a 3xx too: redirects are not followed), classified by its status."""
+    return OllamaError(_kind(status), f"{url}: HTTP {status}: {error_words(content, reason)}", status)
+
+
+def json_object(content: bytes, url: str, status: int | None = None) -> dict[str, Any]:
+    """The answer's JSON object; `garbage` when it is not JSON or not an object."""
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        raise OllamaError("garbage", f"{url}: answer is not JSON", status) from None
+    if not isinstance(parsed, dict):
+        raise OllamaError("garbage", f"{url}: expected a JSON object", status)
+    return parsed
+
+
+# ----------------------------------------------------------------------------------- answers → results
+# `shown` is the node's URL as messages name it (without credentials).
+
+
+def parse_version(body: Mapping[str, Any], shown: str) -> str:
+    version = body.get("version")
+    if not isinstance(version, str):
+        raise OllamaError("garbage", f"{shown}/api/version: no version string in the answer")
+    return version
+
+
+def _models(body: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    models = body.get("models")
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise OllamaError("garbage", f"{where}: expected {{'models': [...]}}")
+    return models
+
+
+_DETAILS: dict[Hashable, Mapping[str, Any]] = {}
+_DETAILS_KEPT = 4096
+
+
+def _details(raw: Any) -> Mapping[str, Any]:
+    """A model's `details`, read-only; one shared copy per distinct value (a fleet repeats the same few)."""
+    value = dict(raw or {})
+    try:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items()))
+        shared = _DETAILS.get(key)
+    except TypeError:  # a value that cannot be a key: not shared
+        return MappingProxyType(value)
+    if shared is None:
+        if len(_DETAILS) >= _DETAILS_KEPT:
+            _DETAILS.clear()
+        shared = _DETAILS[key] = MappingProxyType(value)
+    return shared
+
+
+def _text(value: Any) -> str:
+    """A name, digest or date: one copy per distinct text however many nodes and polls repeat it."""
+    return sys.intern(str(value))
+
+
+def parse_tags(body: Mapping[str, Any], shown: str) -> tuple[InstalledModel, ...]:
+    where = f"{shown}/api/tags"
+    models = _models(body, where)
+    try:
+        return tuple(
+            InstalledModel(
+                name=_text(m["name"]),
+                size=_int(m["size"]),
+                digest=_text(m.get("digest", "")),
+                modified_at=_text(m.get("modified_at", "")),
+                details=_details(m.get("details")),
+            )
+            for m in models
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OllamaError("garbage", f"{where}: malformed model entry ({exc})") from None
+
+
+def parse_ps(body: Mapping[str, Any], shown: str) -> tuple[LoadedModel, ...]:
+    where = f"{shown}/api/ps"
+    models = _models(body, where)
+    try:
+        return tuple(
+            LoadedModel(
+                name=_text(m["name"]),
+                size=_int(m["size"]),
+                size_vram=_int(m.get("size_vram", 0)),
+                digest=_text(m.get("digest", "")),
+                expires_at=parse_go_time(m.get("expires_at")),
+                context_length=_int(m["context_length"]) if m.get("context_length") is not None else None,
+                details=_details(m.get("details")),
+            )
+            for m in models
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OllamaError("garbage", f"{where}: malformed model entry ({exc})") from None
+
+
+def parse_show(body: Mapping[str, Any], shown: str) -> ShowInfo:
+    try:
+        return ShowInfo(
+            capabilities=tuple(str(c) for c in body.get("capabilities") or ()),
+            details=MappingProxyType(dict(body.get("details") or {})),
+            model_info=MappingProxyType(dict(body.get("model_info") or {})),
+            tensors=tuple(MappingProxyType(dict(t)) for t in body.get("tensors") or ()),
+            parameters=str(body.get("parameters") or ""),
+            raw=MappingProxyType(body),
+        )
+    except (TypeError, ValueError) as exc:
+        raise OllamaError("garbage", f"{shown}/api/show: malformed answer ({exc})") from None
 
 
 def _int(value: Any) -> int:

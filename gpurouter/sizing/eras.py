@@ -9,6 +9,7 @@ A version that cannot be read is taken as the newest era (the reference's advice
 
 from __future__ import annotations
 
+import functools
 import re
 
 from gpurouter.units import GIB
@@ -24,6 +25,7 @@ TIERED_CONTEXT = (0, 15, 5)  # first release whose default context follows the V
 FALLBACK_CONTEXT = 4096  # the default context before v0.15.5, and on small or unknown GPUs
 
 
+@functools.lru_cache(maxsize=1024)  # a fleet runs a few versions; every node and poll asks
 def parse_version(version: str | None) -> tuple[int, int, int] | None:
     """(0, 12, 6) from "0.12.6", "v0.12.6" or "0.13.0-rc1"; None for anything else ("0.0.0" included:
     a development build says nothing about its behaviour)."""

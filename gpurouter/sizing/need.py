@@ -10,13 +10,19 @@ prediction beside it.
 The ladder: observed (what `/api/ps` reported for the model fully on GPU in that era, at that context and
 parallelism) > estimated (the era's figure from /api/show metadata) > configured (`model_sizes`) > disk
 (/api/tags size + KV cache + the era's extras) > catalog (the built-in models' architecture).
+
+A digest never changes, so what is derived from a model's /api/show is memoised per digest (bounded, the
+oldest entry leaves first): its architecture per disk size, and the era's figure and admission per era,
+context and parallel. A new digest (the model was pulled again) is sized afresh; facts without a digest are
+never memoised.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from gpurouter.cluster.config import Config, model_key
 from gpurouter.cluster.ollama import ShowInfo
@@ -27,7 +33,33 @@ from gpurouter.units import MIB
 RESERVE = estimate.RESERVE  # Ollama's per-GPU reserve (CUDA/ROCm), counted in a classic-era `size`
 COMPUTE_ALLOWANCE = 256 * MIB  # llama-server's compute buffer where no metadata tells it (disk rung)
 
+MEMO_SIZE = 8192  # memoised figures: room for a fleet's digests × eras × contexts × parallel settings
 ObservedKey = tuple[str, int | None, int]  # (era, context per sequence, parallel)
+T = TypeVar("T")
+
+
+class Memo:
+    """A bounded memo of pure computations: the oldest entry leaves when it is full."""
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        self.size = size
+        self._values: dict[Hashable, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        try:
+            return self._values[key]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        value = compute()
+        with self._lock:
+            if len(self._values) >= self.size:
+                del self._values[next(iter(self._values))]
+            self._values[key] = value
+        return value
+
+
+SIZED = Memo()  # per digest: see the module's docstring
 
 
 @dataclass(frozen=True)
@@ -37,6 +69,7 @@ class Facts:
     observed: Mapping[ObservedKey, int]  # size seen fully on GPU
     show: ShowInfo | None = None
     disk_size: int | None = None
+    digest: str = ""  # the /api/show's model digest: what is derived from it is memoised under it
     configured: int | None = None
     num_ctx: int | None = None  # the priority model's configured context
 
@@ -71,6 +104,10 @@ def context_for(facts: Facts, model: str, default_ctx: int, default_source: str 
 
 def _era_bytes(arch: estimate.Arch, era: str, ctx: int, parallel: int) -> int:
     """The era's figure for a model fully on one GPU."""
+    return SIZED.get(("bytes", arch, era, ctx, parallel), lambda: _era_bytes_of(arch, era, ctx, parallel))
+
+
+def _era_bytes_of(arch: estimate.Arch, era: str, ctx: int, parallel: int) -> int:
     if era == eras.LLAMA_SERVER:
         return llamaserver.footprint(arch, ctx, parallel)
     full = estimate.full_gpu_bytes(arch, ctx, parallel)
@@ -90,7 +127,8 @@ def model_need(model: str, facts: Facts, sizing: Sizing) -> ModelNeed | None:
     if cap is not None and sizing.era == eras.LLAMA_SERVER:
         file_bytes = facts.disk_size or (spec.tags_size if spec is not None else None)
         if file_bytes:
-            admission = llamaserver.admission(cap, file_bytes, ctx, parallel)
+            key = ("admission", cap, file_bytes, ctx, parallel)
+            admission = SIZED.get(key, lambda: llamaserver.admission(cap, file_bytes, ctx, parallel))
 
     def need(size: int, source: str) -> ModelNeed:
         return ModelNeed(model, size, source, ctx, sizing.node, sizing.era, parallel, why, admission)
@@ -120,21 +158,31 @@ def _disk_extra(cap: estimate.Arch | None, era: str, ctx: int, parallel: int) ->
 
 
 def _arch(facts: Facts) -> estimate.Arch | None:
-    if facts.show is None:
+    """The architecture in the facts' /api/show, derived once per digest and disk size."""
+    show = facts.show
+    if show is None:
         return None
+    if not facts.digest:
+        return _arch_of(show, facts.disk_size)
+    return SIZED.get(("arch", facts.digest, facts.disk_size), lambda: _arch_of(show, facts.disk_size))
+
+
+def _arch_of(show: ShowInfo, disk_size: int | None) -> estimate.Arch | None:
     try:
-        return estimate.arch_from_show(facts.show.raw, facts.disk_size)
+        return estimate.arch_from_show(show.raw, disk_size)
     except (ValueError, KeyError, TypeError):
         return None
 
 
 class NeedLedger:
-    """Remembers, across polls, the sizes seen on GPU and /api/show per digest (a digest never changes)."""
+    """Remembers, across polls, the sizes seen on GPU and /api/show per digest (a digest never changes); a
+    figure whose facts and node sizing are those of the last poll is that poll's, not worked out again."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._observed: dict[str, dict[ObservedKey, int]] = {}
         self._shows: dict[str, ShowInfo] = {}
+        self._last_needs: dict[Hashable, Any] = {}  # the last poll's figures by what decides them, per model and node
         self._lock = threading.Lock()
 
     def record(self, nodes: Iterable[NodeState]) -> None:
@@ -169,13 +217,23 @@ class NeedLedger:
         """What every known model takes on every node, and the set of embedding models."""
         nodes = list(nodes)
         facts = self._facts(nodes)
+        keys = {name: _facts_key(known) for name, known in facts.items()}
+        every = tuple(keys.items())  # the facts of every model: unchanged, a node's figures are the last poll's
         needs: dict[tuple[str, str], ModelNeed] = {}
+        last, fresh = self._last_needs, {}
         for node in nodes:
             sizing = Sizing.of(node)
-            for name, known in facts.items():
-                need = model_need(name, known, sizing)
-                if need is not None:
-                    needs[(node.name, name)] = need
+            figures = last.get((sizing, every))
+            if figures is None:
+                figures = {}
+                for name, known in facts.items():
+                    key = (sizing, name, keys[name])
+                    figures[key] = last[key] if key in last else model_need(name, known, sizing)
+                fresh.update(figures)
+                figures = {(node.name, name): need for (_, name, _), need in figures.items() if need is not None}
+            fresh[(sizing, every)] = figures
+            needs.update(figures)
+        self._last_needs = fresh
         with self._lock:
             embedding = {name for name, known in facts.items() if _is_embedding(name, known.show)}
         return needs, frozenset(embedding)
@@ -201,6 +259,7 @@ class NeedLedger:
                     observed=dict(self._observed.get(name, {})),
                     show=self._shows.get(digests.get(name, "")),
                     disk_size=disk.get(name),
+                    digest=digests.get(name, ""),
                     configured=self.config.model_sizes.get(name),
                     num_ctx=priority.num_ctx if priority else None,
                 )
@@ -216,12 +275,18 @@ class NeedLedger:
                     if key in found:
                         continue
                     show = self._shows.get(m.digest)
-                    arch = _arch(Facts(observed={}, show=show, disk_size=m.size)) if show else None
+                    arch = _arch(Facts(observed={}, show=show, disk_size=m.size, digest=m.digest)) if show else None
                     if arch is None and (spec := catalog.find(key)) is not None:
                         arch = spec.arch
                     if arch is not None:
                         found[key] = arch.block_count + 1
         return found
+
+
+def _facts_key(facts: Facts) -> Hashable:
+    """What decides a model's figures besides the node's sizing (a digest stands for its /api/show)."""
+    observed = frozenset(facts.observed.items())
+    return facts.digest, facts.show is not None, facts.disk_size, facts.configured, facts.num_ctx, observed
 
 
 def _is_embedding(model: str, show: ShowInfo | None) -> bool:

@@ -12,7 +12,7 @@ from conftest import bench_module, optimizer_parts
 from gpurouter import render
 from gpurouter.act import execute
 from gpurouter.act.jobs import Job, JobQueue, Remediator
-from gpurouter.cluster.ollama import parse_go_time
+from gpurouter.cluster.ollama import OllamaClient, parse_go_time
 from gpurouter.decide import placement
 from gpurouter.units import GIB
 from optimizer.reconcile import Reconciler
@@ -93,23 +93,20 @@ def test_case_2_memory_a_hog_held_during_the_one_attempt_is_retested_one_cooldow
         assert passes_until(lambda: on_gpu(fleet), reconciler, queue, 2 * 1.0 + 1.0) <= 3.0
 
 
-class _Vanishing:
-    """A node's client whose loads Ollama undoes at once (as for a busy client's request)."""
+def _vanishing(client: OllamaClient, fleet: Fleet, node: str) -> None:
+    """Make `client`'s loads ones that Ollama undoes at once (as for a busy client's request)."""
+    load = client.load
 
-    def __init__(self, client: object, fleet: Fleet, node: str) -> None:
-        self._client, self._fleet, self._node = client, fleet, node
+    def load_then_vanish(model: str, **kwargs: object) -> None:
+        load(model, **kwargs)  # type: ignore[arg-type]
+        fleet.node(node).scheduler.unload_all()
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
-
-    def load(self, model: str, **kwargs: object) -> None:
-        self._client.load(model, **kwargs)  # type: ignore[attr-defined]
-        self._fleet.node(self._node).scheduler.unload_all()
+    client.load = load_then_vanish  # type: ignore[method-assign]
 
 
 def test_case_3_a_fresh_copy_that_vanishes_fails_the_step_at_once_and_is_recorded_by_ollama():
     with optimizer_parts(nodes(), [PRIORITY], VRAM, **cooldown(1.0)) as (fleet, observer, _, _):
-        observer.clients["gpu"] = _Vanishing(observer.clients["gpu"], fleet, "gpu")  # type: ignore[assignment]
+        _vanishing(observer.clients["gpu"], fleet, "gpu")
         started = time.monotonic()
         result = Remediator(observer.config, observer)(Job(model=PRIORITY, received=0.0, not_before=0.0))
         assert time.monotonic() - started < 5  # not the 30 s load_timeout

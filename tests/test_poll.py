@@ -176,4 +176,4 @@ def test_a_redirect_is_a_node_error_and_is_not_followed(fleet: Fleet) -> None:
         server.shutdown()
         server.server_close()
     error = answers["moved"].error
-    assert error is not None and error.kind == "http" and error.status == 302 and "HTTP 302" in str(error)
+    assert error is not None and error.kind == "redirect" and error.status == 302 and "(not followed)" in str(error)

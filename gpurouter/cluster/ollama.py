@@ -181,11 +181,8 @@ class OllamaClient:
             kind, words = transport_error(exc, limit)
             raise OllamaError(kind, f"{url}: {words}") from None
         status = response.status_code
-        failed = redirect_error(url, status, response.headers.get("Location"))
-        if failed is not None:
-            raise failed
         if status >= 300:
-            raise answer_error(url, status, response.content, response.reason or "")
+            raise answer_error(url, status, response.content, response.reason or "", response.headers.get("Location"))
         return json_object(response.content, url, status)
 
 
@@ -263,8 +260,11 @@ def error_words(content: bytes, reason: str = "") -> str:
     return json.dumps(body)[:200]
 
 
-def answer_error(url: str, status: int, content: bytes, reason: str = "") -> OllamaError:
+def answer_error(url: str, status: int, content: bytes, reason: str = "", location: str | None = None) -> OllamaError:
     """The error for a non-2xx answer (a 3xx too: redirects are not followed), classified by its status."""
+    redirect = redirect_error(url, status, location)
+    if redirect is not None:
+        return redirect
     return OllamaError(_kind(status), f"{url}: HTTP {status}: {error_words(content, reason)}", status)
 
 

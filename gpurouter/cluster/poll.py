@@ -230,7 +230,8 @@ class Poller:
             kind, words = transport_error(exc, limit)
             raise OllamaError(kind, f"{self._shown(url)}{path}: {words}") from None
         if response.status >= 300:
-            raise answer_error(self._shown(url) + path, response.status, content, response.reason or "")
+            shown = self._shown(url) + path
+            raise answer_error(shown, response.status, content, response.reason or "", response.headers.get("Location"))
         return content
 
     # ---------------------------------------------------------------------------------------- show

@@ -456,18 +456,22 @@ class Proxy:
             else:
                 upstream.close()
             placement = target.placement
-            if complete and upstream.status == 200:
-                placement = self._learn(node, model, target, tail, content_type, sent_at) or placement
+            if upstream.status == 200 and request.path != "/api/show":  # a client gone after the error line too
+                placement = self._learn(node, model, target, tail, content_type, sent_at, complete) or placement
             self.metrics.requests.labels(node=node, model=model, placement=placement, code=str(upstream.status)).inc()
             self.metrics.duration.labels(model=model).observe(time.monotonic() - started)
         return response
 
-    def _learn(self, node: str, model: str, target: Target, tail: bytes, content_type: str, sent: float) -> str | None:
-        """What a whole answer tells: the node's error line (a failure of that node), its timings (speed, cached
-        tokens, demand), and where the model really ran (a poll taken after the request was sent)."""
+    def _learn(
+        self, node: str, model: str, target: Target, tail: bytes, content_type: str, sent: float, whole: bool
+    ) -> str | None:
+        """What an answer tells: the node's error line (a failure of that node) and, when `whole`, its timings
+        (speed, cached tokens, demand) and where the model really ran (a poll taken after it was sent)."""
         said = last_error(tail, content_type)
         if said is not None:
             self._failed(node, model, "error_line", said, retry=False)
+        if not whole:
+            return None
         timings = timings_of(tail)
         realised = self.view.ledger.answered(node, model, timings, target.cached_tokens)
         self.metrics.cached_predicted.labels(node=node, model=model).inc(target.cached_tokens)

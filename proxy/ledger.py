@@ -166,7 +166,7 @@ class Ledger:
             return
         held = inferred_hidden(before.era, before.need, 0, before.free)
         why = f"loading {key[1]} evicted the priority model {', '.join(gone)}"
-        self.hidden.record(node.name, held, why, key[1])
+        self.hidden.record(node.name, held, why)
         logfmt.log_event(
             log, logging.WARNING, "proxy.evicted", node=node.name, model=key[1], evicted=",".join(gone), held=held
         )

@@ -99,11 +99,21 @@ def _copy_tier(copy: LoadedModel) -> tuple[str, float]:
     return "cpu", 0.05
 
 
+def without(state: ClusterState, name: str, key: str) -> ClusterState:
+    """The state with `key`'s runner on node `name` gone (installed there still)."""
+    nodes = tuple(
+        replace(n, loaded=tuple(m for m in n.loaded if model_key(m.name) != key)) if n.name == name else n
+        for n in state.nodes
+    )
+    return replace(state, nodes=nodes)
+
+
 def at_context(state: ClusterState, key: str, node: NodeState, ctx: int) -> ClusterState:
     """The state with `key`'s need on `node` at context `ctx` (the catalog's ratio between the two contexts
-    applied to the state's own figure; proportional to the context where the catalog does not know it)."""
+    applied to the state's own figure; proportional to the context where the catalog does not know it); 0
+    leaves it as it is."""
     base = placement.need_of(state, key, node)
-    if base is None or base.num_ctx == ctx:
+    if base is None or not ctx or base.num_ctx == ctx:
         return state
     sizing = Sizing.of(node)
     there = model_need(key, Facts(observed={}, num_ctx=ctx), sizing)
@@ -172,7 +182,9 @@ def candidates(
             found.append(Candidate(node, copy, False, where, tier, slots, sets=sets))
             continue
         ctx = ask.num_ctx
-        if ctx is not None:
+        if copy is not None:  # a reload: Ollama unloads the runner first, then loads it as asked
+            checked = placement.check(at_context(without(view, node.name, key), key, node, ctx or 0), key, now)
+        elif ctx is not None:
             checked = placement.check(at_context(view, key, node, ctx), key, now)
         else:
             checked = result = result or check(view, key, now)

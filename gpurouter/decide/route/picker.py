@@ -1,5 +1,8 @@
 """The picker: the weighted sum of the scores, best first; among equal sums the node with the most free VRAM,
-then the name. A candidate whose runner options the proxy replaced comes after every one served as asked."""
+then the name. A candidate whose runner options the proxy would replace (the request's load would evict a
+protected model there) comes after every one that serves the request as asked fully on GPU, and before any
+that would serve it as asked only partly on GPU or on CPU: a request never gets its own options at the cost
+of the GPU, nor another runner's options where a GPU can take its own."""
 
 from __future__ import annotations
 
@@ -14,4 +17,11 @@ def total(parts: Mapping[str, float], weights: RouteWeights) -> float:
 
 
 def order(found: Sequence[tuple[Candidate, float]]) -> list[tuple[Candidate, float]]:
-    return sorted(found, key=lambda ct: (ct[0].adjusted, -round(ct[1], 9), -(ct[0].node.vram_free or 0), ct[0].name))
+    replacing = any(c.adjusted for c, _ in found)
+
+    def rank(c: Candidate) -> int:
+        if c.adjusted:
+            return 1
+        return 2 if replacing and c.placement in ("partial", "cpu") else 0
+
+    return sorted(found, key=lambda ct: (rank(ct[0]), -round(ct[1], 9), -(ct[0].node.vram_free or 0), ct[0].name))

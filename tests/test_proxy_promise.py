@@ -16,6 +16,7 @@ from openai import APIStatusError, OpenAI
 
 from cli.localstack import wait_for
 from gpurouter.cluster.config import parse_config
+from proxy.ledger import Ledger
 from proxy.service import ProxyHandle, start_proxy
 from simulator.run import Fleet, fleet_from_dict
 
@@ -64,7 +65,8 @@ def loaded(fleet: Fleet, node: str) -> dict[str, dict]:
     return {m["model"]: m for m in fleet.node(node).state()["loaded"]}
 
 
-def ledger(handle: ProxyHandle):  # noqa: ANN201 - the proxy's own ledger, to read what it marked
+def ledger(handle: ProxyHandle) -> Ledger:
+    """The proxy's own ledger: what it marked failing."""
     return handle.running.proxy.view.ledger
 
 
@@ -105,9 +107,12 @@ def test_langchain_num_ctx_beside_a_pinned_priority_model_is_served_by_the_resid
         # a request that names no runner option is served by the resident runner as it is
         plain = ollama.Client(host=proxy.url, timeout=30).generate(model=LLAMA, prompt="x", options={"num_predict": 2})
         assert plain.eval_count == 2 and fleet.node("large").state()["counts"] == before
-        assert "X-GPU-Router-Options" not in requests.post(
-            f"{proxy.url}/api/generate", json={"model": LLAMA, "prompt": "x", "stream": False}, timeout=30
-        ).headers
+        assert (
+            "X-GPU-Router-Options"
+            not in requests.post(
+                f"{proxy.url}/api/generate", json={"model": LLAMA, "prompt": "x", "stream": False}, timeout=30
+            ).headers
+        )
 
 
 def test_a_load_that_fits_elsewhere_without_eviction_goes_there_as_asked():
@@ -188,7 +193,9 @@ def test_a_requests_own_fault_goes_back_at_once_and_marks_no_node():
         assert reply.status_code == 200 and reply.headers["X-GPU-Router-Node"] == "cpu"
         assert ledger(proxy).traffic().failing == {("gpu", SMALL)}
         fleet.node("gpu").clear()
-        other = requests.post(f"{proxy.url}/api/generate", json={"model": "qwen2.5-coder:1.5b", "prompt": "x"}, timeout=30)
+        other = requests.post(
+            f"{proxy.url}/api/generate", json={"model": "qwen2.5-coder:1.5b", "prompt": "x"}, timeout=30
+        )
         assert other.status_code == 200 and other.headers["X-GPU-Router-Node"] == "gpu"
 
 

@@ -138,6 +138,8 @@ def _load(
     if placement._has_gpu(node) is False or gpu == 0:
         return "cpu", 0.0, True, ""
     if verdict is not None and verdict.fits:
+        if copy is not None:  # a reload with other options: it costs a load and may thrash with the old ones
+            return "cold", 0.6, True, ""
         return "cold", (0.8 if verdict.kind == "fits_free" else 0.65), True, ""
     protected = sorted(
         model_key(m.name)

@@ -243,3 +243,18 @@ def test_api_ps_lists_one_entry_per_model_its_best_copy():
     with proxied(nodes) as (_, proxy):
         listed = ollama.Client(host=proxy.url, timeout=30).ps().models
         assert [m.model for m in listed] == [SMALL] and listed[0].size_vram == listed[0].size
+
+
+def test_a_priority_model_on_cpu_waits_for_the_heal_by_default_and_goes_where_it_is_then():
+    nodes = [
+        {**SHARED[0], "token_rate": 400, "preload": [{"model": SMALL, "num_gpu": 0, "keep_alive": -1}]},
+        {**SHARED[1], "preload": [{"model": SMALL, "keep_alive": -1}]},
+    ]
+    settings = {"proxy": {"refresh_interval": 0.2}, "auto_optimize": True, "priority_models": [SMALL]}
+    settings["optimizer"] = {"cooldown_seconds": 0.1, "cooldown_max_seconds": 0.1, "load_timeout": 20}
+    with proxied(nodes, **settings) as (fleet, proxy):  # no proxy.wait_for_gpu: its default, 30 s
+        reply = ollama.Client(host=proxy.url, timeout=60).generate(model=SMALL, prompt="x")
+        assert reply.eval_count == 24 and fleet.node("cpu").traffic.counts()["served"] == 0
+        copy = loaded(fleet, "gpu")[SMALL]
+        assert copy["size_vram"] == copy["size"]
+        assert metric(proxy, "gpu_router_proxy_requests_total", node="gpu", model=SMALL, placement="gpu") == 1

@@ -338,6 +338,12 @@ def status_text(state: ClusterState, now: float) -> list[str]:
     return lines
 
 
+def _margin_text(state: ClusterState, node: NodeState) -> str:
+    if state.config.vram_safety_margin is None:
+        return "no margin beyond Ollama's own"
+    return f"{node.margin:.0%} safety"
+
+
 def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tuple[str, Verdict]]) -> list[str]:
     where = f"{node.name} ({redact(node.config.url)})"
     if not node.up:
@@ -355,7 +361,7 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
         lines += [
             f"   GPUs: {gpus} (from {node.capacity.source})",
             f"   Total VRAM: {size_text(node.vram_total)}",
-            f"   Usable VRAM: {size_text(node.vram_usable)} ({node.margin:.0%} safety)",
+            f"   Usable VRAM: {size_text(node.vram_usable)} ({_margin_text(state, node)})",
             f"   Free VRAM: {size_text(node.vram_free)}",
         ]
         if node.hidden:

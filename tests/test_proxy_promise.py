@@ -16,6 +16,8 @@ from openai import APIStatusError, OpenAI
 
 from cli.localstack import wait_for
 from gpurouter.cluster.config import parse_config
+from gpurouter.cluster.observe import Observer
+from gpurouter.decide import placement
 from proxy.ledger import Ledger
 from proxy.service import ProxyHandle, start_proxy
 from simulator.run import Fleet, fleet_from_dict
@@ -258,3 +260,28 @@ def test_a_priority_model_on_cpu_waits_for_the_heal_by_default_and_goes_where_it
         copy = loaded(fleet, "gpu")[SMALL]
         assert copy["size_vram"] == copy["size"]
         assert metric(proxy, "gpu_router_proxy_requests_total", node="gpu", model=SMALL, placement="gpu") == 1
+
+
+def test_fit_is_judged_as_the_nodes_ollama_judges_it_unless_a_stricter_margin_is_set():
+    """codellama:13b at 16k on a 24 GiB llama-server node: Ollama loads it fully on GPU; the default verdict
+    agrees (no 0.8 margin stacked on llama.cpp's own 1 GiB); an explicit margin stays the operator's choice."""
+    nodes = [{"name": "gpu", "gpus": [{"vram": "24GiB"}], "models": ["codellama:13b"]}]
+    with Fleet(fleet_from_dict({"nodes": nodes})) as fleet:
+        body = {"model": "codellama:13b", "prompt": "x", "stream": False, "options": {"num_ctx": 16384}}
+        assert requests.post(fleet.urls["gpu"] + "/api/generate", json=body, timeout=60).status_code == 200
+        copy = loaded(fleet, "gpu")["codellama:13b"]
+        assert copy["size_vram"] == copy["size"]  # Ollama's own verdict: fully on GPU
+        requests.post(fleet.urls["gpu"] + "/api/generate", json={"model": "codellama:13b", "keep_alive": 0}, timeout=30)
+        wait_for(lambda: not loaded(fleet, "gpu"), what="the model unloaded")
+        for margin, fits in ((None, True), (0.8, False)):
+            raw = {
+                "nodes": [{"name": "gpu", "url": fleet.urls["gpu"], "vram": "24GiB"}],
+                "priority_models": [{"name": "codellama:13b", "num_ctx": 16384}],
+                **({"vram_safety_margin": margin} if margin else {}),
+            }
+            observer = Observer(parse_config(raw))
+            try:
+                verdict = placement.check(observer.poll(), "codellama:13b", time.time()).verdicts[0]
+            finally:
+                observer.close()
+            assert verdict.fits is fits, (margin, verdict.reason)

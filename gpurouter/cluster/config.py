@@ -181,7 +181,7 @@ class Config:
     nodes: tuple[NodeConfig, ...]
     priority_models: tuple[PriorityModel, ...] = ()
     check_interval: float = 300.0
-    vram_safety_margin: float = 0.8
+    vram_safety_margin: float | None = None  # None: no margin beyond the node's Ollama's own (the default)
     auto_optimize: bool = True
     log_level: str = "INFO"
     model_sizes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
@@ -193,6 +193,13 @@ class Config:
 
     def node(self, name: str) -> NodeConfig | None:
         return next((n for n in self.nodes if n.name == name), None)
+
+    @property
+    def margin(self) -> float:
+        """The fraction of a node's GPU memory models may use: `vram_safety_margin`, else all of it (the node's
+        Ollama then judges by its own rules: the classic estimate's reserve, the layout reserve, llama.cpp's
+        fit margin and the admission test, applied by `gpurouter.sizing.room` on every era)."""
+        return 1.0 if self.vram_safety_margin is None else self.vram_safety_margin
 
     def priority(self, model: str) -> PriorityModel | None:
         key = model_key(model)
@@ -396,9 +403,11 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise r.fail("nodes", "missing: list the Ollama nodes, e.g. `- http://localhost:11434`")
     nodes = _nodes(r, raw["nodes"])
     priorities = _priorities(r, raw.get("priority_models") or [])
-    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin", maximum=math.inf)
-    if not 0 < margin <= 1:
-        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
+    margin = raw.get("vram_safety_margin")
+    if margin is not None:
+        margin = r.number(margin, "vram_safety_margin", maximum=math.inf)
+        if not 0 < margin <= 1:
+            raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
     sizes_raw = raw.get("model_sizes") or {}
     if not isinstance(sizes_raw, dict):
         raise r.fail("model_sizes", f"expected a mapping of model name to size, got {show(sizes_raw)}")
@@ -414,7 +423,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         nodes=nodes,
         priority_models=priorities,
         check_interval=float(r.number(raw.get("check_interval", 300), "check_interval", maximum=DAY)),
-        vram_safety_margin=float(margin),
+        vram_safety_margin=float(margin) if margin is not None else None,
         auto_optimize=r.boolean(raw.get("auto_optimize", True), "auto_optimize"),
         log_level=r.choice(level.upper() if isinstance(level, str) else level, "log_level", LOG_LEVELS),
         model_sizes=MappingProxyType(model_sizes),

@@ -329,6 +329,8 @@ class Proxy:
     async def _queue(self, key: tuple[str, str], target: Target) -> bool:
         """Wait here for a slot of the runner (QueueFull past `proxy.max_queue`); True once one is ours."""
         depth = self.metrics.queue_depth.labels(node=key[0], model=key[1])
+        for counter in (self.metrics.queue_rejected, self.metrics.options_kept):  # 0, not nothing, for increase()
+            counter.labels(node=key[0], model=key[1])
         depth.inc()
         waited = time.monotonic()
         try:

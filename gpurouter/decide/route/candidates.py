@@ -41,6 +41,7 @@ class Candidate:
     why: str = ""  # why the load is not safe
     sets: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))  # options the proxy sets
     adjusted: bool = False  # the request's runner options were replaced by the resident runner's
+    free: int = 0  # the node's free VRAM (the picker's tie-break)
 
     @property
     def name(self) -> str:
@@ -200,4 +201,4 @@ def candidates(
         where, tier = _copy_tier(copy)  # the resident runner serves it, with its own options
         kept = {"num_ctx": copy.context_length} if copy.context_length else {}
         found.append(Candidate(node, copy, False, where, tier, slots, True, why, kept, adjusted=True))
-    return found
+    return [replace(c, free=c.node.vram_free or 0) for c in found]

@@ -24,4 +24,4 @@ def order(found: Sequence[tuple[Candidate, float]]) -> list[tuple[Candidate, flo
             return 1
         return 2 if replacing and c.placement in ("partial", "cpu") else 0
 
-    return sorted(found, key=lambda ct: (rank(ct[0]), -round(ct[1], 9), -(ct[0].node.vram_free or 0), ct[0].name))
+    return sorted(found, key=lambda ct: (rank(ct[0]), -round(ct[1], 9), -ct[0].free, ct[0].name))

@@ -68,13 +68,28 @@ class Memo:
         self._key: tuple[object, ...] | None = None
         self._view: ClusterState | None = None
         self._checks: dict[str, placement.CheckResult] = {}
+        self._found: dict[tuple[str, frozenset[tuple[str, object]]], list[cands.Candidate]] = {}
 
     def view(self, state: ClusterState, traffic: Traffic) -> ClusterState:
         key = (id(state), traffic.busy, traffic.loading)
         if key != self._key or self._view is None:
             self._key, self._view = key, cands.corrected(state, traffic)
-            self._checks = {}
+            self._checks, self._found = {}, {}
         return self._view
+
+    def candidates(
+        self, state: ClusterState, view: ClusterState, ask: Ask, traffic: Traffic, now: float
+    ) -> list[cands.Candidate]:
+        """`candidates` for the model and runner options of `ask`, once per view."""
+        try:
+            key = (ask.model, frozenset(ask.runner.items()))
+            hash(key)
+        except TypeError:  # an option value that is a list or a mapping: not kept
+            return cands.candidates(state, view, installed.kept(state, ask.model), ask, traffic, now, self.check)
+        if key not in self._found:
+            names = installed.kept(state, ask.model)
+            self._found[key] = cands.candidates(state, view, names, ask, traffic, now, self.check)
+        return self._found[key]
 
     def check(self, view: ClusterState, model: str, now: float) -> placement.CheckResult:
         if view is not self._view:
@@ -96,20 +111,24 @@ def choose(
     """The nodes to send `ask` to, best first."""
     weights = weights or state.config.proxy.weights
     key = ask.model
-    names = installed.kept(state, key)
-    if not names:
+    if memo is not None:
+        found = memo.candidates(state, memo.view(state, traffic), ask, traffic, now)
+    else:
+        names = installed.kept(state, key)
+        found = cands.candidates(state, cands.corrected(state, traffic), names, ask, traffic, now)
+    if not found:
         return Choice(key, (), "not installed on any node that is up and not in maintenance")
-    view = memo.view(state, traffic) if memo is not None else cands.corrected(state, traffic)
-    found = cands.candidates(state, view, names, ask, traffic, now, memo.check if memo else placement.check)
     kept, unsafe = protected.split(found)
     well, failing = healthy.split(kept, key, traffic)
     speeds = speed.scores(well + failing, key, traffic)
     scored = []
+    cached: dict[str, int] = {}
     for c, fast in zip(well + failing, speeds, strict=True):
+        blocks = cached[c.name] = affinity.cached_blocks(c, ask, traffic)
         parts = {
             "residency": residency.score(c),
             "queue": queue.score(c, key, traffic),
-            "affinity": affinity.score(c, ask, traffic, max_queue_seconds),
+            "affinity": affinity.score(c, ask, blocks, traffic, max_queue_seconds),
             "speed": fast,
         }
         scored.append((c, parts))
@@ -125,7 +144,7 @@ def choose(
             c.why,
             total,
             parts_of[c.name],
-            affinity.cached_tokens(c, ask, traffic),
+            affinity.cached_tokens(cached[c.name], ask),
             c.slots,
             c in failing,
         )

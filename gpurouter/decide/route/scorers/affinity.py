@@ -18,9 +18,9 @@ def cached_blocks(c: Candidate, ask: Ask, traffic: Traffic) -> int:
     return traffic.prompts.cached(c.name, ask.model, ask.blocks)
 
 
-def cached_tokens(c: Candidate, ask: Ask, traffic: Traffic) -> int:
-    """The prompt tokens the router expects the node to find in its cache."""
-    return min(ask.prompt_tokens, cached_blocks(c, ask, traffic) * BLOCK_CHARS // CHARS_PER_TOKEN)
+def cached_tokens(blocks: int, ask: Ask) -> int:
+    """The prompt tokens the router expects the node to find in its cache, from its cached blocks."""
+    return min(ask.prompt_tokens, blocks * BLOCK_CHARS // CHARS_PER_TOKEN)
 
 
 def tau(c: Candidate, model: str, traffic: Traffic, max_queue_seconds: float) -> float:
@@ -29,11 +29,11 @@ def tau(c: Candidate, model: str, traffic: Traffic, max_queue_seconds: float) ->
     return prefill * max_queue_seconds
 
 
-def score(c: Candidate, ask: Ask, traffic: Traffic, max_queue_seconds: float) -> float:
-    blocks = cached_blocks(c, ask, traffic)
+def score(c: Candidate, ask: Ask, blocks: int, traffic: Traffic, max_queue_seconds: float) -> float:
+    """`blocks`: cached_blocks(c, ask, traffic)."""
     if not blocks:
         return 0.0
-    uncached = ask.prompt_tokens - cached_tokens(c, ask, traffic)
+    uncached = ask.prompt_tokens - cached_tokens(blocks, ask)
     if traffic.prefill_queued.get(c.name, 0) + uncached > tau(c, ask.model, traffic, max_queue_seconds):
         return 0.0  # saturated: spread
     return blocks / len(ask.blocks)

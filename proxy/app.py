@@ -2,10 +2,13 @@
 
 A routed request (generate, chat, embed, embeddings, show, and the /v1 completions and embeddings) is read
 whole (at most `proxy.max_body` bytes: the model it names decides the node, and a malformed body is answered
-here with Ollama's own 400 without touching a node), sent as-is to the node `choose` puts first, and its answer
-streamed back chunk by chunk as it arrives. A node that fails before the first byte is replaced by the next
-candidate (at most `proxy.retries` times); one that fails mid-stream ends the client's stream with an error
-line in the stream's own format. A client that goes away cancels the request to the node. Only the configured
+here with Ollama's own 400 without touching a node), sent to the node the request pipeline
+(`gpurouter.decide.route`) puts first — as it is, or with the options `proxy.options` sets — once a slot of that
+runner is free (`proxy.queue`), and its answer streamed back chunk by chunk as it arrives; its last bytes tell
+its timings and whether it ended with the node's error line (`proxy.answers`). A node that fails before the
+first byte is replaced by the next candidate (at most `proxy.retries` times); one that fails mid-stream ends the
+client's stream with an error line in the stream's own format. A client that goes away cancels the request to
+the node. Only the configured
 node URLs are ever contacted: nothing in a request names a target, redirects are not followed, environment
 proxy settings are ignored.
 """

@@ -4,11 +4,13 @@ index, the queue in front of Ollama, demand, and the explanation endpoint end to
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from dataclasses import replace
 
 import pytest
 import requests
+from conftest import gpu_router
 from test_decide import NOW, build, lm, node
 from test_proxy_promise import SMALL, metric, proxied
 
@@ -20,6 +22,7 @@ from gpurouter.decide.route.prefix import PromptIndex
 from gpurouter.decide.route.traffic import Rates, Traffic
 from proxy.demand import Demand
 from proxy.queue import BUSY, QueueFull, Slots
+from simulator.run import Fleet, fleet_from_dict
 
 M = "llama3.1:latest"
 SYSTEM = "You are a careful assistant. " * 200  # a long shared system prompt: many blocks
@@ -186,3 +189,27 @@ def test_the_route_endpoint_explains_a_choice_and_demand_and_cache_metrics_count
         assert demand["models"][SMALL]["requests_per_second"] == 2 / demand["window_seconds"]
         assert metric(proxy, "gpu_router_proxy_demand_requests_per_second", model=SMALL) == 2 / 300
         assert requests.get(f"{proxy.url}/api/v1/route", timeout=10).status_code == 400
+
+
+def test_among_equal_nodes_the_one_with_the_most_room_wins():
+    state = build(
+        [
+            node("a", (8192,), installed=(M,), loaded=(lm("other:latest", 500),)),
+            node("b", (8192,), installed=(M,)),
+        ],
+        needs={M: 5000, "other:latest": 500},
+    )
+    picked = choose(state, Ask(M), Traffic(), NOW)
+    assert picked.nodes == ["b", "a"] and picked.targets[0].score == picked.targets[1].score
+
+
+def test_route_explain_runs_the_proxys_pipeline(tmp_path, capsys):
+    nodes = [{"name": "gpu", "gpus": [{"vram": "8GiB"}], "models": [SMALL], "preload": [{"model": SMALL}]}]
+    with Fleet(fleet_from_dict({"nodes": nodes})) as fleet:
+        path = tmp_path / "gpu_router_config.yaml"
+        path.write_text(f"nodes: [{{name: gpu, url: '{fleet.urls['gpu']}', vram: 8GiB}}]\n", encoding="utf-8")
+        code, out, _ = gpu_router(str(path), "route", SMALL, "--explain", "--prompt", "hi", capsys=capsys)
+        assert code == 0 and out.startswith(f"{SMALL}: fully on GPU on gpu\n")
+        assert "gpu              gpu      score  5.25  residency 1.00, queue 1.00, affinity 0.00, speed 0.50" in out
+        code, out, _ = gpu_router(str(path), "--json", "route", SMALL, "--explain", capsys=capsys)
+        assert code == 0 and json.loads(out)["targets"][0]["scores"]["residency"] == 1.0

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 from gpurouter.serve.gojson import json_error, json_kind
 from gpurouter.sizing import eras
 from gpurouter.sizing.catalog import ModelSpec
-from simulator import openaiapi, showinfo
+from simulator import fields, openaiapi, showinfo
 from simulator.fleet import display_name
-from simulator.gotypes import go_quote, go_time, parse_keep_alive
+from simulator.generation import RUNNER_GONE, Answer, Generation, answer
+from simulator.gobind import cannot_unmarshal
+from simulator.gotypes import go_decoded, go_quote, go_time, parse_keep_alive
 from simulator.httpserver import Request, Response, Stream, error_response, json_response, text_response
 from simulator.options import merge_options, num_predict
+from simulator.prompt import render_chat, render_generate, tokenize
 from simulator.scheduler import LoadRequest, Runner, SchedulerError
 
 if TYPE_CHECKING:
@@ -25,13 +28,8 @@ if TYPE_CHECKING:
 
 NDJSON = "application/x-ndjson"
 GARBAGE = b'{"models":[{"name":"\xff\xfe<html>502 Bad Gateway'  # what the `garbage` fault answers
-RUNNER_GONE = "llama runner process has terminated: signal: killed"
 _OPTIONS = "map[string]interface {}"
-_WORDS = (
-    "The", " simulated", " node", " answers", " with", " plain", " words", ",", " one", " token", " at",
-    " a", " time", ".", " It", " keeps", " the", " model", " busy", " while", " it", " streams",
-)  # fmt: skip
-_DEFAULT_TOKENS = 24
+_ANY = "any"  # a field decoded as json.RawMessage or interface{}: any JSON value
 
 
 class _Reject(Exception):
@@ -69,9 +67,7 @@ def _finite(text: str) -> float:
 
 def _cannot(value: object, field: str, go_type: str) -> Response:
     """encoding/json's error for a value of the wrong kind in a struct field."""
-    return error_response(
-        400, f"json: cannot unmarshal {json_kind(value)} into Go struct field {field} of type {go_type}"
-    )
+    return error_response(400, cannot_unmarshal(value, field, go_type))
 
 
 def decode(request: Request, type_name: str, fields: Mapping[str, str]) -> dict:
@@ -80,7 +76,7 @@ def decode(request: Request, type_name: str, fields: Mapping[str, str]) -> dict:
         raise _Reject(error_response(400, "missing request body"))
     try:
         text = request.body.decode("utf-8", errors="replace")  # Go keeps invalid UTF-8 as U+FFFD
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        data = go_decoded(json.loads(text, parse_constant=_no_constant, parse_float=_finite))
     except json.JSONDecodeError as exc:
         raise _Reject(error_response(400, json_error(exc))) from None
     except ValueError as exc:  # NaN, Infinity, or a number beyond float64
@@ -126,13 +122,8 @@ def fake_vector(key: str, text: str, dimension: int) -> list[float]:
     return _unit([rng.gauss(0.0, 1.0) for _ in range(dimension)])
 
 
-def _words(text: str, count: int) -> list[str]:
-    start = hashlib.sha256(text.encode()).digest()[0]
-    return [_WORDS[(start + i) % len(_WORDS)] for i in range(count)]
-
-
-def _tokens(text: str) -> int:
-    return max(1, len(text.split()))
+def _line(data: dict) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 def _metrics(**values: int) -> dict:
@@ -145,6 +136,7 @@ class OllamaApi:
 
     def __init__(self, node: SimNode) -> None:
         self.node = node
+        self.generation = Generation(node.spec, node.version, node.sleep)
         self._routes = {
             "/": {"GET": self._root, "HEAD": self._root},
             "/api/version": {"GET": self._version, "HEAD": self._version},
@@ -211,80 +203,94 @@ class OllamaApi:
         return runner, int((time.monotonic() - started) * 1e9)
 
     def _require(self, installed: Installed, capability: str, model: str, what: str) -> None:
+        """400 for a missing capability: `"x" does not support chat` where the handler checks it itself (generate,
+        chat, embedding), the scheduler's `<full name> does not support tools` for tools and insert."""
         if capability not in installed.spec.capabilities:
-            raise _Reject(error_response(400, f"{go_quote(model)} does not support {what}"))
+            shown = self._full_name(installed) if capability in ("tools", "insert") else go_quote(model)
+            raise _Reject(error_response(400, f"{shown} does not support {what}"))
 
-    def _complete(self, runner: Runner, prompt: str, predict: int) -> Iterator[dict]:
-        """Fake tokens at the speed of the runner's placement (fully on GPU fast, partial slower, CPU 5–10×
-        slower): {"token": s}…, then the final counters or {"error": s}."""
-        count = min(predict, runner.context_length) if predict > 0 else _DEFAULT_TOKENS
-        rate = self.node.spec.rate(runner.size_vram / runner.size if runner.size else 0.0)
-        prompt_count = _tokens(prompt) + 10  # the template's own tokens
-        eval_start = time.monotonic()
-        for word in _words(prompt, count):
-            if (rate and not self.node.sleep(1 / rate)) or not runner.alive:
-                yield {"error": RUNNER_GONE}
-                return
-            yield {"token": word}
-        yield {
-            "done_reason": "length" if predict > 0 else "stop",
-            "prompt_eval_count": prompt_count,
-            "eval_count": count,
-            "prompt_eval_duration": int(prompt_count / (rate * 20) * 1e9) if rate else 0,
-            "eval_duration": int((time.monotonic() - eval_start) * 1e9),
-        }
+    @staticmethod
+    def _full_name(installed: Installed) -> str:
+        """The name the scheduler uses: registry.ollama.ai/library/llama3.1:8b."""
+        path = installed.name if "/" in installed.name else f"library/{installed.name}"
+        return path if path.count("/") >= 2 else f"registry.ollama.ai/{path}"
+
+    def _check_think(self, installed: Installed, model: str, body: dict, request_type: str) -> None:
+        """400 for a `think` value of the wrong type, or for thinking asked of a model without it."""
+        error = fields.think_error(body.get("think"), request_type, self.node.version)
+        if error is not None:
+            raise _Reject(error_response(400, error))
+        think = body.get("think") if self.node.version >= fields.THINK_KNOWN else None
+        if fields.wants_thinking(think) and "thinking" not in installed.spec.capabilities:
+            refused = fields.thinking_refused(model, self._full_name(installed), self.node.version)
+            raise _Reject(error_response(400, refused))
 
     def _respond(
         self,
         runner: Runner,
-        events: Iterator[dict],
+        rendered: str,
+        reply: Answer,
         stream: bool,
-        chunk: Callable[[str], dict],
-        final: Callable[[dict, str], dict],
+        chunk: Callable[[str, tuple[dict, ...]], dict],
+        final: Callable[[dict, str, tuple[dict, ...]], dict],
     ) -> Response:
-        """NDJSON stream (errors as a last line) or one JSON object (errors as 500) from completion events.
+        """NDJSON stream (errors as a last line) or one JSON object (errors as 500) of one completion.
 
-        Takes one of the runner's `num_parallel` slots first (the rest queue); the slot and the runner are
-        released at the end. The node's traffic counts the request as served, failed, or cancelled (the
-        client went away before the end).
+        Takes the runner's free slot with the longest cached prefix first (the rest wait in order); the slot
+        keeps the prompt and the answer in its cache, and it and the runner are released at the end. A tool
+        call is sent as one chunk before the final one. The node's traffic counts the request as served,
+        failed, or cancelled (the client went away before the end).
         """
         scheduler = self.node.scheduler
         traffic = self.node.traffic
         traffic.begin()
-        if not scheduler.wait_slot(runner):
+        prompt = tokenize(rendered)
+        lease = runner.slots.take(prompt, lambda: scheduler.serving(runner))
+        if lease is None:
             scheduler.release(runner)
             traffic.end("failed")
             return error_response(500, RUNNER_GONE)
         outcome = ["cancelled"]
+        generated: list[str] = []
 
         def finish() -> None:
-            runner.slots.release()
+            runner.slots.give_back(lease, Generation.cached(rendered, generated, runner.context_length))
             scheduler.release(runner)
             traffic.end(outcome[0])
+
+        def events() -> Iterator[dict]:
+            for event in self.generation.run(runner, lease, prompt, reply):
+                if "token" in event:
+                    generated.append(event["token"])
+                yield event
 
         if stream:
 
             def lines() -> Iterator[bytes]:
-                for event in events:
+                for event in events():
                     if "error" in event:
                         data = {"error": event["error"]}
                         outcome[0] = "failed"
                     elif "token" in event:
-                        data = chunk(event["token"])
+                        if reply.tool_calls:
+                            continue
+                        data = chunk(event["token"], ())
                     else:
-                        data = final(event, "")
+                        if reply.tool_calls:
+                            yield _line(chunk("", reply.tool_calls))
+                        data = final(event, "", ())
                         outcome[0] = "served"
-                    yield json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+                    yield _line(data)
 
             return Response(200, Stream(lines(), finish), NDJSON)
         try:
-            *tokens, last = list(events)
+            *_, last = list(events())
             outcome[0] = "failed" if "error" in last else "served"
         finally:
             finish()
         if "error" in last:
             return error_response(500, last["error"])
-        return json_response(200, final(last, "".join(event["token"] for event in tokens)))
+        return json_response(200, final(last, reply.text, reply.tool_calls))
 
     @staticmethod
     def _final_metrics(event: dict, started: float, load_ns: int) -> dict:
@@ -400,6 +406,10 @@ class OllamaApi:
             self.node.scheduler.expire(installed.spec)
             reply = {"model": model, "created_at": self._now(), "response": "", "done": True, "done_reason": "unload"}
             return json_response(200, reply)
+        raw = bool(body.get("raw"))
+        if raw and (body.get("template") or body.get("system") or body.get("context")):
+            return error_response(400, "raw mode does not support template, system, or context")
+        self._check_think(installed, model, body, "GenerateRequest")
         self._require(installed, "completion", model, "generate")
         if body.get("suffix"):
             self._require(installed, "insert", model, "insert")
@@ -408,22 +418,24 @@ class OllamaApi:
             self.node.scheduler.release(runner)
             reply = {"model": model, "created_at": self._now(), "response": "", "done": True, "done_reason": "load"}
             return json_response(200, reply)
-        events = self._complete(runner, prompt, num_predict(body.get("options") or {}))
-        raw = bool(body.get("raw"))
+        self._check_format(runner, body.get("format"))
+        rendered = render_generate(prompt, str(body.get("system") or ""), str(body.get("suffix") or ""), raw)
+        predict = num_predict(body.get("options") or {})
+        reply = answer(rendered, predict, runner.context_length, body.get("format"))
 
-        def chunk(word: str) -> dict:
+        def chunk(word: str, calls: tuple[dict, ...]) -> dict:
             return {"model": model, "created_at": self._now(), "response": word, "done": False}
 
-        def final(event: dict, text: str) -> dict:
+        def final(event: dict, text: str, calls: tuple[dict, ...]) -> dict:
             reply = {"model": model, "created_at": self._now(), "response": text, "done": True}
             reply["done_reason"] = event["done_reason"]
             if not raw:
-                seed = hashlib.sha256(prompt.encode()).digest()
+                seed = hashlib.sha256(rendered.encode()).digest()
                 total = event["prompt_eval_count"] + event["eval_count"]
                 reply["context"] = [1 + (seed[i % 32] * 131 + i * 7919) % 128000 for i in range(total)]
             return {**reply, **self._final_metrics(event, started, load_ns)}
 
-        return self._respond(runner, events, body.get("stream") is not False, chunk, final)
+        return self._respond(runner, rendered, reply, body.get("stream") is not False, chunk, final)
 
     def _chat(self, request: Request) -> Response:
         started = time.monotonic()
@@ -434,12 +446,9 @@ class OllamaApi:
         )
         model = body.get("model") or ""
         messages = body.get("messages") or []
-        for message in messages:
-            if not isinstance(message, dict):
-                return _cannot(message, "ChatRequest.messages", "api.Message")
-            for key in ("role", "content"):
-                if message.get(key) is not None and not isinstance(message[key], str):
-                    return _cannot(message[key], f"Message.messages.{key}", "string")
+        invalid = fields.message_error(messages) or fields.tools_error(body.get("tools"))
+        if invalid is not None:
+            return error_response(400, invalid)
         if not model:
             return error_response(400, "model is required")
         missing = f"model '{model}' not found"
@@ -450,27 +459,47 @@ class OllamaApi:
             self.node.scheduler.expire(installed.spec)
             reply = {"model": model, "created_at": self._now(), "message": {"role": "assistant", "content": ""}}
             return json_response(200, {**reply, "done": True, "done_reason": "unload"})
+        self._check_think(installed, model, body, "ChatRequest")
         self._require(installed, "completion", model, "chat")
-        if body.get("tools"):
+        tools = body.get("tools") or []
+        if tools:
             self._require(installed, "tools", model, "tools")
         runner, load_ns = self._schedule(installed, body)
         if not messages:
             self.node.scheduler.release(runner)
             reply = {"model": model, "created_at": self._now(), "message": {"role": "assistant", "content": ""}}
             return json_response(200, {**reply, "done": True, "done_reason": "load"})
-        prompt = "\n".join(str(m.get("content") or "") for m in messages)
-        events = self._complete(runner, prompt, num_predict(body.get("options") or {}))
+        self._check_format(runner, body.get("format"))
+        rendered = render_chat(messages, tools)
+        predict = num_predict(body.get("options") or {})
+        reply = answer(rendered, predict, runner.context_length, body.get("format"), tools, messages[-1])
 
-        def chunk(word: str) -> dict:
-            message = {"role": "assistant", "content": word}
-            return {"model": model, "created_at": self._now(), "message": message, "done": False}
+        def message(text: str, calls: tuple[dict, ...]) -> dict:
+            said: dict = {"role": "assistant", "content": text}
+            return {**said, "tool_calls": list(calls)} if calls else said
 
-        def final(event: dict, text: str) -> dict:
-            message = {"role": "assistant", "content": text}
-            reply = {"model": model, "created_at": self._now(), "message": message, "done": True}
+        def chunk(word: str, calls: tuple[dict, ...]) -> dict:
+            return {"model": model, "created_at": self._now(), "message": message(word, calls), "done": False}
+
+        def final(event: dict, text: str, calls: tuple[dict, ...]) -> dict:
+            reply = {"model": model, "created_at": self._now(), "message": message(text, calls), "done": True}
             return {**reply, "done_reason": event["done_reason"], **self._final_metrics(event, started, load_ns)}
 
-        return self._respond(runner, events, body.get("stream") is not False, chunk, final)
+        return self._respond(runner, rendered, reply, body.get("stream") is not False, chunk, final)
+
+    def _pass_slot(self, runner: Runner) -> bool:
+        """Wait in order for a slot of an embedding runner and give it back (embeddings cache nothing)."""
+        lease = runner.slots.take((), lambda: self.node.scheduler.serving(runner))
+        if lease is not None:
+            runner.slots.give_back(lease, ())
+        return lease is not None
+
+    def _check_format(self, runner: Runner, value: object) -> None:
+        """500 for a `format` llama-server refuses (the runner is released)."""
+        error = fields.format_error(value)
+        if error is not None:
+            self.node.scheduler.release(runner)
+            raise _Reject(error_response(500, error))
 
     def _embed(self, request: Request) -> Response:
         started = time.monotonic()
@@ -492,12 +521,11 @@ class OllamaApi:
         try:
             if not texts:
                 return json_response(200, {"model": model, "embeddings": []})
-            counts = [_tokens(t) + 2 for t in texts]
+            counts = [len(tokenize(t)) + 2 for t in texts]
             if body.get("truncate") is False and max(counts) > runner.context_length:
                 return error_response(400, "input length exceeds maximum context length")
-            if not self.node.scheduler.wait_slot(runner):
+            if not self._pass_slot(runner):
                 return error_response(500, RUNNER_GONE)
-            runner.slots.release()
             size = installed.spec.arch.embedding_length
             vectors = [fake_vector(installed.spec.digest, t, size) for t in texts]
             wanted = body.get("dimensions") or 0
@@ -520,9 +548,8 @@ class OllamaApi:
             prompt = body.get("prompt") or ""
             if not prompt:
                 return json_response(200, {"embedding": []})
-            if not self.node.scheduler.wait_slot(runner):
+            if not self._pass_slot(runner):
                 return error_response(500, RUNNER_GONE)
-            runner.slots.release()
             scale = math.sqrt(installed.spec.arch.embedding_length)
             vector = fake_vector(installed.spec.digest, prompt, installed.spec.arch.embedding_length)
             return json_response(200, {"embedding": [x * scale for x in vector]})

@@ -16,12 +16,15 @@ from simulator.gotypes import parse_keep_alive
 
 _NODE_KEYS = (
     "name", "port", "gpus", "ram", "models", "version", "latency_ms", "load_speed", "max_loaded_models",
-    "num_parallel", "context_length", "gpu_overhead", "keep_alive", "token_rate", "cpu_token_rate", "preload",
+    "num_parallel", "max_queue", "context_length", "gpu_overhead", "keep_alive", "token_rate", "cpu_token_rate",
+    "gpu_token_rate", "prefill_rate", "cpu_prefill_rate", "preload",
 )  # fmt: skip
 _GPU_KEYS = ("name", "vram")
 PRELOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "main_gpu", "num_thread", "use_mmap")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CPU_SLOWDOWN = 8.0  # a model fully on CPU generates this many times slower than fully on GPU (5–10× in practice)
+PREFILL_SPEEDUP = 40.0  # a GPU reads a prompt this many times faster than it generates (batched, compute-bound)
+CPU_PREFILL_SLOWDOWN = 30.0  # a CPU reads a prompt this many times slower than a GPU does
 CURRENT_VERSION = "0.32.15"  # the newest stable release when this was written (llama-server era)
 MAX_INTEGER = 1 << 24  # larger than any count, context or option a fleet needs
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$")
@@ -53,12 +56,16 @@ class NodeSpec:
     latency_ms: int = 0
     load_speed: int = 0  # bytes of `size` per second; 0 = instant
     max_loaded_models: int = 0  # 0 = 3 × GPUs (3 without GPU)
-    num_parallel: int = 1
+    num_parallel: int = 1  # OLLAMA_NUM_PARALLEL: slots per runner (1 for embedding models and some families)
+    max_queue: int = 512  # OLLAMA_MAX_QUEUE: requests that may wait for a load; past it 503
     context_length: int | None = None  # OLLAMA_CONTEXT_LENGTH; None = unset (the era's default)
     gpu_overhead: int = 0  # bytes per GPU
     keep_alive: float = 300.0  # seconds
     token_rate: float = 50.0  # tokens per second of a model fully on GPU; 0 = instant
     cpu_token_rate: float | None = None  # tokens per second of a model fully on CPU; None = token_rate / CPU_SLOWDOWN
+    gpu_token_rate: float | None = None  # tokens per second one GPU generates in all runners; None = token_rate
+    prefill_rate: float | None = None  # prompt tokens per second fully on GPU; None = token_rate × PREFILL_SPEEDUP
+    cpu_prefill_rate: float | None = None  # prompt tokens per second on CPU; None = prefill_rate ÷ 30
     preload: tuple[PreloadSpec, ...] = ()
 
     def rate(self, gpu_share: float) -> float:
@@ -67,11 +74,20 @@ class NodeSpec:
         The time per token is the GPU's time for the layers on GPU plus the CPU's for the rest, so a partial
         copy loses speed quickly: 29 % on CPU is about 3× slower at the default 8× CPU slowdown (ollama#14258
         measured 3.3×)."""
-        gpu = self.token_rate
-        cpu = gpu / CPU_SLOWDOWN if self.cpu_token_rate is None else self.cpu_token_rate
-        share = min(1.0, max(0.0, gpu_share))
-        seconds = (share / gpu if gpu and share else 0.0) + ((1.0 - share) / cpu if cpu and share < 1 else 0.0)
-        return 1.0 / seconds if seconds else 0.0
+        cpu = self.token_rate / CPU_SLOWDOWN if self.cpu_token_rate is None else self.cpu_token_rate
+        return _mixed_rate(gpu_share, self.token_rate, cpu)
+
+    def prefill(self, gpu_share: float) -> float:
+        """Prompt tokens per second of a model with `gpu_share` of its size on GPU (0 = instant), mixed as
+        `rate` mixes: fully on GPU `prefill_rate`, fully on CPU `cpu_prefill_rate`, partial in between."""
+        gpu = self.token_rate * PREFILL_SPEEDUP if self.prefill_rate is None else self.prefill_rate
+        cpu = gpu / CPU_PREFILL_SLOWDOWN if self.cpu_prefill_rate is None else self.cpu_prefill_rate
+        return _mixed_rate(gpu_share, gpu, cpu)
+
+    @property
+    def gpu_capacity(self) -> float:
+        """Tokens per second one GPU generates, all its runners together (0 = unbounded)."""
+        return self.token_rate if self.gpu_token_rate is None else self.gpu_token_rate
 
     @property
     def max_loaded(self) -> int:
@@ -83,6 +99,13 @@ class NodeSpec:
         else (v0.15.5+) the tier of the GPUs' total memory less OLLAMA_GPU_OVERHEAD each, else 4096."""
         total = sum(max(0, g.vram - self.gpu_overhead) for g in self.gpus)
         return eras.default_context(self.version, self.context_length, total)[0]
+
+
+def _mixed_rate(gpu_share: float, gpu: float, cpu: float) -> float:
+    """Per-token time = the GPU's for its share + the CPU's for the rest; 0 (instant) when both are 0."""
+    share = min(1.0, max(0.0, gpu_share))
+    seconds = (share / gpu if gpu and share else 0.0) + ((1.0 - share) / cpu if cpu and share < 1 else 0.0)
+    return 1.0 / seconds if seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,11 @@ def _preload(err: _Errors, value: object, path: str, models: tuple[str, ...]) ->
     return tuple(loads)
 
 
+def _rate(err: _Errors, node: Mapping[str, Any], key: str, path: str) -> float | None:
+    """An optional rate (tokens per second, 0 = instant); None when unset."""
+    return None if node.get(key) is None else err.number(node[key], f"{path}.{key}", maximum=1e9)
+
+
 def _node(err: _Errors, item: object, path: str) -> NodeSpec:
     node = err.keys(item, _NODE_KEYS, path)
     if "name" not in node:
@@ -232,6 +260,7 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         load_speed=err.size(node.get("load_speed", 0), f"{path}.load_speed", plain_unit="B"),
         max_loaded_models=err.integer(node.get("max_loaded_models", 0), f"{path}.max_loaded_models"),
         num_parallel=err.integer(node.get("num_parallel", 1), f"{path}.num_parallel", minimum=1),
+        max_queue=err.integer(node.get("max_queue", defaults.max_queue), f"{path}.max_queue", minimum=1),
         context_length=(
             err.integer(node["context_length"], f"{path}.context_length", minimum=1)
             if node.get("context_length") is not None
@@ -240,11 +269,10 @@ def _node(err: _Errors, item: object, path: str) -> NodeSpec:
         gpu_overhead=err.size(node.get("gpu_overhead", 0), f"{path}.gpu_overhead", plain_unit="B"),
         keep_alive=_keep_alive(err, node.get("keep_alive", "5m"), f"{path}.keep_alive"),
         token_rate=err.number(node.get("token_rate", defaults.token_rate), f"{path}.token_rate", maximum=1e9),
-        cpu_token_rate=(
-            err.number(node["cpu_token_rate"], f"{path}.cpu_token_rate", maximum=1e9)
-            if node.get("cpu_token_rate") is not None
-            else None
-        ),
+        cpu_token_rate=_rate(err, node, "cpu_token_rate", path),
+        gpu_token_rate=_rate(err, node, "gpu_token_rate", path),
+        prefill_rate=_rate(err, node, "prefill_rate", path),
+        cpu_prefill_rate=_rate(err, node, "cpu_prefill_rate", path),
         preload=_preload(err, node.get("preload"), f"{path}.preload", models),
     )
 

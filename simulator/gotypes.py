@@ -1,9 +1,11 @@
-"""Go wire formats the Ollama server uses: durations, `keep_alive`, timestamps, quoting, byte sizes (JSON
-errors: gpurouter/serve/gojson.py)."""
+"""Go wire formats the Ollama server uses: durations, `keep_alive`, timestamps, quoting, byte sizes, decoded
+JSON strings (JSON errors: gpurouter/serve/gojson.py)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
+from typing import Any
 
 from gpurouter.cluster.goduration import FOREVER, go_quote, parse_duration, parse_keep_alive  # noqa: F401  (re-exported)
 
@@ -31,3 +33,18 @@ def human_bytes2(num: int) -> str:
         if num >= size:
             return f"{num / size:.1f} {unit}"
     return f"{num} B"
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def go_decoded(value: Any) -> Any:
+    """A decoded JSON value as Go's encoding/json gives it: a lone surrogate escape ("\\ud800") in a string or
+    key becomes U+FFFD (pairs were already joined by the decoder)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [go_decoded(v) for v in value]
+    if isinstance(value, dict):
+        return {go_decoded(k): go_decoded(v) for k, v in value.items()}
+    return value

@@ -82,6 +82,8 @@ class SimNode:
             spec.ram,
             max_loaded=spec.max_loaded,
             num_parallel=spec.num_parallel,
+            max_queue=spec.max_queue,
+            queue_all=version_tuple(spec.version) < (0, 11, 5),
             gpu_overhead=spec.gpu_overhead,
             load_speed=spec.load_speed,
             keep_alive=spec.keep_alive,
@@ -197,7 +199,8 @@ class SimNode:
         return self.scheduler.counts()
 
     def state(self) -> dict:
-        """Name, URL, faults, GPUs (bytes), loaded models, load/unload counts and generation requests."""
+        """Name, URL, faults, GPUs (bytes), loaded models (with their slots, queue and prompt tokens), load/unload
+        counts, generation requests, requests waiting for a load, and prompt tokens cached and computed."""
         return {
             "name": self.name,
             "url": self.url,
@@ -215,9 +218,12 @@ class SimNode:
                     "expires_at": go_time(v.expires_at),
                     "busy": v.busy,
                     "loading": v.loading,
+                    **v.slots,
                 }
                 for v in self.scheduler.snapshot()
             ],
             "counts": self.counts(),
             "requests": self.traffic.counts(),
+            "pending_loads": self.scheduler.pending(),
+            "prompt_tokens": self.scheduler.prompt_counters.as_dict(),
         }

@@ -25,6 +25,7 @@ from simulator.fleet import GpuSpec
 from simulator.gotypes import human_bytes2
 from simulator.options import RunnerOptions
 from simulator.placement import Choice, ClassicPlacer, OutOfMemory, Placer
+from simulator.slots import PromptCounters, Slots
 
 log = logging.getLogger("gpu_router.simulator")
 
@@ -48,6 +49,21 @@ class LoadRequest:
     keep_alive: float | None  # seconds; None = not given (sticky, or the node default at load)
 
 
+MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"  # ErrMaxQueue (two spaces, sic)
+SERIAL_FAMILIES = frozenset(
+    ("mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "lfm2moe", "nemotron_h",
+     "nemotron_h_moe", "nemotron_h_omni")
+)  # fmt: skip  # architectures Ollama loads with one slot (server/sched.go, ollama#4165)
+
+
+def parallel_for(spec: ModelSpec, num_parallel: int) -> int:
+    """The slots a runner of `spec` gets: OLLAMA_NUM_PARALLEL, but 1 for a model without completion (an
+    embedding model) and for the families Ollama forces to 1."""
+    if "completion" not in spec.capabilities or spec.family in SERIAL_FAMILIES:
+        return 1
+    return max(1, num_parallel)
+
+
 OOM_STARTUP = (
     "llama-server process has terminated: exit status 1: ggml_backend_cuda_buffer_type_alloc_buffer: "
     "allocating {mib:.2f} MiB on device 0: cudaMalloc failed: out of memory"
@@ -57,7 +73,9 @@ OOM_STARTUP = (
 class Runner:
     """A loaded (or loading) model. Mutable; every field is guarded by the scheduler's lock."""
 
-    def __init__(self, request: LoadRequest, choice: Choice, session: float) -> None:
+    def __init__(
+        self, request: LoadRequest, choice: Choice, session: float, counters: PromptCounters | None = None
+    ) -> None:
         self.name = request.name
         self.spec = request.spec
         self.options = request.options
@@ -72,7 +90,7 @@ class Runner:
         self.loading = True
         self.alive = True
         self.evicting = False
-        self.slots = threading.Semaphore(choice.parallel)
+        self.slots = Slots(choice.parallel, counters)  # a reload makes a new runner: the cache is lost
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,7 @@ class RunnerView:
     expires_at: float
     busy: int
     loading: bool
+    slots: dict  # Slots.state(): each slot's cached tokens, the queue for a slot, the prompt token counters
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,8 @@ class Scheduler:
         *,
         max_loaded: int,
         num_parallel: int = 1,
+        max_queue: int = 512,
+        queue_all: bool = False,
         gpu_overhead: int = 0,
         load_speed: int = 0,
         keep_alive: float = 300.0,
@@ -144,6 +165,10 @@ class Scheduler:
         self._ram = ram
         self._max_loaded = max_loaded
         self._num_parallel = num_parallel
+        self._max_queue = max_queue
+        self._queue_all = queue_all  # ≤ v0.11.4: every request passes the pending queue, not only loads
+        self._pending = 0  # requests waiting for a load (or, with queue_all, for the scheduler)
+        self.prompt_counters = PromptCounters()  # prompt tokens cached and computed, all runners since start
         self._load_speed = load_speed
         self._keep_alive = keep_alive
         self._clock = clock
@@ -160,21 +185,31 @@ class Scheduler:
     def acquire(self, request: LoadRequest, instant: bool = False) -> Runner:
         """Attach a request to a runner of its model, loading (or reloading) it first; blocks until ready.
 
-        Raises SchedulerError (500 for memory or a runner lost while loading, 503 when shutting down).
+        Raises SchedulerError (500 for memory or a runner lost while loading, 503 when shutting down or when
+        more than `max_queue` requests already wait for a load).
         """
         with self._cond:
-            while True:
-                self._check_open()
-                self._reap()
-                runner = self._find(request.spec)
-                if runner is not None and not runner.evicting and not self._reloads(runner, request):
-                    if not runner.loading:
-                        self._attach(runner, request.keep_alive)
-                        return runner
-                elif not self._loading:
-                    self._loading = True
-                    break
-                self._cond.wait(_TICK)
+            self._check_open()
+            self._reap()
+            runner = self._usable(request)
+            if runner is not None and not self._queue_all:
+                return self._attach(runner, request.keep_alive)
+            if self._pending >= self._max_queue:
+                raise SchedulerError(503, MAX_QUEUE)
+            self._pending += 1
+            try:
+                while True:
+                    self._check_open()
+                    self._reap()
+                    runner = self._usable(request)
+                    if runner is not None:
+                        return self._attach(runner, request.keep_alive)
+                    if not self._loading and not self._loading_same(request):
+                        self._loading = True
+                        break
+                    self._cond.wait(_TICK)
+            finally:
+                self._pending -= 1
         try:
             return self._load(request, instant)
         finally:
@@ -193,12 +228,9 @@ class Scheduler:
                     runner.expires_at = self._clock() + runner.session
             self._cond.notify_all()
 
-    def wait_slot(self, runner: Runner) -> bool:
-        """Take one of the runner's `num_parallel` slots; False if the runner or the server went away."""
-        while not runner.slots.acquire(timeout=_TICK):
-            if not runner.alive or self._closed.is_set():
-                return False
-        return True
+    def serving(self, runner: Runner) -> bool:
+        """Whether the runner and the server are still there (a request waiting for a slot gives up if not)."""
+        return runner.alive and not self._closed.is_set()
 
     def expire(self, spec: ModelSpec) -> None:
         """An unload request: expires_at = now, and the runner goes as soon as no request uses it."""
@@ -255,6 +287,7 @@ class Scheduler:
                     expires_at=r.expires_at if r.expires_at is not None else now + r.session,
                     busy=r.refcount,
                     loading=r.loading,
+                    slots=r.slots.state(),
                 )
                 for r in self._runners
             ]
@@ -271,6 +304,11 @@ class Scheduler:
             GpuUsage(i, g.name, g.vram, min(g.vram, u), max(0, g.vram - u))
             for i, (g, u) in enumerate(zip(self._gpus, used, strict=True))
         ]
+
+    def pending(self) -> int:
+        """Requests waiting for a load now (those OLLAMA_MAX_QUEUE bounds)."""
+        with self._cond:
+            return self._pending
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Loads and unloads per model name since start."""
@@ -293,10 +331,23 @@ class Scheduler:
     def _find(self, spec: ModelSpec) -> Runner | None:
         return next((r for r in self._runners if r.spec is spec), None)
 
-    def _attach(self, runner: Runner, keep_alive: float | None) -> None:
+    def _usable(self, request: LoadRequest) -> Runner | None:
+        """The loaded runner of the model that serves this request as it is (no load, no reload), if any."""
+        runner = self._find(request.spec)
+        if runner is None or runner.evicting or runner.loading or self._reloads(runner, request):
+            return None
+        return runner
+
+    def _loading_same(self, request: LoadRequest) -> bool:
+        """A runner of the model is loading with the options this request needs (wait for it, load nothing)."""
+        runner = self._find(request.spec)
+        return runner is not None and runner.loading and not runner.evicting and not self._reloads(runner, request)
+
+    def _attach(self, runner: Runner, keep_alive: float | None) -> Runner:
         runner.refcount += 1
         if keep_alive is not None:
             runner.session = keep_alive
+        return runner
 
     def _count(self, name: str, what: str) -> None:
         self._counts.setdefault(name, {"loads": 0, "unloads": 0})[what] += 1
@@ -330,7 +381,8 @@ class Scheduler:
         OutOfMemory from the placer passes through."""
         gpus = () if self._gpu_lost else self._gpus
         free = free_per_gpu([g.vram for g in gpus], self._runners, self._hog)
-        choice = self.placer.place(request.spec, request.options, free, self._num_parallel, len(self._runners))
+        parallel = parallel_for(request.spec, self._num_parallel)
+        choice = self.placer.place(request.spec, request.options, free, parallel, len(self._runners))
         if choice is None:
             return None
         system = choice.size - choice.size_vram
@@ -344,7 +396,7 @@ class Scheduler:
                 f"than is available ({human_bytes2(max(0, available))})",
             )
         session = self._keep_alive if request.keep_alive is None else request.keep_alive
-        return Runner(request, choice, session)
+        return Runner(request, choice, session, self.prompt_counters)
 
     def _refused(self, request: LoadRequest, message: str) -> SchedulerError:
         """The 500 out-of-memory answer to a load, logged."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import pytest
 
@@ -33,14 +34,18 @@ def gpu_router(config: str, *args: str, capsys: pytest.CaptureFixture[str]) -> t
     return code, out, err
 
 
+def missing_tool(message: str) -> NoReturn:
+    """Skip the test for want of a tool, or fail it where CI demands every tool (GPU_ROUTER_REQUIRE_TOOLS=1)."""
+    if os.environ.get("GPU_ROUTER_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """The path of an external program; skips the test without it, or fails when CI demands every tool."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (apt-get install prometheus prometheus-alertmanager chromium systemd)"
-        if os.environ.get("GPU_ROUTER_REQUIRE_TOOLS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_tool(f"{name} is not installed (apt-get install prometheus prometheus-alertmanager chromium systemd)")
     return path
 
 

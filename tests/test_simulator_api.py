@@ -199,7 +199,11 @@ def test_generate_errors(url):
         (b'{"model": "nope"}', 404, "model 'nope' not found"),
         (b'{"model": ""}', 404, "model '' not found"),
         (b'{"model": "all-minilm", "prompt": "x"}', 400, '"all-minilm" does not support generate'),
-        (b'{"model": "llama3.1:8b", "suffix": "x", "prompt": "y"}', 400, '"llama3.1:8b" does not support insert'),
+        (
+            b'{"model": "llama3.1:8b", "suffix": "x", "prompt": "y"}',
+            400,
+            "registry.ollama.ai/library/llama3.1:8b does not support insert",  # scheduleRunner's "%s %w", full name
+        ),
         (b'{"model": "llama3.1:8b", "options": {"num_ctx": "x"}}', 500, 'option "num_ctx" must be of type integer'),
     ]
     for body, status, message in cases:

@@ -68,7 +68,9 @@ def test_nodes_list_and_state(fleet):
     ]
     load(fleet.urls["gpu"], "llama3.1:8b")
     state = control(fleet, "GET", "/nodes/gpu/state").json()
-    assert list(state) == ["name", "url", "faults", "gpus", "loaded", "counts", "requests"]
+    assert list(state) == [
+        "name", "url", "faults", "gpus", "loaded", "counts", "requests", "pending_loads", "prompt_tokens",
+    ]  # fmt: skip
     assert state["gpus"] == [
         {"index": 0, "name": "NVIDIA GeForce RTX 3070", "total": 8 * GIB, "used": LLAMA8_FULL_4096,
          "free": 8 * GIB - LLAMA8_FULL_4096},

@@ -17,6 +17,18 @@ def go_quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def time_quote(text: str) -> str:
+    """The quoting of Go's time package errors: printable ASCII as is (\" and \\ escaped), every other byte of
+    the UTF-8 text as \\xNN (U+FFFD → "\\xef\\xbf\\xbd")."""
+    out = []
+    for byte in text.encode("utf-8", "surrogatepass"):
+        if byte < 0x20 or byte >= 0x80:
+            out.append(f"\\x{byte:02x}")
+        else:
+            out.append("\\" + chr(byte) if chr(byte) in '"\\' else chr(byte))
+    return '"' + "".join(out) + '"'
+
+
 def parse_duration(text: str) -> float:
     """Seconds from a Go `time.ParseDuration` string ("5m", "1h30m", "-1s", "0"); ValueError with Go's text."""
     rest, negative = text, False
@@ -25,23 +37,23 @@ def parse_duration(text: str) -> float:
     if rest == "0":
         return 0.0
     if not rest:
-        raise ValueError(f"time: invalid duration {go_quote(text)}")
+        raise ValueError(f"time: invalid duration {time_quote(text)}")
     total = 0.0
     while rest:
         number = _NUMBER.match(rest)
         whole, frac = number.group(1), number.group(2) or ""  # type: ignore[union-attr]
         if not whole and len(frac) <= 1:
-            raise ValueError(f"time: invalid duration {go_quote(text)}")
+            raise ValueError(f"time: invalid duration {time_quote(text)}")
         rest = rest[number.end() :]  # type: ignore[union-attr]
         unit = _UNIT.match(rest).group(0)  # type: ignore[union-attr]
         if not unit:
-            raise ValueError(f"time: missing unit in duration {go_quote(text)}")
+            raise ValueError(f"time: missing unit in duration {time_quote(text)}")
         if unit not in _UNITS:
-            raise ValueError(f"time: unknown unit {go_quote(unit)} in duration {go_quote(text)}")
+            raise ValueError(f"time: unknown unit {time_quote(unit)} in duration {time_quote(text)}")
         rest = rest[len(unit) :]
         total += float((whole or "0") + frac) * _UNITS[unit]
         if total > _MAX_NS:
-            raise ValueError(f"time: invalid duration {go_quote(text)}")
+            raise ValueError(f"time: invalid duration {time_quote(text)}")
     return (-total if negative else total) / 1e9
 
 

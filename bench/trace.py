@@ -19,7 +19,7 @@ pinned priority model (an eviction: they are pinned). Goals on the same run: TTF
 round-robin and ≥ 1.5× better than least connections; ≥ 95 % of tokens generated fully on GPU; no eviction of
 a priority model through the proxy.
 
-Run: `python bench/trace.py [--clients 12] [--requests 8] [--seed 7]` (about a minute a variant).
+Run: `python bench/trace.py [--clients 12] [--requests 6] [--seed 7]` (a few minutes).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ NODES = [
         "num_parallel": 2,
         "preload": [{"model": "llama3.2:3b"}],
     },
-    {"name": "cpu", "token_rate": 50, "cpu_token_rate": 8, "num_parallel": 1, "ram": "64GiB"},
+    {"name": "cpu", "token_rate": 50, "cpu_token_rate": 10, "cpu_prefill_rate": 400, "num_parallel": 1, "ram": "64GiB"},
 ]
 SYSTEMS = [
     "You are the support assistant of a GPU cluster. Answer briefly, cite the runbook section, never guess. " * 50,
@@ -306,7 +306,7 @@ def proxied(weights: dict | None) -> Callable[[Fleet], tuple[Variant, Callable[[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--clients", type=int, default=12)
-    parser.add_argument("--requests", type=int, default=8, help="requests per client")
+    parser.add_argument("--requests", type=int, default=6, help="requests per client")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     logging.getLogger("gpu_router.simulator").setLevel(logging.INFO)

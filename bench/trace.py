@@ -1,12 +1,13 @@
 """Replay one seeded trace through four routers on the same simulated fleet, and compare what clients get.
 
 The fleet is heterogeneous (gpu-a 24 GiB fast, gpu-b 12 GiB, gpu-c 8 GiB slow, a CPU node; two slots a GPU
-runner, one on CPU); every node has every model installed; the priority models (mxbai-embed-large,
-llama3.1:8b) start pinned on GPU. The trace (seeded, bounded): CLIENTS clients, each sending REQUESTS requests
-in multi-turn chats that share one of two long system prompts, some with a RAG document first, over six chat
-models picked by Zipf popularity that shifts halfway, plus embedding requests; all clients start at once (a
-burst) and think briefly between chats. Every variant gets a fresh copy of the same fleet and the same trace;
-no optimizer runs in any of them (the same healing: none).
+runner, one on CPU); every GPU node has every model installed, the CPU node the small ones; the priority
+models (mxbai-embed-large, llama3.1:8b) start pinned on GPU. The trace (seeded, bounded, prefix-heavy):
+`--clients` clients, each sending `--requests` requests in multi-turn chats that share one of two long system
+prompts (about 3700 tokens), some with a RAG document first, over six chat models picked by Zipf popularity
+that shifts halfway, plus embedding requests; all clients start at once (a burst) and think briefly between
+chats. Every variant gets a fresh copy of the same fleet and the same trace; no optimizer runs in any of them
+(the same healing: none).
 
 Variants: round-robin over the nodes that have the model (a plain load balancer), least connections (the node
 with the fewest requests in flight), the proxy with its new scorers off (residency, then requests in flight:
@@ -71,11 +72,18 @@ NODES = [
         "num_parallel": 2,
         "preload": [{"model": "llama3.2:3b"}],
     },
-    {"name": "cpu", "token_rate": 50, "cpu_token_rate": 10, "cpu_prefill_rate": 400, "num_parallel": 1, "ram": "64GiB"},
+    {
+        "name": "cpu",
+        "models": ["llama3.2:1b", "qwen2.5-coder:1.5b", "mxbai-embed-large"],  # the small ones only
+        "cpu_token_rate": 10,
+        "cpu_prefill_rate": 400,
+        "num_parallel": 1,
+        "ram": "64GiB",
+    },
 ]
 SYSTEMS = [
-    "You are the support assistant of a GPU cluster. Answer briefly, cite the runbook section, never guess. " * 50,
-    "You review Python code for a platform team: point out bugs first, then style, with line numbers. " * 50,
+    "You are the support assistant of a GPU cluster. Answer briefly, cite the runbook section, never guess. " * 150,
+    "You review Python code for a platform team: point out bugs first, then style, with line numbers. " * 150,
 ]
 DOCS = [f"Runbook chapter {i}: " + f"step {i} checks the node's GPU memory and its Ollama log. " * 50 for i in range(6)]
 
@@ -88,6 +96,7 @@ class Outcome:
     generated: int
     node: str
     on_gpu: bool
+    error: str | None = None
 
 
 @dataclass
@@ -124,6 +133,12 @@ def trace(seed: int, clients: int, per_client: int) -> list[list[tuple[str, dict
 
 def fleet_spec() -> dict:
     return {"nodes": [{"models": MODELS, **n} for n in NODES]}
+
+
+def installed(model: str) -> list[str]:
+    """The nodes that have `model`."""
+    key = model if ":" in model else f"{model}:latest"
+    return [n["name"] for n in fleet_spec()["nodes"] if {key, key.removesuffix(":latest")} & set(n["models"])]
 
 
 class Watch:
@@ -181,9 +196,12 @@ def send(fleet: Fleet, variant: Variant, path: str, body: dict) -> Outcome:
     started = time.monotonic()
     ttft = None
     generated = 0
+    error = None
     try:
         with requests.post(url + path, json=body, stream=True, timeout=300) as reply:
-            node = node or reply.headers.get("X-GPU-Router-Node", "?")
+            node = node or reply.headers.get("X-GPU-Router-Node")
+            if reply.status_code != 200:
+                error = f"{reply.status_code} {reply.text[:200]}"
             for line in reply.iter_lines():
                 if not line:
                     continue
@@ -196,7 +214,8 @@ def send(fleet: Fleet, variant: Variant, path: str, body: dict) -> Outcome:
     finally:
         variant.done(node)
     seconds = time.monotonic() - started
-    return Outcome(body["model"], ttft, seconds, generated, node or "?", on_gpu(fleet, node or "", body["model"]))
+    ran_on_gpu = node in fleet.urls and on_gpu(fleet, node, body["model"])
+    return Outcome(body["model"], ttft, seconds, generated, node or "", ran_on_gpu, error)
 
 
 def run_variant(name: str, make: Callable[[Fleet], tuple[Variant, Callable[[], None]]], plans: list) -> dict:
@@ -242,6 +261,7 @@ def summary(name: str, outcomes: list[Outcome], before: dict, after: dict, watch
     return {
         "variant": name,
         "requests": len(outcomes),
+        "errors": [o.error for o in outcomes if o.error],
         "ttft_p50": statistics.median(ttfts),
         "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
         "tokens_per_s": statistics.median(rates) if rates else 0.0,
@@ -260,13 +280,14 @@ def direct(kind: str) -> Callable[[Fleet], tuple[Variant, Callable[[], None]]]:
 
     def make(fleet: Fleet) -> tuple[Variant, Callable[[], None]]:
         names = list(fleet.urls)
-        turn = itertools.cycle(names)
+        turns = {m: itertools.cycle(installed(m)) for m in [*CHAT, EMBED]}
         busy = dict.fromkeys(names, 0)
         lock = threading.Lock()
 
         def pick(model: str) -> tuple[str, str | None]:
             with lock:
-                node = next(turn) if kind == "rr" else min(names, key=lambda n: (busy[n], names.index(n)))
+                there = installed(model)
+                node = next(turns[model]) if kind == "rr" else min(there, key=lambda n: (busy[n], names.index(n)))
                 busy[node] += 1
             return fleet.urls[node], node
 
@@ -283,7 +304,7 @@ def direct(kind: str) -> Callable[[Fleet], tuple[Variant, Callable[[], None]]]:
 def proxied(weights: dict | None) -> Callable[[Fleet], tuple[Variant, Callable[[], None]]]:
     def make(fleet: Fleet) -> tuple[Variant, Callable[[], None]]:
         vram = {n["name"]: n["gpus"][0]["vram"] if n.get("gpus") else 0 for n in NODES}
-        proxy_settings: dict = {"refresh_interval": 0.5, "wait_for_gpu": 0}
+        proxy_settings: dict = {"refresh_interval": 0.5}
         if weights is not None:
             proxy_settings["weights"] = weights
         config = parse_config(
@@ -325,9 +346,13 @@ def main() -> int:
             f"{r['variant']:<20} TTFT p50 {r['ttft_p50']:6.2f} s  p95 {r['ttft_p95']:6.2f} s  "
             f"median {r['tokens_per_s']:6.1f} tokens/s  on GPU {r['gpu_share']:5.1%}  cached {r['cached_share']:5.1%}  "
             f"loads {r['loads']:3d}  unloads {r['unloads']:3d}  priority off GPU {r['priority_off_gpu_s']:5.1f} s  "
-            f"priority evictions {r['priority_evictions']}  ({r['requests']} requests, {r['wall_s']:.0f} s)",
+            f"priority evictions {r['priority_evictions']}  ({r['requests']} requests, {len(r['errors'])} failed, "
+            f"{r['wall_s']:.0f} s)",
             flush=True,
         )
+    for r in rows:
+        for error in sorted(set(r["errors"]))[:3]:
+            print(f"  {r['variant']}: {error}")
     rr, lc, _, new = rows
     goals = [
         ("TTFT p50 ≥ 2× better than round-robin", rr["ttft_p50"] / new["ttft_p50"], 2.0),

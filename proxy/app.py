@@ -211,10 +211,11 @@ class Proxy:
             return error(dialect, 400, "model is required")
         ask = ask_of(request.path, data, model) if request.path != "/api/show" else Ask(model_key(model))
         picked = self.choose(ask)
-        if picked.heal:
+        if picked.heal and self.healer.mode != "off":
             self.healer.ask(picked.model)
-            if self.settings.wait_for_gpu > 0:
-                picked = await self._wait_for_gpu(picked, ask)
+            picked = await self._wait(picked, ask, lambda p: p.placement in ("gpu", "cold"))
+        elif not picked.targets and picked.dropped:  # only loads that evict a busy or priority model: for now
+            picked = await self._wait(picked, ask, lambda p: bool(p.targets))
         if not picked.targets:
             return self._nowhere(picked, model, dialect, missing)
         return await self._forward(request, raw, data, picked, ask, dialect, started)
@@ -233,11 +234,12 @@ class Proxy:
             logfmt.log_event(log, logging.DEBUG, "proxy.route", model=picked.model, reason=picked.reason, scores=scores)
         return picked
 
-    async def _wait_for_gpu(self, picked: Choice, ask: Ask) -> Choice:
-        """Choose again after each poll until the model is on GPU (or loads there), at most `wait_for_gpu` s:
-        the request goes where the heal put it, not where the model was before."""
+    async def _wait(self, picked: Choice, ask: Ask, done: Callable[[Choice], bool]) -> Choice:
+        """Choose again after each poll until `done` (the model on GPU after the heal; a place that evicts
+        nothing protected once a busy model is idle), at most `proxy.wait_for_gpu` seconds: the request goes
+        where things are then, not where they were."""
         deadline = time.monotonic() + self.settings.wait_for_gpu
-        while picked.placement not in ("gpu", "cold") and (left := deadline - time.monotonic()) > 0:
+        while not done(picked) and (left := deadline - time.monotonic()) > 0:
             if not await self.view.next_refresh(left):
                 break
             picked = self.choose(ask)

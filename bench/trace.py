@@ -2,7 +2,8 @@
 
 The fleet is heterogeneous (gpu-a 24 GiB fast, gpu-b 12 GiB, gpu-c 8 GiB slow, a CPU node; two slots a GPU
 runner, one on CPU); every GPU node has every model installed, the CPU node the small ones; the priority
-models (mxbai-embed-large, llama3.1:8b) start pinned on GPU. The trace (seeded, bounded, prefix-heavy):
+models (mxbai-embed-large, llama3.1:8b) start pinned on GPU, and the popular small models have a copy on two
+or three GPUs (replicas: a router has a choice to make). The trace (seeded, bounded, prefix-heavy):
 `--clients` clients, each sending `--requests` requests in multi-turn chats that share one of two long system
 prompts (about 3700 tokens), some with a RAG document first, over six chat models picked by Zipf popularity
 that shifts halfway, plus embedding requests; all clients start at once (a burst) and think briefly between
@@ -56,21 +57,27 @@ NODES = [
         "gpus": [{"name": "RTX 4090", "vram": "24GiB"}],
         "token_rate": 120,
         "num_parallel": 2,
-        "preload": [{"model": "llama3.1:8b", "keep_alive": -1}],
+        "preload": [
+            {"model": "llama3.1:8b", "keep_alive": -1},
+            *({"model": m, "keep_alive": "1h"} for m in ("llama3.2:3b", "qwen2.5-coder:1.5b", "llama3.2:1b")),
+        ],
     },
     {
         "name": "gpu-b",
         "gpus": [{"name": "RTX 3060", "vram": "12GiB"}],
         "token_rate": 80,
         "num_parallel": 2,
-        "preload": [{"model": "mxbai-embed-large", "keep_alive": -1}, {"model": "qwen2.5-coder:1.5b"}],
+        "preload": [
+            {"model": "mxbai-embed-large", "keep_alive": -1},
+            *({"model": m, "keep_alive": "1h"} for m in ("llama3.2:3b", "qwen2.5-coder:1.5b", "llama3.2:1b")),
+        ],
     },
     {
         "name": "gpu-c",
         "gpus": [{"name": "RTX 3070", "vram": "8GiB"}],
         "token_rate": 50,
         "num_parallel": 2,
-        "preload": [{"model": "llama3.2:3b"}],
+        "preload": [{"model": m, "keep_alive": "1h"} for m in ("llama3.2:3b", "llama3.2:1b")],
     },
     {
         "name": "cpu",

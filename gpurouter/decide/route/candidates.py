@@ -52,8 +52,14 @@ def corrected(state: ClusterState, traffic: Traffic) -> ClusterState:
     """The polled state as the proxy's own traffic shows it: a model it is serving is busy (never evicted, never
     reloaded), and a model it sent to a node cold counts as loaded there on GPU (its VRAM is taken)."""
     busy = traffic.busy
+    touched = {name for name, _ in busy} | {name for name, _ in traffic.loading}
+    if not touched:
+        return state
     nodes = []
     for node in state.nodes:
+        if node.name not in touched:
+            nodes.append(node)
+            continue
         loaded = [replace(m, expires_at=_EPOCH) if (node.name, model_key(m.name)) in busy else m for m in node.loaded]
         for name, key in traffic.loading:
             if name == node.name and node.loaded_model(key) is None:
@@ -176,13 +182,15 @@ def candidates(
         copy = node.loaded_model(key)
         polled = state.node(node.name)
         slots = slots_of(view, node, key)
+        free = node.vram_free or 0
         if (node.name, key) in traffic.loading and polled is not None and polled.loaded_model(key) is None:
-            found.append(Candidate(node, copy, False, "cold", 0.85, slots))  # a load the proxy sent is under way
+            # a load the proxy sent is under way
+            found.append(Candidate(node, copy, False, "cold", 0.85, slots, free=free))
             continue
         if copy is not None and matches(copy, ask.runner):
             where, tier = _copy_tier(copy)
             sets = {"num_ctx": copy.context_length} if ask.num_ctx is None and copy.context_length else {}
-            found.append(Candidate(node, copy, False, where, tier, slots, sets=sets))
+            found.append(Candidate(node, copy, False, where, tier, slots, sets=sets, free=free))
             continue
         ctx = ask.num_ctx
         if copy is not None:  # a reload: Ollama unloads the runner first, then loads it as asked
@@ -196,9 +204,9 @@ def candidates(
         priority = state.config.priority(key)
         sets = {"num_ctx": priority.num_ctx} if priority and priority.num_ctx and ctx is None else {}
         if safe or copy is None:
-            found.append(Candidate(node, copy, True, where, tier, slots, safe, why, sets))
+            found.append(Candidate(node, copy, True, where, tier, slots, safe, why, sets, free=free))
             continue
         where, tier = _copy_tier(copy)  # the resident runner serves it, with its own options
         kept = {"num_ctx": copy.context_length} if copy.context_length else {}
-        found.append(Candidate(node, copy, False, where, tier, slots, True, why, kept, adjusted=True))
-    return [replace(c, free=c.node.vram_free or 0) for c in found]
+        found.append(Candidate(node, copy, False, where, tier, slots, True, why, kept, adjusted=True, free=free))
+    return found

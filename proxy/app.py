@@ -296,16 +296,16 @@ class Proxy:
             gauge = self.metrics.in_flight.labels(node=node)
             gauge.inc()
             queued = False
+            uncached = max(0, ask.prompt_tokens - target.cached_tokens)
+            ledger.prefill[node] += uncached  # queued prefill: waiting here for a slot, or being read by the node
             try:
                 try:
-                    queued = await self._queue(key, target)
-                except QueueFull:
-                    self.metrics.queue_rejected.labels(node=node, model=picked.model).inc()
-                    self.metrics.requests.labels(node=node, model=picked.model, placement="none", code="503").inc()
-                    return error(dialect, 503, BUSY)
-                uncached = max(0, ask.prompt_tokens - target.cached_tokens)
-                ledger.prefill[node] += uncached
-                try:
+                    try:
+                        queued = await self._queue(key, target)
+                    except QueueFull:
+                        self.metrics.queue_rejected.labels(node=node, model=picked.model).inc()
+                        self.metrics.requests.labels(node=node, model=picked.model, placement="none", code="503").inc()
+                        return error(dialect, 503, BUSY)
                     upstream, first = await self._open_upstream(node, request.path, body, last=i == len(attempts) - 1)
                 except _Failed as failed:
                     self._failed(node, picked.model, failed.kind, str(failed), retry=i < len(attempts) - 1)

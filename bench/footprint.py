@@ -112,7 +112,7 @@ def measure(tmp: Path, name: str, config: Path, idle: float, count: int) -> dict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--idle", type=float, default=20, help="seconds of idle measurement per service")
     parser.add_argument("--requests", type=int, default=300, help="requests of the load per service")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ same status in every subcommand:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -24,7 +25,9 @@ from typing import Any
 
 from cli import exitcodes
 from gpurouter import render
+from gpurouter.act import journal
 from gpurouter.act.execute import execute
+from gpurouter.act.jobs import action_records
 from gpurouter.cluster.config import Config, find_config, load_config, model_key
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.state import ClusterState
@@ -41,9 +44,8 @@ def main(args: argparse.Namespace) -> int:
     with Observer(config) as observer:
         state = observer.poll()
         now = time.time()
-        if not _readable(state):
-            reasons = "; ".join(f"{n.name}: {n.error or n.error_kind}" for n in state.nodes)
-            print(f"gpu-router: no node answered ({reasons})", file=sys.stderr)
+        if not _readable(state):  # each node's error is in the answer
+            print(f"gpu-router: no node answered ({', '.join(n.name for n in state.nodes)})", file=sys.stderr)
         code = handler(args, state, now, observer)
         if code == exitcodes.USAGE and not _readable(state):
             return code
@@ -144,6 +146,10 @@ def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observe
         dry_run=dry_run,
         on_event=None if as_json else _printer(),
     )
+    if not dry_run and config.actions_log is not None:  # the optimizer's status page shows them beside its own
+        offset = time.time() - time.monotonic()
+        records = action_records(execution, offset, time.time(), by="cli")
+        journal.append(config.actions_log, [dataclasses.asdict(r) for r in records])
     down = [n.name for n in state.nodes if not n.up]
     code = exitcodes.OK if execution.ok else exitcodes.FAILED
     if as_json:

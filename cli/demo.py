@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ import requests
 
 from cli.localstack import REPO, Alertmanager, Prometheus, fast_alertmanager, fast_rules, free_port
 from exporter.server import start_exporter
-from gpurouter import render
+from gpurouter import logfmt, render
 from gpurouter.act.jobs import ActionRecord
 from gpurouter.cluster.config import Config, parse_config
 from gpurouter.cluster.observe import Observer
@@ -157,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    logfmt.setup(logging.WARNING)  # a warning among the story's lines is a whole log line, time= and level= first
     spec = load_fleet(DEMO_FLEET)
     spec = dataclasses.replace(spec, control_port=0, nodes=tuple(dataclasses.replace(n, port=0) for n in spec.nodes))
     stop = threading.Event()

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from cli import exitcodes
-from gpurouter.cluster.config import ConfigError
+from gpurouter.cluster.config import ConfigError, name_problem
 
 # subcommand → (module, help). Each module has `main(args) -> int` and, except the decision commands (whose
 # few arguments are declared here and whose shared `main` dispatches on `args.command`), `add_arguments`.
@@ -59,9 +59,16 @@ def _json_flag(parser: argparse.ArgumentParser, default: bool) -> None:
     )
 
 
+def _model_name(text: str) -> str:
+    """A MODEL argument: printable text (bytes that are not UTF-8 arrive as lone surrogates)."""
+    if problem := name_problem(text):
+        raise argparse.ArgumentTypeError(f"invalid model name: {problem}")
+    return text
+
+
 def _decision_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name in ("route", "check"):
-        parser.add_argument("model", metavar="MODEL", help="model name, e.g. llama3.1:latest")
+        parser.add_argument("model", metavar="MODEL", type=_model_name, help="model name, e.g. llama3.1:latest")
     if name == "route":
         parser.add_argument(
             "--explain",

@@ -174,5 +174,6 @@ def main(args: argparse.Namespace) -> int:
     logfmt.log_event(log, logging.INFO, "stopping", outcome="signal received")
     server.stop()
     thread.join(timeout=5)
-    logfmt.log_event(log, logging.INFO, "stopped", outcome="ok")
-    return 0
+    failed = server.served.failure is not None
+    logfmt.log_event(log, logging.INFO, "stopped", outcome="the HTTP server failed" if failed else "ok")
+    return 1 if failed else 0

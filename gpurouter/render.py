@@ -102,8 +102,11 @@ def need_groups(needs: dict[str, ModelNeed]) -> list[tuple[ModelNeed, list[str]]
 
 
 def not_installed_text(state: ClusterState, model: str) -> str:
-    """`not installed on any node (did you mean mxbai-embed-large:latest?)`."""
+    """`not installed on any node (did you mean mxbai-embed-large:latest?)`; where it is installed is unknown
+    when no node answered (and no other name is offered for it)."""
     down = [n.name for n in state.nodes if not n.up]
+    if len(down) == len(state.nodes):
+        return "unknown whether it is installed: no node answered"
     where = "any node that answered" if down else "any node"
     close = close_models(state, model)
     return f"not installed on {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
@@ -500,15 +503,16 @@ def plan_text(p: Plan, state: ClusterState, now: float) -> list[str]:
 def model_plan_lines(key: str, p: Plan, differs: Divergence | None = None) -> list[str]:
     """What the plan does for one model, as the lines under its name."""
     already = dict(p.already)
+    pins = [f"   - {step_line(s)}" for s in p.steps if s.serves == key and s.action == "pin"]
     if key in already:
-        return [f"✅ Already on GPU: {already[key]} (nothing to do)"]
+        return [f"✅ Already on GPU: {already[key]}" + ("" if pins else " (nothing to do)"), *pins]
     unplaced = dict(p.unplaced)
     if key in unplaced:
-        return [f"❌ Cannot put on GPU: {unplaced[key]}"]
+        return [f"❌ Cannot put on GPU: {unplaced[key]}", *pins]
     steps = [s for s in p.steps if s.serves == key]
     load = next((s for s in steps if s.action == "load"), None)
     if load is None:
-        return ["(not in this plan)"]
+        return pins or ["(not in this plan)"]
     lines = [f"✅ Best choice: {load.node} (GPU)"]
     if differs is not None:
         lines.append(f"   Note: {differs.reason}")
@@ -522,6 +526,8 @@ def step_line(s: Step) -> str:
         return f"load {s.model} on GPU at {s.node} ({ctx}, keep_alive {s.keep_alive})"
     if s.action == "evict":
         return f"evict {s.model} from {s.node}: {s.reason}"
+    if s.action == "pin":
+        return f"pin {s.model} on {s.node} (keep_alive {s.keep_alive}): {s.reason}"
     return f"unload {s.model} from {s.node}: {s.reason}"
 
 

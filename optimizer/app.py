@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from gpurouter import render
 from gpurouter.act.execute import Execution
 from gpurouter.act.jobs import JobQueue, Metrics, Remediator, log, log_event
-from gpurouter.cluster.config import Config, PriorityModel
+from gpurouter.cluster.config import Config, PriorityModel, name_problem
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide import placement
@@ -140,7 +140,9 @@ def _routes(app: Flask, s: Services) -> None:
     def index() -> Any:
         status = render.status_json(s.states.get(), time.time())
         actions = [dataclasses.asdict(a) for a in s.queue.actions()]
-        return Response(statuspage.render(status, actions), mimetype="text/html")
+        next_pass = s.reconciler.next_pass_in() if s.reconciler is not None else None
+        page = statuspage.render(status, actions, next_pass=next_pass, monitor_only=not config.auto_optimize)
+        return Response(page, mimetype="text/html")
 
     @app.post("/webhook")
     def receive() -> Any:
@@ -282,6 +284,8 @@ def _model_query(s: Services) -> tuple[ClusterState, str]:
     model = request.args.get("model", "").strip()
     if not model:
         raise ApiError(400, "missing parameter: model (e.g. ?model=llama3.1:latest)")
+    if problem := name_problem(model):
+        raise ApiError(400, f"model: {problem}")
     state = s.states.get()
     if not placement.is_known(state, model):
         raise ApiError(404, render.unknown_model_text(state, webhook.clip(model)))
@@ -311,7 +315,9 @@ def _optimize_request(config: Config) -> tuple[bool, list[PriorityModel]]:
     if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
         raise ApiError(400, "models: expected a list of model names")
     wanted = []
-    for name in names:
+    for i, name in enumerate(names):
+        if problem := name_problem(name):
+            raise ApiError(400, f"models[{i}]: {problem}")
         priority = config.priority(name)
         if priority is None:
             raise ApiError(404, f"{webhook.clip(name)!r} is not a configured priority model")

@@ -1,4 +1,5 @@
-"""The reconcile loop: every `check_interval` seconds, queue a job for each priority model not fully on GPU.
+"""The reconcile loop: every `check_interval` seconds, queue a job for each priority model not fully on GPU
+or loaded without its pin (the job asks for it again with its keep_alive: no reload).
 
 It heals the cluster when Alertmanager is down or a notification was lost. With `auto_optimize: false` it
 only computes the plan and logs it (monitor mode); nothing is executed.
@@ -42,11 +43,13 @@ class Reconciler:
         self.leftovers = leftovers
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next: float | None = None  # time.monotonic() of the next pass; None while one runs
 
     def run_once(self) -> list[str]:
         """One pass: the priority models not fully on GPU (queued, or only planned in monitor mode)."""
         state = self.observer.poll()
         missing = [p for p in self.config.priority_models if not state.on_gpu(p.name)]
+        unpinned = sorted({s.model for s in placement.unpinned(state, self.wall())})
         down = [n.name for n in state.nodes if not n.up]
         if len(down) == len(state.nodes):  # nothing can be read or done: say so, queue nothing
             self.metrics.last_reconcile.set(self.wall())
@@ -54,12 +57,12 @@ class Reconciler:
             log_event(logging.WARNING, "reconcile", outcome="failure", reason=f"no node answered ({reasons})")
             return [p.name for p in missing]
         if self.config.auto_optimize:
-            for priority in missing:
-                self.queue.submit(priority.name, source="reconcile")
+            for name in dict.fromkeys([*(p.name for p in missing), *unpinned]):  # a lost pin is restored too
+                self.queue.submit(name, source="reconcile")
             for model in self.leftovers():  # a copy an earlier job could not remove: finish it
                 self.queue.submit(model, source="reconcile")
-        elif missing:
-            plan = placement.plan(state, now=self.wall())  # the whole picture: only missing models get steps
+        elif missing or unpinned:
+            plan = placement.plan(state, now=self.wall())  # the whole picture: missing and unpinned models
             for step in plan.steps:
                 log_event(
                     logging.INFO,
@@ -79,6 +82,7 @@ class Reconciler:
             "reconcile",
             outcome="partial" if down else "ok",
             not_on_gpu=",".join(model_key(n) for n in names) or "none",
+            unpinned=",".join(unpinned) or None,
             nodes_down=",".join(down) or None,
         )
         return names
@@ -93,6 +97,11 @@ class Reconciler:
         self._thread = threading.Thread(target=self._loop, name="optimizer-reconcile", daemon=True)
         self._thread.start()
         return self
+
+    def next_pass_in(self) -> float:
+        """Seconds until the next pass starts; 0 while one runs (or before the first)."""
+        due = self._next
+        return 0.0 if due is None else max(0.0, due - time.monotonic())
 
     @property
     def dead(self) -> bool:
@@ -110,10 +119,12 @@ class Reconciler:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self._next = None
                 try:
                     self.run_once()
                 except Exception:  # a bad pass must not end the loop
                     log.exception("event=reconcile outcome=failure")
+                self._next = time.monotonic() + self.interval
                 self._stop.wait(self.interval)
         except BaseException:  # the loop itself broke: say so; /healthz reports it from now on
             log.exception("event=reconcile outcome=dead")

@@ -162,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     finished = True
+    failed = False
     try:
         try:
             handle = start_optimizer(config, host, port, auth=auth)
@@ -179,15 +180,17 @@ def main(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         log_event(logging.INFO, "stopping", outcome="signal received")
+        failed = handle._served.failure is not None
         finished = handle.stop()
-        log_event(logging.INFO, "stopped", outcome="ok" if finished else "work in flight abandoned")
+        outcome = "the HTTP server failed" if failed else "ok" if finished else "work in flight abandoned"
+        log_event(logging.INFO, "stopped", outcome=outcome)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         listener.stop()
     if not finished:
-        _exit_now(0)
-    return 0
+        _exit_now(1 if failed else 0)
+    return 1 if failed else 0
 
 
 def _exit_now(status: int) -> None:

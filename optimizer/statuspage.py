@@ -53,7 +53,9 @@ def _node(node: Mapping[str, Any]) -> str:
         state += ", maintenance"
     title = f'<h3>{escape(node["name"])} <span class="{"ok" if node["up"] else "bad"}">{state}</span></h3>'
     lines = [f'<div class="muted">{escape(node["url"])} · Ollama {escape(node.get("version") or "?")}</div>']
-    if node.get("era"):
+    if not node["up"]:  # its version decides both: not known until it answers
+        lines.append('<div class="muted">era unknown · default context unknown (the node did not answer)</div>')
+    elif node.get("era"):
         lines.append(
             f'<div class="muted">{escape(ERA_LABELS.get(node["era"], node["era"]))} era · default context '
             f"{node.get('default_context')} tokens ({escape(str(node.get('default_context_source') or ''))})</div>"
@@ -84,8 +86,8 @@ def _node(node: Mapping[str, Any]) -> str:
             ("node", node["name"]),
             ("up", int(bool(node["up"]))),
             ("source", source),
-            ("era", node.get("era")),
-            ("context", node.get("default_context")),
+            ("era", node.get("era") if node["up"] else None),
+            ("context", node.get("default_context") if node["up"] else None),
             ("total", total),
             ("usable", usable),
             ("used", used),
@@ -146,6 +148,14 @@ def _fit_matrix(nodes: list[Mapping[str, Any]]) -> str:
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _next_pass(seconds: float | None, monitor_only: bool) -> str:
+    """`next pass in 12 s`, `a pass is running`, or that no reconcile loop runs."""
+    if seconds is None:
+        return "no reconcile loop"
+    when = f"next pass in {seconds:.0f} s" if seconds > 0 else "a pass is running"
+    return when + (" (monitor only)" if monitor_only else "")
+
+
 def _actions(actions: Iterable[Mapping[str, Any]], limit: int) -> str:
     rows = []
     for a in list(actions)[-limit:][::-1]:
@@ -155,20 +165,31 @@ def _actions(actions: Iterable[Mapping[str, Any]], limit: int) -> str:
             f'<tr class="action" data-model="{_attr(a.get("model"))}" data-outcome="{_attr(outcome)}">'
             f"<td>{_when(float(a['time']))}</td><td>{escape(str(a.get('model') or ''))}</td>"
             f"<td>{escape(str(a.get('node') or '–'))}</td><td>{escape(str(a.get('action') or ''))}</td>"
+            f"<td>{escape(str(a.get('by') or ''))}</td>"
             f'<td class="{css}">{escape(outcome)}</td>'
             f'<td class="num">{float(a.get("duration_seconds") or 0):.2f} s</td>'
             f"<td>{escape(str(a.get('detail') or ''))}</td></tr>"
         )
     if not rows:
         return '<p class="muted">No actions yet.</p>'
-    head = "<tr><th>time</th><th>model</th><th>node</th><th>step</th><th>outcome</th><th>took</th><th>detail</th></tr>"
+    head = (
+        "<tr><th>time</th><th>model</th><th>node</th><th>step</th><th>by</th><th>outcome</th><th>took</th>"
+        "<th>detail</th></tr>"
+    )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
 def render(
-    status: Mapping[str, Any], actions: Iterable[Mapping[str, Any]], *, refresh: int = 5, limit: int = 20
+    status: Mapping[str, Any],
+    actions: Iterable[Mapping[str, Any]],
+    *,
+    refresh: int = 5,
+    limit: int = 20,
+    next_pass: float | None = None,
+    monitor_only: bool = False,
 ) -> str:
-    """The whole page from a `/api/v1/status` document and the `/api/v1/actions` list (oldest first)."""
+    """The whole page from a `/api/v1/status` document and the `/api/v1/actions` list (oldest first);
+    `next_pass`: seconds until the reconcile loop's next pass (0 = one is running; None = no loop)."""
     nodes = list(status.get("nodes", []))
     priority_rows = "".join(
         f'<tr class="priority" data-model="{_attr(p["model"])}" data-on-gpu="{int(bool(p["on_gpu"]))}">'
@@ -191,7 +212,8 @@ def render(
         "<title>GPU Router</title>"
         f"<style>{_STYLE}</style></head><body>"
         f'<h1>GPU Router</h1><div class="muted">Cluster read {_when(float(status.get("taken_at", 0)))} · '
-        f"{up}/{len(nodes)} nodes up · refreshes every {int(refresh)} s · "
+        f'{up}/{len(nodes)} nodes up · <span class="next-pass">{_next_pass(next_pass, monitor_only)}</span> · '
+        f"refreshes every {int(refresh)} s · "
         '<a href="/api/v1/status">JSON</a> · <a href="/metrics">metrics</a></div>'
         f'<h2>Nodes</h2><div class="nodes">{"".join(_node(n) for n in nodes)}</div>'
         f"<h2>Priority models</h2><table><tr><th>#</th><th>model</th><th>state</th></tr>{priority_rows}</table>"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpurouter.cluster.config import Config, model_key
+from gpurouter.cluster.config import Config, model_key, name_problem
 from gpurouter.units import body_too_large
 
 MAX_BODY = 2 * 1024 * 1024  # bytes; a large group of alerts is a few hundred KiB
@@ -22,6 +22,7 @@ ACTIONABLE = (
     "GPURouterPriorityModelNotOnGPU",
 )
 STATUSES = ("firing", "resolved")
+_NAMES = ("model", "node")  # the labels that name a model or a node: names of printable characters
 _ECHO = 120  # characters of a payload value echoed back in an answer or a log line
 
 # Optional fields of the payload and of an alert, with the type each must have when present.
@@ -236,6 +237,8 @@ def _labels(value: Any, path: str) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(item, str):
             raise PayloadError(f"{path}.{clip(key)}: expected a string, got {_kind(item)}")
+        if key in _NAMES and (problem := name_problem(item)):
+            raise PayloadError(f"{path}.{key}: {problem}")
     return value
 
 

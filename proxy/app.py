@@ -28,21 +28,21 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt, render
-from gpurouter.cluster.config import Config, model_key
-from gpurouter.cluster.ollama import parse_go_time
+from gpurouter.cluster.config import Config, model_key, name_problem
+from gpurouter.cluster.ollama import parse_go_time, redirect_error
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide.route.ask import Ask, ask_of
 from gpurouter.decide.route.pipeline import Choice, Target, choose
 from gpurouter.serve.auth import Authenticator
 from gpurouter.serve.gojson import json_error, json_kind
 from gpurouter.sizing import eras
-from gpurouter.units import body_too_large
 from gpurouter.urls import redact
 from proxy import options
 from proxy.answers import TAIL, last_error, own_fault, timings_of
 from proxy.answers import said as _said
 from proxy.demand import Demand
 from proxy.heal import Healer
+from proxy.limits import BodyBudget, Refused
 from proxy.metrics import ProxyMetrics
 from proxy.queue import BUSY, QueueFull, Slots
 from proxy.view import ClusterView
@@ -118,10 +118,6 @@ class _Failed(Exception):
         self.text = text or message
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class Proxy:
     """The handlers and what they share; `application()` builds the aiohttp app."""
 
@@ -135,6 +131,7 @@ class Proxy:
         self.metrics = metrics
         self.auth = auth
         self.urls = {n.name: n.url for n in config.nodes}
+        self.bodies = BodyBudget(self.settings.max_body)
         self.session: aiohttp.ClientSession | None = None
         self.slots = Slots(self.settings.max_queue)
         self.demand = Demand()
@@ -200,15 +197,19 @@ class Proxy:
         started = time.monotonic()
         type_name, dialect, missing = ROUTED[request.path]
         try:
-            raw = await _read(request, self.settings.max_body)
-        except _TooLarge:
-            return error(dialect, 413, body_too_large(request.content_length, self.settings.max_body, "proxy.max_body"))
+            raw = await self.bodies.read(request, self.settings.max_body)
+        except Refused as refused:  # the rest of the body is not read: the connection ends with the answer
+            response = error(dialect, refused.status, str(refused), refused.headers)
+            response.force_close()
+            return response
         data = _parse(raw, type_name)
         if isinstance(data, str):
             return error(dialect, 400, data)
         model = data.get("model") or (data.get("name") if request.path == "/api/show" else None)
         if not isinstance(model, str) or not model.strip():
             return error(dialect, 400, "model is required")
+        if name_problem(model):  # a lone surrogate from a "\ud800" escape could not even be written into an answer
+            return error(dialect, 400, "invalid model name")
         ask = ask_of(request.path, data, model) if request.path != "/api/show" else Ask(model_key(model))
         picked = self.choose(ask)
         if picked.heal and self.healer.mode != "off":
@@ -394,12 +395,16 @@ class Proxy:
         except asyncio.TimeoutError:
             upstream.close()
             raise _Failed("timeout", f"no answer within {self.settings.read_timeout:g}s") from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientError:
             upstream.close()
-            raise _Failed("reset", f"connection lost before the answer ({type(exc).__name__})") from None
+            raise _Failed("reset", "connection to the node was lost before the answer") from None
         except BaseException:
             upstream.close()
             raise
+        redirect = redirect_error(redact(url), upstream.status, upstream.headers.get("Location"))
+        if redirect is not None:  # a node error wherever it comes from: never relayed, never followed
+            upstream.close()
+            raise _Failed("redirect", str(redirect))
         if upstream.status >= 500 and not last and not own_fault(_said(first)):
             upstream.close()
             raise _Failed("server_error", f"HTTP {upstream.status} {_said(first)}", _said(first))
@@ -441,7 +446,8 @@ class Proxy:
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    broken = "no bytes in time" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    timeout = isinstance(exc, asyncio.TimeoutError)
+                    broken = "no bytes in time" if timeout else "connection to the node was lost"
                     break
                 if not chunk:
                     complete = True
@@ -556,7 +562,13 @@ class Proxy:
         """GET /api/v1/route?model=&prompt= or POST it a generate/chat body: the pipeline's choice for it now,
         with every node's scores (nothing is sent to a node)."""
         if request.method == "POST":
-            data = _parse(await _read(request, self.settings.max_body), "ChatRequest")
+            try:
+                raw = await self.bodies.read(request, self.settings.max_body)
+            except Refused as refused:
+                response = error("ollama", refused.status, str(refused), refused.headers)
+                response.force_close()
+                return response
+            data = _parse(raw, "ChatRequest")
             if isinstance(data, str):
                 return error("ollama", 400, data)
         else:
@@ -602,18 +614,6 @@ class Proxy:
         up = sum(1 for n in state.nodes if n.up) if state is not None else 0
         age = time.time() - state.taken_at if state is not None else None
         return web.json_response({"status": "ok", "nodes_up": up, "nodes": len(self.config.nodes), "view_age": age})
-
-
-async def _read(request: web.Request, limit: int) -> bytes:
-    """The whole body, or _TooLarge past `limit` bytes (told by Content-Length or counted)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise _TooLarge
-    return bytes(body)
 
 
 def _parse(raw: bytes, type_name: str) -> dict[str, Any] | str:

@@ -38,7 +38,7 @@ class Healer:
         self._pool: ThreadPoolExecutor | None = None
         self._headers: dict[str, str] = {}
         if self.mode == "in_process":
-            self._queue = JobQueue(config, Remediator(config, observer)).start()
+            self._queue = JobQueue(config, Remediator(config, observer), by="proxy").start()
         elif self.mode == "api":
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heal")
             self._headers = _credentials(config)
@@ -60,7 +60,9 @@ class Healer:
     def _post(self, model: str) -> None:
         url = f"{self.config.proxy.optimizer_url}/api/v1/optimize"
         try:
-            reply = requests.post(url, json={"models": [model]}, headers=self._headers, timeout=10)
+            reply = requests.post(
+                url, json={"models": [model]}, headers=self._headers, timeout=10, allow_redirects=False
+            )
             outcome = "queued" if reply.status_code == 202 else f"HTTP {reply.status_code}: {reply.text[:200]}"
         except requests.RequestException as exc:
             outcome = f"{type(exc).__name__}: {exc}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-ERROR_KINDS = ("refused", "timeout", "reset", "server_error", "garbage", "mid_stream", "error_line")
+ERROR_KINDS = ("refused", "timeout", "reset", "redirect", "server_error", "garbage", "mid_stream", "error_line")
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -39,8 +39,8 @@ class ProxyMetrics:
         )
         self.upstream_errors = Counter(
             "gpu_router_proxy_upstream_errors",
-            "Node failures seen by the proxy (refused, timeout, reset, server_error, garbage, mid_stream, error_line: "
-            "a stream that ended with the node's error line)",
+            "Node failures seen by the proxy (refused, timeout, reset, redirect, server_error, garbage, mid_stream, "
+            "error_line: a stream that ended with the node's error line)",
             ["node", "kind"],
             registry=r,
         )

@@ -28,6 +28,7 @@ from gpurouter.cluster.observe import Observer
 from gpurouter.serve.auth import Authenticator
 from gpurouter.serve.listen import cannot_listen, open_listen_refusal, parse_listen
 from gpurouter.urls import authority
+from proxy import limits
 from proxy.app import Proxy
 from proxy.heal import Healer
 from proxy.metrics import ProxyMetrics
@@ -78,10 +79,18 @@ async def open_proxy(config: Config, host: str, port: int, *, heal: bool = True)
         ProxyMetrics([n.name for n in config.nodes]),
         Authenticator(config.proxy.auth),
     )
-    runner = web.AppRunner(proxy.application(), handler_cancellation=True, access_log=None)
+    asyncio.get_running_loop().set_exception_handler(limits.accept_errors())
+    runner = web.AppRunner(
+        proxy.application(),
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=limits.HEADER_TIMEOUT,
+        lingering_time=limits.LINGERING_TIME,
+        logger=limits.server_logger(),
+    )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
+        site = limits.LimitedSite(runner, host, port, limit=limits.connection_limit(), backlog=BACKLOG)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from gpurouter.serve.gojson import json_error, json_kind
-from gpurouter.sizing import eras
-from gpurouter.sizing.catalog import ModelSpec
-from simulator import fields, openaiapi, showinfo
+from simulator import eras, fields, openaiapi, showinfo
+from simulator.catalog import ModelSpec
 from simulator.fleet import display_name
 from simulator.generation import RUNNER_GONE, Answer, Generation, answer
 from simulator.gobind import cannot_unmarshal

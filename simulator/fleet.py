@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gpurouter.cluster.config import name_problem
 from gpurouter.cluster.yamlfile import closest, read_yaml, show, show_key
-from gpurouter.sizing import catalog, eras
 from gpurouter.units import GIB, MAX_SIZE, parse_size
-from simulator.gotypes import parse_keep_alive
+from simulator import catalog, eras
+from simulator.gotypes import FOREVER, parse_keep_alive
 
 _NODE_KEYS = (
     "name", "port", "gpus", "ram", "models", "version", "latency_ms", "load_speed", "max_loaded_models",
@@ -98,7 +98,7 @@ class NodeSpec:
         """The context a model gets when neither the request nor its Modelfile sets one: OLLAMA_CONTEXT_LENGTH,
         else (v0.15.5+) the tier of the GPUs' total memory less OLLAMA_GPU_OVERHEAD each, else 4096."""
         total = sum(max(0, g.vram - self.gpu_overhead) for g in self.gpus)
-        return eras.default_context(self.version, self.context_length, total)[0]
+        return eras.default_context(self.version, self.context_length, total)
 
 
 def _mixed_rate(gpu_share: float, gpu: float, cpu: float) -> float:
@@ -157,9 +157,12 @@ class _Errors:
             self.fail(path, str(exc))
 
     def text(self, value: object, path: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        """A name: a non-empty string of printable characters (matching `pattern` where given)."""
         if not isinstance(value, str) or not value or (pattern is not None and not pattern.match(value)):
             self.fail(path, f"expected {what or 'a non-empty string'}, got {show(value)}")
-        return value  # type: ignore[return-value]
+        if problem := name_problem(value):
+            self.fail(path, f"{problem}, got {show(value)}")
+        return value
 
     def items(self, value: object, path: str) -> list:
         if value is None:
@@ -207,8 +210,8 @@ def _gpus(err: _Errors, value: object, path: str) -> tuple[GpuSpec, ...]:
 
 def _keep_alive(err: _Errors, value: object, path: str) -> float:
     try:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= FOREVER:
+            raise ValueError(value)  # NaN and infinities included
         return parse_keep_alive(value)
     except ValueError:
         err.fail(path, f"expected a duration like 5m, -1 or 300, got {show(value)}")

@@ -2,6 +2,8 @@
 
 It can be closed (listening socket and open connections) and reopened on the same port, which is how a
 node goes "down" and comes back. Streaming bodies use chunked transfer encoding, as Go's server does.
+One thread accepts for every server of the process, blocked in a selector over their listening sockets, so
+an idle fleet of any size costs no CPU; each connection then gets its own thread.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import selectors
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -164,15 +167,17 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 4096  # the listen backlog (socketserver's default is 5; Go's follows somaxconn)
 
-    def __init__(self, port: int, app: App) -> None:
+    def __init__(self, port: int, app: App, name: str) -> None:
         self.app = app
+        self.name = name
         self.refusing = False
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
         super().__init__((HOST, port), _Handler)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        thread = threading.Thread(target=self._serve, args=(request, client_address), daemon=True)
+        request.setblocking(True)  # some systems hand the listener's non-blocking mode on
+        thread = threading.Thread(target=self._serve, args=(request, client_address), name=self.name, daemon=True)
         with self._lock:
             self._connections[request] = thread
         thread.start()
@@ -202,6 +207,69 @@ class _Server(ThreadingHTTPServer):
                 thread.join(timeout)
 
 
+class _Acceptor:
+    """The one thread that accepts connections for every open server: it blocks in a selector over their
+    listening sockets (and a wake-up socket for adding and removing servers) — no polling."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self._selector.register(self._wake_in, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._changes: list[tuple[_Server, bool, threading.Event]] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, server: _Server) -> None:
+        self._change(server, True)
+
+    def remove(self, server: _Server) -> None:
+        """Stop accepting for `server`; returns once no accept for it can be under way."""
+        self._change(server, False)
+
+    def _change(self, server: _Server, add: bool) -> None:
+        done = threading.Event()
+        with self._lock:
+            self._changes.append((server, add, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="simulator-accept", daemon=True)
+                self._thread.start()
+        with contextlib.suppress(BlockingIOError):  # a wake-up already pending does as well
+            self._wake_out.send(b"!")
+        done.wait()
+
+    def _apply(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_in.recv(4096):
+                pass
+        with self._lock:
+            changes, self._changes = self._changes, []
+        for server, add, done in changes:
+            if add:
+                server.socket.setblocking(False)
+                self._selector.register(server.socket, selectors.EVENT_READ, server)
+            else:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(server.socket)
+            done.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                events = self._selector.select()
+                for key, _ in events:  # accept first: a server is removed only after its pending accept
+                    if key.data is not None:
+                        key.data._handle_request_noblock()
+                if any(key.data is None for key, _ in events):
+                    self._apply()
+            except Exception:  # the acceptor never dies
+                log.exception(event_line("simulator.accept", outcome="failure"))
+
+
+_ACCEPTOR = _Acceptor()
+
+
 class HttpServer:
     """An app served on 127.0.0.1:`port` (0 = ephemeral); `close()` then `open()` keeps the port."""
 
@@ -210,7 +278,6 @@ class HttpServer:
         self.port = port
         self._name = name
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @property
@@ -227,26 +294,20 @@ class HttpServer:
             if self._server is not None:
                 return
             try:
-                server = _Server(self.port, self._app)
+                server = _Server(self.port, self._app, self._name)
             except OSError as exc:  # name the port: "Address already in use" alone does not say which
                 raise OSError(exc.errno, cannot_listen(HOST, self.port, exc)) from None
             self.port = server.server_address[1]
             self._server = server
-            self._thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=self._name, daemon=True
-            )
-            self._thread.start()
+            _ACCEPTOR.add(server)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop accepting (connections are then refused), drop open connections, join the threads."""
         with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
+            server, self._server = self._server, None
         if server is None:
             return
         server.refusing = True
-        server.shutdown()
+        _ACCEPTOR.remove(server)
         server.server_close()
         server.drop_connections(timeout)
-        if thread is not None:
-            thread.join(timeout)

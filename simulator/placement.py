@@ -1,12 +1,13 @@
-"""Where a simulated node puts a model, by the era of the Ollama version it reports (gpurouter.sizing.eras).
+"""Where a simulated node puts a model, by the era of the Ollama version it reports (simulator.eras).
 
-- classic (≤ v0.12.10): Ollama's estimate walks the layers (`gpurouter.sizing.estimate.place`); a model must fit
+- classic (≤ v0.12.10): Ollama's estimate walks the layers (`simulator.classic`); a model must fit
   beside the loaded ones, only the first may spill to CPU;
-- layout (v0.12.11 – v0.24): the same walk, but the per-GPU reserve is held back from free memory instead of
-  being counted in the model's size;
+- layout (v0.12.11 – v0.24): the same walk, but the per-GPU reserve and one-layer buffer are held back from
+  free memory instead of being counted in the model's size;
 - llama_server (≥ v0.30, reference ollama-current.md §2): admission by Ollama's prediction against 80 % of
-  free memory (only when another model is loaded), one GPU when it fits there (`main_gpu` pins), then
-  llama.cpp's fit, or exactly the layers `num_gpu` forces — an out-of-memory failure when they do not fit.
+  free memory (`simulator.admission`; only when another model is loaded), one GPU when it fits there
+  (`main_gpu` pins), then llama.cpp's fit, or exactly the layers `num_gpu` forces — an out-of-memory failure
+  when they do not fit (`simulator.llamacpp`).
 
 A placer answers a `Choice`, None (evict a runner and ask again) or raises `OutOfMemory`.
 """
@@ -17,11 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gpurouter.sizing import eras
-from gpurouter.sizing.catalog import ModelSpec
-from gpurouter.sizing.estimate import RESERVE, Arch, Placement, place
-from gpurouter.sizing.llamaserver import Admission, admission
-from simulator import llamacpp, showinfo
+from simulator import eras, llamacpp, showinfo
+from simulator.admission import Prediction, predict
+from simulator.catalog import Arch, ModelSpec
+from simulator.classic import Estimate, estimate
 from simulator.options import RunnerOptions
 
 
@@ -79,28 +79,29 @@ class ClassicPlacer:
         arch, ctx = spec.arch, options.num_ctx
         parallel = _parallel(arch, parallel)
         if not free or options.num_gpu == 0:
-            p = place(arch, ctx, parallel)
-            return Choice(p.size, 0, {}, parallel, 0, p.total_layers)
+            e = estimate(arch, ctx, parallel, ())
+            return Choice(e.size, 0, {}, parallel, 0, e.total_layers)
         order = tuple(sorted(range(len(free)), key=lambda g: -free[g]))
         for gpus in [(g,) for g in order] + ([order] if len(order) > 1 else []):
-            p = place(arch, ctx, parallel, [free[g] for g in gpus], options.num_gpu, self.overhead)
-            wanted = p.total_layers if options.num_gpu < 0 else min(options.num_gpu, p.total_layers)
-            if p.gpu_layers >= wanted:
-                return self._choice(p, gpus, parallel)
+            e = estimate(arch, ctx, parallel, [free[g] for g in gpus], options.num_gpu, self.overhead)
+            wanted = e.total_layers if options.num_gpu < 0 else min(options.num_gpu, e.total_layers)
+            if e.layers >= wanted:
+                return self._choice(e, gpus, parallel)
         if others == 0:
-            return self._choice(place(arch, ctx, 1, [free[g] for g in order], options.num_gpu, self.overhead), order, 1)
+            e = estimate(arch, ctx, 1, [free[g] for g in order], options.num_gpu, self.overhead)
+            return self._choice(e, order, 1)
         return None
 
-    def _choice(self, p: Placement, gpus: Sequence[int], parallel: int) -> Choice:
-        per_gpu = {g: used for g, used in zip(gpus, p.per_gpu, strict=True) if used}
-        held = 0 if self.reserve_in_size else RESERVE * len(per_gpu)
-        if held:
-            per_gpu = {g: used - RESERVE for g, used in per_gpu.items()}
-        return Choice(p.size - held, p.size_vram - held, per_gpu, parallel, p.gpu_layers, p.total_layers)
+    def _choice(self, e: Estimate, gpus: Sequence[int], parallel: int) -> Choice:
+        held = 0 if self.reserve_in_size else e.held
+        per_gpu = {g: used - held for g, used in zip(gpus, e.per_gpu, strict=True) if used}
+        hidden = held * len(per_gpu)
+        return Choice(e.size - hidden, e.size_vram - hidden, per_gpu, parallel, e.layers, e.total_layers)
 
 
 class LayoutPlacer(ClassicPlacer):
-    """v0.12.11 – v0.24: the reserve is subtracted from free memory, not shown in the size."""
+    """v0.12.11 – v0.24: the reserve and the one-layer buffer are subtracted from free memory, not shown in the
+    size (reference ollama-api.md §5.6: llama3.1:8b at 4096 tokens ≈ 5,464,647,680 bytes)."""
 
     era = eras.LAYOUT
     reserve_in_size = False
@@ -120,11 +121,11 @@ class LlamaServerPlacer:
         if not free or options.num_gpu == 0:
             b = llamacpp.buffers(arch, ctx, parallel, [0] * len(free))
             return Choice(b.size, 0, {}, parallel, 0, total_layers)
-        predicted = admission(arch, file_bytes(spec), ctx, parallel)
+        predicted = predict(arch, file_bytes(spec), ctx, parallel)
         group = self._gpus(options, free, predicted)
         group_free = [free[g] for g in group]
         exact = 0 < options.num_gpu < total_layers  # an exact layer count skips the admission test
-        if others and not exact and not predicted.admits(sum(group_free)):
+        if others and not exact and not predicted.fits(sum(group_free)):
             return None
         if options.num_gpu < 0:
             b = llamacpp.fit(arch, ctx, parallel, group_free)
@@ -137,13 +138,13 @@ class LlamaServerPlacer:
         return Choice(b.size, b.size_vram, per_gpu, parallel, b.layers, total_layers)
 
     @staticmethod
-    def _gpus(options: RunnerOptions, free: Sequence[int], predicted: Admission) -> tuple[int, ...]:
+    def _gpus(options: RunnerOptions, free: Sequence[int], predicted: Prediction) -> tuple[int, ...]:
         """`main_gpu` when given (pinned, no fit test); else the GPU with the most free memory where the
-        prediction without the batch surcharge takes at most 80 % of it; else every GPU."""
+        prediction takes at most 80 % of it; else every GPU."""
         if options.main_gpu is not None and 0 <= options.main_gpu < len(free):
             return (options.main_gpu,)
         order = tuple(sorted(range(len(free)), key=lambda g: -free[g]))
-        single = next((g for g in order if predicted.fits_single(free[g])), None)
+        single = next((g for g in order if predicted.fits(free[g])), None)
         return (single,) if single is not None else order
 
 

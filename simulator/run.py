@@ -27,6 +27,7 @@ from simulator.scheduler import Clock
 
 __all__ = ["DEMO_FLEET", "DEMO_PRIORITY", "Fleet", "add_arguments", "fleet_from_dict", "load_fleet", "main", "serve"]
 DEMO_FLEET = Path(__file__).with_name("demo-fleet.yaml")
+SWITCH_INTERVAL = 0.05  # seconds a busy thread keeps the GIL in the simulator's own process (bench/simulator_load.py)
 DEMO_PRIORITY = ("mxbai-embed-large", "llama3.1:latest")  # the guide's priority models (the demo's too)
 
 
@@ -126,13 +127,13 @@ def serve(
     """
     try:
         fleet = Fleet(load_fleet(fleet_path), control_port, log_dir=log_dir)
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+    except ValueError as exc:  # the message names the file
+        print(f"gpu-router simulate: {exc}", file=sys.stderr)
         return 2
     try:
         fleet.start()
-    except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+    except ValueError as exc:  # a preload that cannot load: the message names the node and the model
+        print(f"gpu-router simulate: {fleet_path}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"gpu-router simulate: {fleet_path}: cannot start the fleet: {exc.strerror or exc}", file=sys.stderr)
@@ -176,5 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """The simulator's own process: a thousand connection threads waking for their tokens spend half their CPU
+    handing the GIL round at Python's default switch interval (5 ms); threads that block hand it on anyway."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logfmt.setup(logging.INFO)
     return serve(args.fleet, args.control_port, log_dir=args.log_dir)

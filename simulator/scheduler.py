@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from gpurouter.logfmt import log_event
-from gpurouter.sizing import eras
-from gpurouter.sizing.catalog import ModelSpec
-from gpurouter.sizing.estimate import effective_ctx
 from gpurouter.units import MIB
+from simulator import eras
+from simulator.catalog import ModelSpec, effective_ctx
 from simulator.fleet import GpuSpec
 from simulator.gotypes import human_bytes2
 from simulator.options import RunnerOptions

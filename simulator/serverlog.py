@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from gpurouter.sizing.eras import tier_context
+from simulator.eras import FIRST_TIERED, tier_context
 from simulator.fleet import NodeSpec
 from simulator.gotypes import go_quote, human_bytes2
 from simulator.scheduler import GpuUsage
@@ -43,7 +43,7 @@ def _value(value: object) -> str:
 def start_lines(spec: NodeSpec, version: tuple[int, ...], gpus: Sequence[GpuUsage], url: str, now: float) -> list[str]:
     """What a node of `spec` logs when its server starts with these GPUs (none: CPU only) at `url`."""
     address = url.removeprefix("http://")
-    tiered = version >= (0, 15, 5)
+    tiered = version >= FIRST_TIERED
     context = spec.context_length or (0 if tiered else 4096)
     env = {
         "CUDA_VISIBLE_DEVICES": "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from gpurouter.sizing.catalog import ModelSpec
+from simulator.catalog import ModelSpec
 
 _LLAMA3_TEMPLATE = (
     "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"

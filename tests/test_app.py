@@ -365,6 +365,7 @@ def test_actions_history_and_jobs():
                 "outcome": "success",
                 "duration_seconds": 1.5,
                 "detail": "on GPU",
+                "by": "optimizer",
             }
         ]
         assert done["jobs"] == [] and done["cooldowns"] == {}

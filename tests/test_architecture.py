@@ -108,3 +108,17 @@ def test_no_import_circle() -> None:
         if module not in index:
             visit(module)
     assert circles == []
+
+
+def test_the_simulator_imports_nothing_of_what_it_judges() -> None:
+    """The simulator sizes and places models with its own model of Ollama: it imports neither the router's sizing
+    nor its decisions, directly or through the library's plumbing, so no "fits" is true by construction."""
+    judged = ("gpurouter.sizing", "gpurouter.decide")
+    reached: dict[str, str] = {}  # module → the simulator module that leads to it
+    todo = [(m, m) for m in GRAPH if _room(m) == "simulator"]
+    while todo:
+        module, origin = todo.pop()
+        for target in GRAPH[module] - reached.keys():
+            reached[target] = origin
+            todo.append((target, origin))
+    assert sorted(f"{origin} reaches {m}" for m, origin in reached.items() if m.startswith(judged)) == []

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from gpurouter.cluster.config import ConfigError, Secret, WebhookAuth
+from gpurouter.cluster.config import ConfigError, Secret, WebhookAuth, load_config
 from gpurouter.serve.auth import Authenticator
 
 
@@ -63,3 +63,14 @@ def test_missing_secret_is_a_config_error_at_start(tmp_path, monkeypatch):
 def test_hostile_headers_are_refused_without_raising(header):
     auth = Authenticator(WebhookAuth(bearer_token=Secret(value="s3cret")))
     assert not auth.allows(header)
+
+
+def test_an_unset_token_variable_names_the_file_and_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    path = tmp_path / "gpu_router_config.yaml"
+    path.write_text("nodes: [http://127.0.0.1:1]\nproxy: {auth: {bearer_token_env: NO_SUCH_TOKEN}}\n")
+    with pytest.raises(ConfigError) as caught:
+        Authenticator(load_config(path).proxy.auth)
+    assert str(caught.value) == (
+        f"{path}: proxy.auth.bearer_token_env: environment variable NO_SUCH_TOKEN is not set or empty"
+    )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from cli.localstack import wait_for
 from gpurouter.cluster.capacity import CapacityReader, amd_capacity, is_local, nvml_capacity, static_capacity
 from gpurouter.cluster.config import Config, NodeConfig, parse_config
 from gpurouter.cluster.state import Capacity, GpuInfo
@@ -261,6 +264,31 @@ def test_auto_local_probe_is_read_once_for_several_local_nodes(tmp_path: Path) -
     caps = CapacityReader(cfg, nvml=nvml).read(cfg.nodes, 1.0)
     assert caps["a"] == caps["b"] and caps["a"].source == "nvml"
     assert nvml.inits == 1
+
+
+def test_a_hung_driver_leaves_the_capacity_unknown_and_holds_one_thread() -> None:
+    """NVML that never answers: each read answers within its timeout (unknown, with the reason), and the
+    probe still running is waited for, not started again."""
+    release = threading.Event()
+
+    class HungNvml(FakeNvml):
+        def nvmlInit(self) -> None:
+            super().nvmlInit()
+            release.wait(30)
+
+    cfg = config({"name": "a", "url": "http://127.0.0.1:11434", "gpu_source": "nvml"})
+    nvml = HungNvml([("RTX", 8 * GIB, 8 * GIB, 0)])
+    reader = CapacityReader(cfg, nvml=nvml)
+    try:
+        for _ in range(3):
+            began = time.monotonic()
+            cap = reader.read(cfg.nodes, 0.4)["a"]
+            assert time.monotonic() - began < 0.4 + 0.3  # its timeout, and room for a busy machine
+            assert not cap.known and cap.reason.startswith("NVML: no answer within 0.4 s")
+        assert nvml.inits == 1
+    finally:
+        release.set()
+    wait_for(lambda: reader.read(cfg.nodes, 2.0)["a"].source == "nvml", 10, "the released probe's answer")
 
 
 def test_auto_uses_the_injected_locality(tmp_path: Path) -> None:

@@ -137,6 +137,7 @@ BAD_FILES = [
     ),
     ("nodes: ['HTTP://A:1', 'http://a:1']\n", "nodes[1].name: duplicate name 'a:1' (also nodes[0])"),
     ("nodes: ['http://127.0.0.1:11434', 'http://localhost:11434/']\n", "nodes[1].url: duplicate url"),
+    ("nodes: ['http://[gpu-small.lan:11434']\n", "nodes[0]: expected an http(s) URL like http://host:11434"),
     ("nodes: ['http://[::1]:11434', 'http://localhost:11434']\n", "nodes[1].url: duplicate url"),
     ("nodes: [{name: x, url: 'http://a'}, {name: y, url: 'http://a:80'}]\n", "nodes[1].url: duplicate url"),
     ("nodes: [{name: x, url: 'https://a:443'}, {name: y, url: 'https://u:p@a'}]\n", "nodes[1].url: duplicate url"),

@@ -7,10 +7,11 @@ from types import MappingProxyType
 
 import pytest
 
+from gpurouter import render
 from gpurouter.cluster.config import PriorityModel, parse_config
 from gpurouter.cluster.ollama import InstalledModel, LoadedModel
 from gpurouter.cluster.state import Capacity, ClusterState, GpuInfo, ModelNeed, NodeState
-from gpurouter.decide.placement import check, eviction_order, is_busy, plan, route
+from gpurouter.decide.placement import check, close_models, eviction_order, is_busy, plan, route
 from gpurouter.units import GIB, MIB
 
 NOW = 1_900_000_000.0
@@ -160,6 +161,13 @@ def test_an_unknown_capacity_is_named_as_the_cause_not_a_gpu_too_small():
     roomless = build([node("gpu", loaded=(lm("busy", 3000, expires=NOW - 1),), installed=("m",))], needs={"m": 900})
     assert route(roomless, "m", NOW).reason.startswith("No room now on gpu; gpu has the model installed")
     assert check(roomless, "m", NOW).result.endswith("it runs on CPU meanwhile")
+
+
+def test_a_node_name_that_starts_the_reason_keeps_its_case():
+    state = build([node("gpu-large", up=False), node("cpu", (), installed=("m",))], needs={"m": 900})
+    best = route(state, "m", NOW)
+    assert (best.node, best.processor) == ("cpu", "CPU")
+    assert best.reason.startswith("gpu-large did not answer; cpu has no GPU"), best.reason
 
 
 def test_already_on_gpu_wins():
@@ -379,3 +387,36 @@ def test_plan_uses_catalog_needs(gib):
     result = plan(state, now=NOW)
     placed = [s.model for s in result.loads]
     assert placed == (["llama3.1:latest"] if gib * GIB * 0.8 > 5817 * MIB else [])
+
+
+def test_did_you_mean_offers_the_names_that_begin_with_the_one_given_first():
+    state = build([node("a", installed=("llama3.1:latest", "mxbai-embed-large:latest", "llama3.2:1b", "llama3.2:3b"))])
+    assert close_models(state, "mxbai")[0] == "mxbai-embed-large:latest"  # not llama3.1, alike only in ":latest"
+    assert close_models(state, "llama3.2") == ["llama3.2:1b", "llama3.2:3b"]
+    assert close_models(state, "nope") == []  # nothing is close: no distant cousin
+    assert close_models(state, "mxbai-embed-larg") == ["mxbai-embed-large:latest"]
+
+
+def test_a_catalog_name_installed_nowhere_is_offered_as_what_it_is():
+    state = build([node("a", installed=("llama3.1:latest",))])
+    assert close_models(state, "nomic-embed-txt") == ["nomic-embed-text:latest"]
+    assert "(did you mean nomic-embed-text:latest, known but installed on no node?)" in render.unknown_model_text(
+        state, "nomic-embed-txt"
+    )
+
+
+def test_a_model_installed_only_under_other_tags_is_offered_them():
+    state = build([node("a", installed=("llama3.2:1b",)), node("b", installed=("llama3.2:3b",))])
+    result = check(state, "llama3.2", NOW)
+    assert result.code == "nowhere"
+    assert result.result.endswith(
+        "not installed on any node that is up and not in maintenance (did you mean llama3.2:1b, llama3.2:3b?)"
+    ), result.result
+    assert route(state, "llama3.2", NOW).reason == result.result
+
+
+def test_with_every_node_down_a_priority_model_gets_no_other_names():
+    state = build([node("a", up=False), node("b", up=False)], priority=["nomic-embed-text", "mxbai-embed-large"])
+    for model in ("nomic-embed-text", "mxbai-embed-large"):
+        assert render.not_installed_text(state, model) == "unknown whether it is installed: no node answered"
+    assert not any("did you mean" in line for line in render.status_text(state, NOW))

@@ -40,6 +40,9 @@ def test_demo_tells_the_story_and_exits_0() -> None:
     assert "GiB" not in out and "% on GPU" not in out  # sizes and placements in the words status uses
     assert "The proxy sent llama3.1:latest to gpu-large, where it is fully on GPU" in out  # beside the CPU node
     assert took < 60
+    # the restart the story injects is logged like every other service's line, never a bare `event=…`
+    assert "event=simulator.fault node=gpu-small fault=restart" in done.stderr
+    assert all(line.startswith("time=") and " level=" in line for line in done.stderr.splitlines()), done.stderr
 
 
 @pytest.mark.e2e

@@ -35,7 +35,7 @@ PS = {
 
 
 class Canned(BaseHTTPRequestHandler):
-    """Answers from `server.routes`: path → (status, content type, body); records every request body."""
+    """Answers from `server.routes`: path → (status, content type, body[, headers]); records every request body."""
 
     def log_message(self, *args: object) -> None:
         pass
@@ -43,10 +43,13 @@ class Canned(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.server.requests.append((self.command, self.path, json.loads(self.rfile.read(length) or b"null")))
-        status, kind, body = self.server.routes.get(self.path, (404, "text/plain", "404 page not found"))
+        route = self.path.split("?", 1)[0]
+        status, kind, body, *extra = self.server.routes.get(route, (404, "text/plain", "404 page not found"))
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)
+        for name, value in (extra[0] if extra else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -54,17 +57,25 @@ class Canned(BaseHTTPRequestHandler):
     do_GET = do_POST = _answer
 
 
-@pytest.fixture
-def node() -> Iterator[ThreadingHTTPServer]:
+@contextlib.contextmanager
+def canned() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
     server.routes = {}
     server.requests = []
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def node() -> Iterator[ThreadingHTTPServer]:
+    with canned() as server:
+        yield server
 
 
 def client_for(server: ThreadingHTTPServer, read_timeout: float = 2.0) -> OllamaClient:
@@ -242,3 +253,37 @@ def test_refused_reset_tls_and_timeout_each_get_their_own_words() -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never answers
         slow = _failure(f"http://127.0.0.1:{silent.getsockname()[1]}", read_timeout=0.2)
     assert slow.kind == "timeout" and "no answer within 0.2s" in str(slow)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_node_error_and_never_followed(node: ThreadingHTTPServer, status: int) -> None:
+    """Only configured URLs are contacted: a node that redirects (reads, show, and a load with its body) is in
+    error, and the address it names is never reached."""
+    with canned() as elsewhere:
+        target = f"http://127.0.0.1:{elsewhere.server_port}"
+        for path in ("/api/ps", "/api/tags", "/api/version", "/api/show", "/api/generate", "/api/embed"):
+            elsewhere.routes[path] = (200, "application/json", {"models": [], "version": "0.1.0"})
+            node.routes[path] = (status, "text/html", "<a>moved</a>", {"Location": f"{target}{path}"})
+        client = client_for(node)
+        calls = [client.ps, client.tags, client.version, lambda: client.show("m"), lambda: client.load("m")]
+        calls.append(lambda: client.unload("m", embedding=True))
+        for call in calls:
+            with pytest.raises(OllamaError) as failed:
+                call()
+            assert failed.value.kind == "redirect"
+            assert failed.value.status == status
+            assert f"node answered a redirect to {target}/api/" in str(failed.value)
+            assert str(failed.value).endswith("(not followed)")
+        assert elsewhere.requests == []
+    assert len(node.requests) == len(calls)
+
+
+def test_a_redirect_without_location_and_credentials_in_it(node: ThreadingHTTPServer) -> None:
+    node.routes["/api/ps"] = (302, "text/plain", "")
+    with pytest.raises(OllamaError, match=r"node answered a redirect to nowhere \(not followed\)"):
+        client_for(node).ps()
+    node.routes["/api/ps"] = (307, "text/plain", "", {"Location": "http://ops:s3cret@elsewhere:1/api/ps"})
+    with pytest.raises(OllamaError) as failed:
+        client_for(node).ps()
+    assert "s3cret" not in str(failed.value)
+    assert "http://***@elsewhere:1/api/ps" in str(failed.value)

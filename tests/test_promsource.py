@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import require_tool
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from test_ollama_client import canned
 
 from cli.localstack import Prometheus, free_port, wait_for
 from gpurouter.cluster.config import NodeConfig, PrometheusSource, parse_config
@@ -62,6 +63,18 @@ def test_an_unreachable_prometheus_is_unknown_not_an_error() -> None:
     reader = PrometheusCapacity(PrometheusSource(url=f"http://127.0.0.1:{free_port()}"))
     capacity = reader.read([node("gpu-large")], 1.0)["gpu-large"]
     assert not capacity.known and "could not be read for node gpu-large" in capacity.reason
+
+
+def test_a_prometheus_that_redirects_is_unknown_and_its_target_never_contacted() -> None:
+    answer = {"status": "success", "data": {"resultType": "vector", "result": []}}
+    with canned() as prometheus, canned() as elsewhere:
+        target = f"http://127.0.0.1:{elsewhere.server_port}/api/v1/query"
+        elsewhere.routes["/api/v1/query"] = (200, "application/json", answer)
+        prometheus.routes["/api/v1/query"] = (302, "text/plain", "", {"Location": target})
+        reader = PrometheusCapacity(PrometheusSource(url=f"http://127.0.0.1:{prometheus.server_port}"))
+        capacity = reader.read([node("gpu-large")], 2.0)["gpu-large"]
+        assert not capacity.known and capacity.reason.endswith("HTTP 302: a redirect (not followed)")
+        assert len(prometheus.requests) == 1 and elsewhere.requests == []
 
 
 @pytest.fixture

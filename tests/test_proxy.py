@@ -175,7 +175,7 @@ def test_a_node_killed_mid_stream_ends_the_stream_with_a_visible_error():
             assert json.loads(next(lines))["done"] is False
             fleet.node("gpu").inject("down")
             rest = [json.loads(line) for line in lines if line]  # ends: no hang (the read timeout would fail it)
-        assert "failed mid-stream" in rest[-1]["error"]
+        assert rest[-1]["error"] == "gpu-router proxy: node gpu failed mid-stream (connection to the node was lost)"
         assert metric(proxy, "gpu_router_proxy_upstream_errors_total", node="gpu", kind="mid_stream") == 1
         fleet.node("gpu").clear()
         client = ollama.Client(host=proxy.url, timeout=15)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpurouter.sizing.catalog import find
+from simulator.catalog import find
 from simulator.fleet import load_fleet
 from simulator.gotypes import FOREVER, go_time, parse_duration, parse_keep_alive
 from simulator.run import DEMO_FLEET, Fleet, fleet_from_dict
@@ -459,4 +459,6 @@ def test_cli_bad_fleet_file_exits_2_with_one_line(tmp_path):
             process.kill()
             process.wait(5)
     assert process.returncode == 2
-    assert err.strip().splitlines() == [f"{path}: nodes[0].gpus[0].vram: expected a size like 8GiB, got 'lots'"]
+    assert err.strip().splitlines() == [
+        f"gpu-router simulate: {path}: nodes[0].gpus[0].vram: expected a size like 8GiB, got 'lots'"
+    ]

@@ -9,8 +9,8 @@ import ollama
 import pytest
 import requests
 
-from gpurouter.sizing import catalog, llamaserver
 from gpurouter.units import GIB, MIB
+from simulator import catalog, llamacpp
 from simulator.placement import file_bytes
 from simulator.run import Fleet, fleet_from_dict
 
@@ -102,10 +102,13 @@ def test_full_offload_reports_the_measured_footprint_as_size_and_size_vram(reset
     models = ps(url)
     llama, mxbai = models["llama3.1:8b"], models["mxbai-embed-large:latest"]
     assert llama["size"] == llama["size_vram"]
-    assert abs(llama["size"] - llamaserver.footprint(LLAMA.arch, 32768)) < MIB  # llama-server's MiB-rounded lines
+    whole = llamacpp.buffers(LLAMA.arch, 32768, 1, [LLAMA.arch.block_count + 1])
+    assert llama["size"] == whole.size_vram  # the sum of llama-server's logged buffers
+    weights, kv, compute = 4403.49 * MIB, 4096 * MIB, 140 * MIB  # the calibration (llamacpp's docstring)
+    assert abs(llama["size"] - (weights + kv + compute)) < 2 * MIB
     assert mxbai["context_length"] == 512 and mxbai["size"] == mxbai["size_vram"]
     assert mxbai["size"] < MXBAI.tags_size  # no KV cache, no output layer: less than the file
-    assert abs(mxbai["size"] - llamaserver.footprint(MXBAI.arch, 512)) < MIB
+    assert mxbai["size"] == llamacpp.buffers(MXBAI.arch, 512, 1, [MXBAI.arch.block_count + 1]).size_vram
 
 
 # --------------------------------------------------------------------------------- admission and fit

@@ -9,9 +9,9 @@ import pytest
 import requests
 
 from cli.localstack import wait_for
-from gpurouter.sizing.catalog import find
-from gpurouter.sizing.estimate import cpu_bytes
 from gpurouter.units import GIB
+from simulator.catalog import find
+from simulator.classic import estimate
 from simulator.fleet import GpuSpec
 from simulator.gotypes import FOREVER
 from simulator.options import RunnerOptions, merge_options
@@ -79,7 +79,7 @@ def test_first_model_too_big_for_the_gpu_is_partially_offloaded():
 
 
 def test_num_gpu_zero_and_a_node_without_gpu_load_on_cpu():
-    cpu_size = cpu_bytes(find("llama3.1:8b").arch, 4096)  # type: ignore[union-attr]
+    cpu_size = estimate(find("llama3.1:8b").arch, 4096, 1, ()).size  # type: ignore[union-attr]
     assert cpu_size == 5_154_267_136
     gpu_node = make(gpus=(8 * GIB,))
     load(gpu_node, "llama3.1:8b", num_gpu=0)

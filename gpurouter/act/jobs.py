@@ -14,13 +14,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gpurouter import logfmt
-from gpurouter.act import execute
+from gpurouter.act import execute, journal
 from gpurouter.cluster.config import Config, PriorityModel, model_key
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.ollama import OllamaClient, OllamaError
@@ -32,7 +32,7 @@ from gpurouter.urls import redact
 log = logging.getLogger("gpu_router.optimizer")
 
 HISTORY = 200  # actions kept for /api/v1/actions
-ACTIONS = ("load", "unload", "evict")
+ACTIONS = ("load", "unload", "evict", "pin")
 WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
 REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -77,10 +77,11 @@ class Metrics:
 @dataclass(frozen=True)
 class ActionRecord:
     """One entry of the actions history (GET /api/v1/actions), named as optimize's outcomes are. `action` is
-    load/unload/evict, or plan/job for a job's own outcome;
+    load/unload/evict/pin, or plan/job for a job's own outcome;
     `outcome` is success, failure, skipped (an earlier step failed), abandoned (the service stopped),
     dry-run (auto_optimize: false), unplaced (the plan found no node for the model) or by_ollama (an `evict`
-    Ollama did on its own while a load of ours ran)."""
+    Ollama did on its own while a load of ours ran). `by` is the process that took it: optimizer, proxy (its
+    in-process heal) or cli (`gpu-router optimize`)."""
 
     time: float  # Unix seconds when it started
     model: str
@@ -89,6 +90,44 @@ class ActionRecord:
     outcome: str
     duration_seconds: float
     detail: str = ""
+    by: str = "optimizer"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ActionRecord:
+        """A record read back from the actions log (`journal.read` checked the fields every record has)."""
+        return cls(
+            time=float(data["time"]),
+            model=data["model"],
+            node=data["node"],
+            action=data["action"],
+            outcome=data["outcome"],
+            duration_seconds=float(data.get("duration_seconds") or 0.0),
+            detail=str(data.get("detail") or ""),
+            by=str(data.get("by") or "?"),
+        )
+
+
+def action_records(
+    execution: execute.Execution, offset: float, now: float, *, stopping: bool = False, by: str = "optimizer"
+) -> list[ActionRecord]:
+    """The records of a plan's execution: each step's outcome (its start moved to Unix time by `offset`), each
+    model Ollama evicted on its own meanwhile; for a dry run each planned step, as of `now`."""
+    if execution.dry_run:
+        return [
+            ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason, by) for s in execution.plan.steps
+        ]
+    records = []
+    for o in execution.outcomes:
+        outcome = "success" if o.ok else "abandoned" if stopping else "skipped" if o.skipped else "failure"
+        step = o.step
+        records.append(
+            ActionRecord(o.started + offset, step.model, step.node, step.action, outcome, o.duration, o.detail, by)
+        )
+        why = f"Ollama unloaded it on its own while {step.model} loaded (not in the plan)"
+        records += [
+            ActionRecord(o.started + offset, m, step.node, "evict", "by_ollama", 0.0, why, by) for m in o.evicted
+        ]
+    return records
 
 
 @dataclass(frozen=True)
@@ -150,9 +189,12 @@ class JobQueue:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        by: str = "optimizer",
     ) -> None:
+        """`by`: the process that runs it, as its records name it (optimizer or proxy)."""
         self.config = config
         self.run_job = run_job
+        self.by = by
         self.metrics = metrics or Metrics()
         self.stopping = stop or threading.Event()
         self.clock = clock
@@ -236,9 +278,14 @@ class JobQueue:
             return [job.snapshot(now) for job in self._jobs.values()]
 
     def actions(self) -> list[ActionRecord]:
-        """The last HISTORY actions, oldest first."""
+        """The last HISTORY actions, oldest first: this queue's own, and with `actions_log` every process's from
+        the log (this queue's own still shown when the log could not be written)."""
         with self._cond:
-            return list(self._history)
+            own = list(self._history)
+        if self.config.actions_log is None:
+            return own
+        shared = {ActionRecord.from_json(r) for r in journal.read(self.config.actions_log, HISTORY)}
+        return sorted(shared.union(own), key=lambda r: r.time)[-HISTORY:]
 
     def cooldowns(self) -> dict[str, float]:
         """Seconds of cooldown left per model that has one."""
@@ -287,7 +334,10 @@ class JobQueue:
 
     def _finish(self, job: Job, result: JobResult) -> None:
         now = self.clock()
-        for record in result.actions:
+        records = [replace(r, by=self.by) for r in result.actions]
+        if self.config.actions_log is not None:
+            journal.append(self.config.actions_log, [asdict(r) for r in records])
+        for record in records:
             if record.action in ACTIONS and record.outcome in ("success", "failure", "by_ollama"):
                 self.metrics.actions.labels(action=record.action, result=record.outcome).inc()
             level = logging.WARNING if record.outcome in ("failure", "unplaced", "by_ollama") else logging.INFO
@@ -304,7 +354,7 @@ class JobQueue:
         if result.fixed:
             self.metrics.remediation.observe(max(0.0, now - job.received))
         with self._cond:
-            self._history.extend(result.actions)
+            self._history.extend(records)
             if result.ok:
                 self._failures.pop(job.model, None)
                 self._cool_until.pop(job.model, None)
@@ -377,6 +427,7 @@ class Remediator:
         self._reserved: dict[str, int] = {}
         self._generation = 0
         self._leftovers: dict[str, set[str]] = {}  # model → nodes holding a copy it failed to remove
+        self._healed: dict[str, tuple[float, str]] = {}  # model → (clock time, node) a job last put it on GPU
 
     def leftovers(self) -> list[str]:
         """Models with a CPU or partial copy that a job could not remove after verifying the GPU copy (the
@@ -392,6 +443,9 @@ class Remediator:
         if reserved is None:
             return JobResult(ok=True, detail="abandoned: the service is stopping")
         state, plan, nodes = reserved
+        undone = self._undone(job.model, plan, state)
+        if undone is not None:
+            plan = replace(plan, steps=tuple(s for s in plan.steps if s.action == "pin"))
         try:
             offset = self.wall() - self.clock()
             execution = execute.execute(
@@ -405,7 +459,68 @@ class Remediator:
             )
         finally:
             self._release(nodes)
-        return self._result(job.model, plan, execution, offset)
+        result = self._result(job.model, plan, execution, offset)
+        if undone is not None:
+            record = ActionRecord(self.wall(), job.model, None, "plan", "unplaced", 0.0, undone)
+            result = replace(result, ok=False, actions=(*result.actions, record), detail=undone)
+        elif result.fixed:
+            home = next(o.step.node for o in execution.outcomes if o.verified and model_key(o.step.serves) == job.model)
+            with self._cond:
+                self._healed[job.model] = (self.clock(), home)
+        if self.dry_run or result.ok or self.stopping.is_set():
+            return result
+        kept = self._keep_served(priority)
+        return result if kept is None else replace(result, actions=(*result.actions, kept))
+
+    def _undone(self, model: str, plan: placement.Plan, state: ClusterState) -> str | None:
+        """Why the model is not put on GPU again now: a job put it there less than one cooldown ago, and another
+        model took its place on that node (Ollama unloaded it for a request that does not fit beside it):
+        loading it again at once would only start a load/unload loop. None when the plan may run (a restart,
+        or a copy of it still on that node, is no such sign)."""
+        with self._cond:
+            healed = self._healed.get(model)
+        if healed is None or not plan.loads:
+            return None
+        since, home = self.clock() - healed[0], state.node(healed[1])
+        if since >= self.config.optimizer.cooldown_seconds or home is None or not home.up:
+            return None
+        if home.loaded_model(model) is not None or not home.loaded:
+            return None
+        return (
+            f"put on GPU on {home.name} {since:.1f}s ago, and another model took its place there since: kept "
+            "served, tried again after one cooldown"
+        )
+
+    def _keep_served(self, priority: PriorityModel) -> ActionRecord | None:
+        """A priority model with no copy on any node that answers is loaded at once where Ollama places it
+        (partly or all on CPU if need be), so it stays served while later jobs keep trying for GPU. On a node
+        with a GPU where other models are loaded it is loaded on CPU (`num_gpu: 0`): a load Ollama places by
+        itself could make it evict one of them."""
+        key = model_key(priority.name)
+        state = self.observer.poll()
+        if any(n.loaded_model(key) is not None for n in state.nodes if n.up) or not any(n.up for n in state.nodes):
+            return None
+        now = self.wall()
+        node_name = placement.route(state, key, now).node
+        node = state.node(node_name) if node_name is not None else None
+        if node is None:
+            return None
+        on_cpu = bool(node.loaded) and node.capacity.source != "none" and node.vram_total != 0
+        started = self.clock()
+        try:
+            self._clients[node.name].load(
+                key,
+                num_ctx=priority.num_ctx,
+                keep_alive=priority.keep_alive,
+                num_gpu=0 if on_cpu else None,
+                embedding=state.is_embedding(key),
+                timeout=self.config.optimizer.load_timeout,
+            )
+            outcome, detail = "success", f"no copy anywhere: loaded on {node.name}{' on CPU' if on_cpu else ''} "
+            detail += "so that it stays served; the plan keeps trying for GPU"
+        except OllamaError as exc:
+            outcome, detail = "failure", f"no copy anywhere; loading it on {node.name} to keep it served failed: {exc}"
+        return ActionRecord(now, key, node.name, "load", outcome, self.clock() - started, detail)
 
     def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, placement.Plan, list[str]] | None:
         """Poll and plan until the plan's nodes can be reserved; None when the service stops first."""
@@ -451,35 +566,17 @@ class Remediator:
 
     def _result(self, model: str, plan: placement.Plan, execution: execute.Execution, offset: float) -> JobResult:
         now = self.wall()
-        if execution.dry_run:
-            records = [ActionRecord(now, s.model, s.node, s.action, "dry-run", 0.0, s.reason) for s in plan.steps]
-        else:
-            records = []
+        records = action_records(execution, offset, now, stopping=self.stopping.is_set())
+        if not execution.dry_run:
             for o in execution.outcomes:
                 self._track_removal(o)
-                records.append(
-                    ActionRecord(
-                        o.started + offset,
-                        o.step.model,
-                        o.step.node,
-                        o.step.action,
-                        self._outcome(o),
-                        o.duration,
-                        o.detail,
-                    )
-                )
-                why = f"Ollama unloaded it on its own while {o.step.model} loaded (not in the plan)"
-                records += [
-                    ActionRecord(o.started + offset, m, o.step.node, "evict", "by_ollama", 0.0, why) for m in o.evicted
-                ]
                 if o.hidden:
-                    in_place = o.step.num_gpu is not None
                     why = (
                         f"Ollama unloaded {', '.join(o.evicted)} to admit {o.step.model}"
                         if o.ok
                         else f"{o.step.model} came up short by {size_text(o.hidden)}"
                     )
-                    self.observer.hidden.record(o.step.node, o.hidden, why, o.step.model if in_place else None)
+                    self.observer.hidden.record(o.step.node, o.hidden, why, o.evidence)
         unplaced = [why for m, why in plan.unplaced if model_key(m) == model]
         records += [ActionRecord(now, model, None, "plan", "unplaced", 0.0, why) for why in unplaced]
         fixed = not execution.dry_run and any(
@@ -503,10 +600,3 @@ class Remediator:
                 nodes.discard(step.node)
             else:
                 nodes.add(step.node)
-
-    def _outcome(self, outcome: execute.Outcome) -> str:
-        if outcome.ok:
-            return "success"
-        if self.stopping.is_set():
-            return "abandoned"
-        return "skipped" if outcome.skipped else "failure"

@@ -23,7 +23,11 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, wait
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +36,7 @@ from urllib.parse import urlsplit
 from gpurouter.cluster.config import Config, NodeConfig
 from gpurouter.cluster.ollamalog import LogFile, command_capacity, file_capacity
 from gpurouter.cluster.promsource import PrometheusCapacity
-from gpurouter.cluster.state import Capacity, GpuInfo, read_each
+from gpurouter.cluster.state import Capacity, GpuInfo
 from gpurouter.urls import redact
 
 # A batch reader: the capacity of each of `nodes` (by name) within `timeout` seconds. A node it leaves out
@@ -138,11 +142,56 @@ def amd_capacity(root: Path) -> Capacity:
     return Capacity(source="amd", gpus=tuple(gpus), reason="sysfs")
 
 
-def _local(probe: Callable[[], Capacity]) -> Source:
+class Deadlines:
+    """Reads that answer within a deadline: each key (a node, a local probe) has at most one read running, in a
+    thread of its own. A read that has not ended by the deadline is left running, and the key's next reads wait
+    for that one instead of starting another (a blocked source holds one thread, not one per poll)."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[Future[Capacity], float]] = {}  # key → its read, and when it started
+        self._lock = threading.Lock()
+
+    def read(self, calls: Mapping[str, Callable[[float], Capacity]], timeout: float) -> dict[str, Capacity]:
+        """key → `call(budget)`, or unknown for a call still running when `timeout` is near: the answer comes
+        a margin before `timeout` (the caller waits `timeout` in all), each call given a budget below that."""
+        slack = min(0.5, timeout / 4)
+        reads = {key: self._start(key, call, timeout - slack) for key, call in calls.items()}
+        wait([future for future, _ in reads.values()], timeout=timeout - slack / 2)
+        now = time.monotonic()
+        return {
+            key: future.result()
+            if future.done()
+            else unknown(
+                f"{key}: no answer within {timeout:g} s (a read running for {now - since:.0f} s; only what it "
+                "reads is unknown until it ends)"
+            )
+            for key, (future, since) in reads.items()
+        }
+
+    def _start(self, key: str, call: Callable[[float], Capacity], budget: float) -> tuple[Future[Capacity], float]:
+        with self._lock:
+            running = self._running.get(key)
+            if running is not None and not running[0].done():
+                return running
+            future: Future[Capacity] = Future()
+            running = self._running[key] = (future, time.monotonic())
+        threading.Thread(target=_run, args=(key, call, budget, future), name="capacity", daemon=True).start()
+        return running
+
+
+def _run(key: str, call: Callable[[float], Capacity], budget: float, future: Future[Capacity]) -> None:
+    try:
+        future.set_result(call(budget))
+    except Exception as exc:  # a reader's bug must not leave its key waiting forever
+        future.set_result(unknown(redact(f"{key}: {type(exc).__name__}: {exc}")))
+
+
+def _local(name: str, probe: Callable[[], Capacity]) -> Source:
     """A source that reads this machine once and gives that capacity to every node asked about."""
+    deadlines = Deadlines()
 
     def read(nodes: Sequence[NodeConfig], timeout: float) -> Mapping[str, Capacity]:
-        capacity = probe()
+        capacity = deadlines.read({name: lambda _: probe()}, timeout)[name]
         return {node.name: capacity for node in nodes}
 
     return read
@@ -150,13 +199,17 @@ def _local(probe: Callable[[], Capacity]) -> Source:
 
 class OllamaLogReader:
     """The `gpu_source: ollama_log` nodes: each reads its own log file (incrementally) or runs its own command,
-    concurrently, each command within the poll's timeout."""
+    all at once, within the poll's timeout (`Deadlines`: a command is killed shortly before it; a read that has
+    not ended by then, a file on a hung network mount, makes only its own node's capacity unknown)."""
 
     def __init__(self) -> None:
         self._files: dict[str, LogFile] = {}
+        self._deadlines = Deadlines()
 
     def read(self, nodes: Sequence[NodeConfig], timeout: float) -> dict[str, Capacity]:
-        return read_each(nodes, lambda n: self.read_node(n, timeout))
+        calls = {f"ollama_log: {node.name}": partial(self.read_node, node) for node in nodes}
+        answers = self._deadlines.read(calls, timeout)
+        return {node.name: answers[f"ollama_log: {node.name}"] for node in nodes}
 
     def read_node(self, node: NodeConfig, timeout: float) -> Capacity:
         source = node.ollama_log
@@ -189,8 +242,8 @@ class CapacityReader:
         self.sysfs_root = Path(sysfs_root)
         self.local = local
         self.sources: dict[str, Source] = {
-            "nvml": _local(lambda: nvml_capacity(self.nvml)),
-            "amd": _local(lambda: amd_capacity(self.sysfs_root)),
+            "nvml": _local("NVML", lambda: nvml_capacity(self.nvml)),
+            "amd": _local("AMD", lambda: amd_capacity(self.sysfs_root)),
             "ollama_log": OllamaLogReader().read,
             **(sources or {}),
         }

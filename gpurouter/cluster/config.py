@@ -93,22 +93,25 @@ class Secret:
     value: str | None = None
     env: str | None = None
     file: str | None = None
+    origin: str = ""  # "FILE: KEY" of the setting that gives it, for the messages of `resolve`
 
     def resolve(self) -> str:
-        """The credential's text; raises ConfigError when its source is missing or empty."""
+        """The credential's text; raises ConfigError (naming the file and the key) when its source is missing or
+        empty."""
+        where = f"{self.origin}: " if self.origin else ""
         if self.value is not None:
             text = self.value
         elif self.env is not None:
             text = os.environ.get(self.env, "")
             if not text:
-                raise ConfigError(f"environment variable {self.env} is not set or empty")
+                raise ConfigError(f"{where}environment variable {self.env} is not set or empty")
         else:
             try:
                 text = Path(str(self.file)).read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read credentials file {self.file}: {exc.strerror}") from None
+                raise ConfigError(f"{where}cannot read credentials file {self.file}: {exc.strerror}") from None
             if not text:
-                raise ConfigError(f"credentials file {self.file} is empty")
+                raise ConfigError(f"{where}credentials file {self.file} is empty")
         return text
 
 
@@ -189,6 +192,7 @@ class Config:
     prometheus: PrometheusSource = field(default_factory=PrometheusSource)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    actions_log: str | None = None  # the shared actions log (gpurouter.act.journal); None = each process its own
     source: str = "<config>"
 
     def node(self, name: str) -> NodeConfig | None:
@@ -221,6 +225,22 @@ def model_key(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
+def not_text(value: str) -> str | None:
+    """Why `value` is not text, or None: it holds a lone surrogate (what a "\\ud800" escape in JSON or YAML
+    makes), which has no UTF-8 form, so no answer, log line or terminal could carry it."""
+    bad = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    return None if bad is None else f"a lone surrogate (U+{ord(bad):04X}) is not text"
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a model or a node, or None: a lone surrogate, or another character that is not
+    printable (a control character, a line break)."""
+    bad = next((c for c in name if not c.isprintable()), None)
+    if bad is None:
+        return None
+    return not_text(bad) or f"an unprintable character (U+{ord(bad):04X}) has no place in a name"
+
+
 # ---------------------------------------------------------------------------------------------- parsing
 
 
@@ -246,7 +266,16 @@ class _Reader:
     def string(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.fail(path, f"expected a non-empty string, got {show(value)}")
+        if problem := not_text(value):
+            raise self.fail(path, problem)
         return value.strip()
+
+    def name(self, value: Any, path: str) -> str:
+        """A model's, node's or GPU's name: a string of printable characters."""
+        text = self.string(value, path)
+        if problem := name_problem(text):
+            raise self.fail(path, f"{problem}, got {show(text)}")
+        return text
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
@@ -284,13 +313,12 @@ class _Reader:
 
     def url(self, value: Any, path: str) -> str:
         text = self.string(value, path).rstrip("/")
-        parts = urlsplit(text)
         try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        host = parts.hostname or ""
-        if parts.scheme not in ("http", "https") or not 0 < len(host) <= 253 or port == -1:
+            parts = urlsplit(text)
+            scheme, host, port = parts.scheme, parts.hostname or "", parts.port
+        except ValueError:  # "Invalid IPv6 URL" (an unclosed "["), a port that is not a number
+            scheme, host, port = "", "", -1
+        if scheme not in ("http", "https") or not 0 < len(host) <= 253 or port == -1:
             raise self.fail(path, f"expected an http(s) URL like http://host:11434, got {show(value)}")
         return text
 
@@ -323,7 +351,8 @@ class _Reader:
         if not given:
             return None
         (name, value), *_ = given.items()
-        return Secret(**{forms[name]: self.string(value, _join(path, name))})
+        key = _join(path, name)
+        return Secret(**{forms[name]: self.string(value, key)}, origin=f"{self.source}: {key}")
 
 
 def _join(path: str, key: str) -> str:
@@ -343,6 +372,7 @@ _TOP = (
     "prometheus",
     "optimizer",
     "proxy",
+    "actions_log",
 )
 _NODE = (
     "name",
@@ -411,14 +441,15 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     sizes_raw = raw.get("model_sizes") or {}
     if not isinstance(sizes_raw, dict):
         raise r.fail("model_sizes", f"expected a mapping of model name to size, got {show(sizes_raw)}")
-    model_sizes = {
-        model_key(r.string(name, "model_sizes")): r.size(value, f"model_sizes.{name}")
-        for name, value in sizes_raw.items()
-    }
+    model_sizes: dict[str, int] = {}
+    for name, value in sizes_raw.items():
+        path = _join("model_sizes", show_key(name))
+        model_sizes[model_key(r.name(name, path))] = r.size(value, path)
     prometheus = _prometheus(r, raw)
     if any(n.gpu_source == "prometheus" for n in nodes) and not prometheus.url:
         raise r.fail("prometheus_url", "required when a node has gpu_source: prometheus")
     level = raw.get("log_level", "INFO")
+    actions_log = raw.get("actions_log")
     return Config(
         nodes=nodes,
         priority_models=priorities,
@@ -431,6 +462,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
         proxy=_proxy(r, raw.get("proxy") or {}),
+        actions_log=os.path.expanduser(r.string(actions_log, "actions_log")) if actions_log is not None else None,
         source=source,
     )
 
@@ -482,7 +514,7 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
     if log is not None and source != "ollama_log":
         raise r.fail(_join(path, "ollama_log"), f"only read with gpu_source: ollama_log (this node has {source})")
     return NodeConfig(
-        name=r.string(raw["name"], _join(path, "name")) if "name" in raw else _default_name(url),
+        name=r.name(raw["name"], _join(path, "name")) if "name" in raw else _default_name(url),
         url=url,
         vram=vram,
         gpus=gpus,
@@ -504,13 +536,16 @@ def _ollama_log(r: _Reader, value: Any, path: str) -> OllamaLogSource | None:
     given = [key for key in _OLLAMA_LOG if raw.get(key) is not None]
     if len(given) != 1:
         raise r.fail(path, "give exactly one of file or command")
+    key = _join(path, given[0])
+    text = r.string(raw[given[0]], key)
+    if "\0" in text:  # no path or argument can hold one: the read would fail on every poll
+        raise r.fail(key, f"holds a NUL character (\\0): {show(text)}")
     if given == ["file"]:
-        return OllamaLogSource(file=os.path.expanduser(r.string(raw["file"], _join(path, "file"))))
-    text = r.string(raw["command"], _join(path, "command"))
+        return OllamaLogSource(file=os.path.expanduser(text))
     try:
         return OllamaLogSource(command=tuple(shlex.split(text)))
     except ValueError as exc:
-        raise r.fail(_join(path, "command"), f"cannot split {show(text)} into words: {exc}") from None
+        raise r.fail(key, f"cannot split {show(text)} into words: {exc}") from None
 
 
 def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:
@@ -523,7 +558,7 @@ def _gpus(r: _Reader, value: Any, path: str) -> tuple[GpuSpec, ...]:
         raw = r.mapping(item, f"{path}[{i}]", _GPU)
         if "vram" not in raw:
             raise r.fail(f"{path}[{i}].vram", "missing: the GPU's memory, e.g. 8GiB")
-        name = r.string(raw["name"], f"{path}[{i}].name") if "name" in raw else f"GPU {i}"
+        name = r.name(raw["name"], f"{path}[{i}].name") if "name" in raw else f"GPU {i}"
         specs.append(GpuSpec(name=name, vram=r.size(raw["vram"], f"{path}[{i}].vram")))
     return tuple(specs)
 
@@ -540,7 +575,7 @@ def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
     for i, item in enumerate(value):
         path = f"priority_models[{i}]"
         if isinstance(item, str):
-            models.append(PriorityModel(name=r.string(item, path)))
+            models.append(PriorityModel(name=r.name(item, path)))
             continue
         raw = r.mapping(item, path, _PRIORITY)
         if "name" not in raw:
@@ -548,7 +583,7 @@ def _priorities(r: _Reader, value: Any) -> tuple[PriorityModel, ...]:
         ctx = raw.get("num_ctx")
         models.append(
             PriorityModel(
-                name=r.string(raw["name"], _join(path, "name")),
+                name=r.name(raw["name"], _join(path, "name")),
                 num_ctx=(
                     int(r.number(ctx, _join(path, "num_ctx"), minimum=1, maximum=MAX_CONTEXT, integer=True))
                     if ctx is not None

@@ -73,7 +73,7 @@ def parse_keep_alive(value: object) -> float:
     Numbers are seconds (fractions kept, v0.11.8+), strings Go durations. ValueError carries the 400 text.
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return FOREVER if value < 0 else min(float(value), FOREVER)
+        return FOREVER if value < 0 else float(min(value, FOREVER))  # no float() of a huge int
     if isinstance(value, str):
         seconds = parse_duration(value)
         return FOREVER if seconds < 0 else min(seconds, FOREVER)

@@ -55,7 +55,8 @@ class Observer:
         self.config = config
         self.capacity = capacity or CapacityReader(config)
         self.ledger = NeedLedger(config)
-        self.hidden = HiddenUsage(clock=clock)
+        # an inference of memory held outside Ollama lasts one cooldown: the retry after it retests it
+        self.hidden = HiddenUsage(ttl=config.optimizer.cooldown_seconds, clock=clock)
         self.clock = clock
         deadline = config.request_timeout
         self.clients = {

@@ -20,8 +20,8 @@ class OllamaError(Exception):
     """A call that failed; `kind` says how, never derived from the message text.
 
     Kinds: name_lookup, refused, reset, tls, timeout, unreachable (`transport_error`), not_found (404),
-    bad_request (400), busy (503), server_error (5xx), http (any other non-2xx), garbage (a body that is not
-    the JSON expected).
+    bad_request (400), busy (503), server_error (5xx), redirect (3xx: never followed), http (any other non-2xx),
+    garbage (a body that is not the JSON expected).
     """
 
     def __init__(self, kind: str, message: str, status: int | None = None) -> None:
@@ -61,6 +61,11 @@ class LoadedModel:
     @property
     def fully_on_gpu(self) -> bool:
         return self.size > 0 and self.size_vram >= self.size
+
+    @property
+    def placement(self) -> tuple[int, int]:
+        """(size, size_vram): a change means the runner was loaded again, with another placement."""
+        return self.size, self.size_vram
 
 
 @dataclass(frozen=True)
@@ -218,11 +223,16 @@ class OllamaClient:
         url = self.shown + path
         limit = self.timeout if timeout is None else (min(self.timeout[0], timeout), timeout)
         try:
-            response = self.session.request(method, self.base_url + path, json=body, timeout=limit)
+            response = self.session.request(
+                method, self.base_url + path, json=body, timeout=limit, allow_redirects=False
+            )
         except requests.exceptions.RequestException as exc:
             kind, words = transport_error(exc, limit)
             raise OllamaError(kind, f"{url}: {words}") from None
         status = response.status_code
+        failed = redirect_error(url, status, response.headers.get("Location"))
+        if failed is not None:
+            raise failed
         if status >= 300:
             raise OllamaError(_kind(status), f"{url}: HTTP {status}: {_error_text(response)}", status)
         try:
@@ -273,6 +283,15 @@ def transport_error(exc: BaseException, timeout: tuple[float, float] | float | N
         return "reset", "connection reset: the server closed it before answering"
     detail = next((e for e in reversed(chain) if isinstance(e, OSError) and e.strerror), None)
     return "unreachable", detail.strerror if detail is not None and detail.strerror else type(exc).__name__
+
+
+def redirect_error(url: str, status: int, location: str | None) -> OllamaError | None:
+    """A redirect as the node error it is (None for any other status): only configured URLs are contacted, so
+    it is never followed. Every client of a node (requests or aiohttp) asks this before reading an answer."""
+    if not 300 <= status < 400:
+        return None
+    target = "".join(c if c.isprintable() else "?" for c in redact(location[:200])) if location else "nowhere"
+    return OllamaError("redirect", f"{url}: node answered a redirect to {target} (not followed)", status)
 
 
 def _kind(status: int) -> str:

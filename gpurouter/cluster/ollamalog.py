@@ -42,19 +42,26 @@ server's start, not now, so it is kept as information only (GPU `used` stays unk
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
+import selectors
 import shlex
+import signal
 import subprocess
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from stat import S_ISREG
+from typing import BinaryIO
 
 from gpurouter.cluster.state import Capacity, GpuInfo
-from gpurouter.units import parse_size
+from gpurouter.units import MIB, parse_size
 
 _PHRASES = ("inference compute", "server config", "Listening on", "vram-based default context")  # other lines: skipped
 # key=value pairs of a slog text line: the key up to "=", the value quoted (Go escapes) or up to a space
@@ -253,67 +260,207 @@ def log_capacity(log: ServerLog, where: str) -> Capacity:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+# Reads are bounded: a file is read in chunks, never more than its last TAIL bytes (a file seen for the first
+# time, or grown by more since the last read, is read from TAIL before its end); a command's output keeps only
+# its last OUTPUT_TAIL bytes of each stream. A line longer than LONG_LINE is skipped, and not read again.
+TAIL = 256 * MIB
+OUTPUT_TAIL = 16 * MIB
+LONG_LINE = MIB  # Ollama's longest line that matters, `server config`, is a few KiB
+_CHUNK = MIB
+_AT_ONCE = 16  # commands running at once (each ends by its deadline)
+_COMMANDS = threading.BoundedSemaphore(_AT_ONCE)
+
 
 class LogFile:
     """One log file, read incrementally: only the lines appended since the last read are parsed. A file that
     was replaced (rotated), shrank, or whose first bytes changed (rewritten in place) is read again from its
-    start. Thread-safe."""
+    start. Only a regular file is read, opened without blocking (a FIFO or a device would block or never end).
+    Thread-safe."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._identity: tuple[int, int] | None = None
-        self._offset = 0
+        self._offset = 0  # where the next read starts: after the last whole line parsed
+        self._skipping = False  # the next read starts inside a line too long to read (or cut by the tail)
+        self._cut = False  # the parser started at the tail, not at the file's start
         self._head = b""  # the file's first bytes when it was read from its start
         self._parser = ServerLogParser()
 
+    @property
+    def where(self) -> str:
+        """The file, as a reason names it (with the tail read when its start was not)."""
+        return f"{self.path} (its last {TAIL // MIB} MiB)" if self._cut else str(self.path)
+
     def read(self) -> ServerLog:
-        """The log as it stands; LogUnavailable when the file cannot be read or is empty."""
+        """The log as it stands; LogUnavailable when the file cannot be read, is not a regular file, or is empty."""
         with self._lock:
             try:
-                with self.path.open("rb") as handle:
-                    stat = os.fstat(handle.fileno())
-                    same = (stat.st_dev, stat.st_ino) == self._identity and stat.st_size >= self._offset
-                    if not same or handle.read(len(self._head)) != self._head:
-                        self._identity, self._offset, self._parser = (stat.st_dev, stat.st_ino), 0, ServerLogParser()
-                    handle.seek(self._offset)
-                    data = handle.read()
-                    if self._offset == 0:
-                        self._head = data[:_HEAD]
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             except OSError as exc:
                 raise LogUnavailable(f"ollama_log: cannot read {self.path}: {exc.strerror or exc}") from None
-            if self._offset + len(data) == 0:
+            try:
+                stat = os.fstat(fd)
+                if not S_ISREG(stat.st_mode):
+                    raise LogUnavailable(
+                        f"ollama_log: {self.path} is not a regular file (a FIFO or device blocks or never ends; "
+                        "read it with command: instead)"
+                    )
+                with os.fdopen(fd, "rb", buffering=0, closefd=False) as handle:
+                    pending = self._read_new(handle, stat)
+            except OSError as exc:
+                raise LogUnavailable(f"ollama_log: cannot read {self.path}: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)
+            if stat.st_size == 0:
                 raise LogUnavailable(f"ollama_log: {self.path} is empty")
-            whole = data.rfind(b"\n") + 1  # a line still being written is parsed, but parsed again next time
-            self._parser.feed(data[:whole].decode("utf-8", "replace"))
-            self._offset += whole
-            pending = data[whole:].decode("utf-8", "replace")
-            return copy.deepcopy(self._parser).feed(pending).log if pending.strip() else self._parser.log
+            text = pending.decode("utf-8", "replace")  # a line still being written: parsed, and again next time
+            return copy.deepcopy(self._parser).feed(text).log if text.strip() else self._parser.log
+
+    def _read_new(self, handle: BinaryIO, stat: os.stat_result) -> bytes:
+        """Parse the whole lines from the last read (or the tail) to the size `stat` gives; the bytes of a last
+        line without its newline yet."""
+        identity, size = (stat.st_dev, stat.st_ino), stat.st_size
+        if identity != self._identity or size < self._offset or handle.read(len(self._head)) != self._head:
+            self._restart(handle, identity, 0)
+        if size - self._offset > TAIL:
+            self._restart(handle, identity, size - TAIL)
+        handle.seek(self._offset)
+        position, carry = self._offset, b""
+        while position < size and (chunk := handle.read(min(_CHUNK, size - position))):
+            position += len(chunk)
+            if self._skipping:
+                newline = chunk.find(b"\n")
+                if newline < 0:
+                    continue
+                chunk, self._skipping = chunk[newline + 1 :], False
+            data = carry + chunk
+            whole = data.rfind(b"\n") + 1
+            if whole:
+                self._parser.feed(data[:whole].decode("utf-8", "replace"))
+            carry = data[whole:]
+            if len(carry) > LONG_LINE:
+                carry, self._skipping = b"", True
+        self._offset = position - len(carry)
+        return carry
+
+    def _restart(self, handle: BinaryIO, identity: tuple[int, int], offset: int) -> None:
+        handle.seek(0)
+        self._head = handle.read(_HEAD)
+        self._identity, self._offset, self._parser = identity, offset, ServerLogParser()
+        self._skipping = self._cut = offset > 0
 
 
 def run_log_command(argv: Sequence[str], timeout: float) -> tuple[str, str]:
-    """(stdout, stderr) of a command that prints the log, run without a shell; LogUnavailable (with its
-    stderr or exit status) when it cannot run, fails or outlasts `timeout` seconds."""
+    """(stdout, stderr) of a command that prints the log, run without a shell in a session of its own; only the
+    last OUTPUT_TAIL bytes of each are kept. LogUnavailable (with its stderr or exit status) when it cannot run,
+    fails or outlasts `timeout` seconds. Its whole process group is killed when it ends or times out, so no
+    background child of it outlives the read."""
     shown = shlex.join(argv)
+    deadline = time.monotonic() + timeout
+    if not _COMMANDS.acquire(timeout=timeout):
+        raise LogUnavailable(f"ollama_log: `{shown}` did not start within {timeout:g} s ({_AT_ONCE} commands running)")
     try:
-        done = subprocess.run(
+        return _run_command(argv, shown, timeout, deadline)
+    finally:
+        _COMMANDS.release()
+
+
+def _run_command(argv: Sequence[str], shown: str, timeout: float, deadline: float) -> tuple[str, str]:
+    try:
+        process = subprocess.Popen(
             list(argv),
-            capture_output=True,
             stdin=subprocess.DEVNULL,
-            timeout=timeout,
-            text=True,
-            errors="replace",
-            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        raise LogUnavailable(f"ollama_log: `{shown}` did not finish within {timeout:g} s") from None
-    except OSError as exc:
-        raise LogUnavailable(f"ollama_log: cannot run `{shown}`: {exc.strerror or exc}") from None
-    if done.returncode != 0:
-        said = _last_line(done.stderr)
-        status = f"exit status {done.returncode}" if done.returncode > 0 else f"signal {-done.returncode}"
+    except (OSError, ValueError) as exc:
+        words = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LogUnavailable(f"ollama_log: cannot run `{shown}`: {words}") from None
+    try:
+        stdout, stderr, finished = _read_tails(process, deadline)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the leader is not reaped yet: its group id is still its own
+        process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    if not finished:
+        raise LogUnavailable(f"ollama_log: `{shown}` did not finish within {timeout:g} s")
+    out, err = stdout.text(), stderr.text()
+    if process.returncode != 0:
+        said = _last_line(err)
+        code = process.returncode
+        status = f"exit status {code}" if code > 0 else f"signal {-code}"
         raise LogUnavailable(f"ollama_log: `{shown}` failed ({status})" + (f": {said}" if said else ""))
-    return done.stdout, done.stderr
+    return out, err
+
+
+class _Tail:
+    """The last OUTPUT_TAIL bytes (at least) of a stream, from its first whole line once older ones are dropped."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.size = 0
+        self.cut = False
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size - len(self.chunks[0]) >= OUTPUT_TAIL:
+            self.size -= len(self.chunks.popleft())
+            self.cut = True
+
+    def text(self) -> str:
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return str(memoryview(data)[data.find(b"\n") + 1 if self.cut else 0 :], "utf-8", "replace")
+
+
+def _read_tails(process: subprocess.Popen[bytes], deadline: float) -> tuple[_Tail, _Tail, bool]:
+    """The tails of the process's stdout and stderr, read until it has exited and left nothing more to read (a
+    background child may hold the pipes open); False when the deadline came first. The process is not reaped
+    (a pidfd, or where there is none `waitid(WNOWAIT)` every 50 ms, tells its exit), so its group can still be
+    killed by its id."""
+    assert process.stdout is not None and process.stderr is not None
+    tails = {pipe.fileno(): _Tail() for pipe in (process.stdout, process.stderr)}
+    out, err = tails.values()
+    try:
+        pidfd: int | None = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # before Linux 5.3, or a sandbox that forbids it
+        pidfd = None
+    exited = False
+    try:
+        with selectors.DefaultSelector() as selector:
+            for fd in (*tails, *([pidfd] if pidfd is not None else [])):
+                selector.register(fd, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                wait = 0 if exited else left if pidfd is not None else min(left, 0.05)
+                ready = [key.fd for key, _ in selector.select(wait)]
+                if pidfd in ready or (pidfd is None and not exited and _exited(process.pid)):
+                    exited = True
+                    if pidfd is not None:
+                        selector.unregister(pidfd)
+                pipes = [fd for fd in ready if fd != pidfd]
+                for fd in pipes:
+                    chunk = os.read(fd, _CHUNK)
+                    if chunk:
+                        tails[fd].add(chunk)
+                    else:
+                        selector.unregister(fd)
+                if exited and not pipes:
+                    return out, err, True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return out, err, False
+
+
+def _exited(pid: int) -> bool:
+    """True when the process has exited; it is left unreaped."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def command_capacity(argv: Sequence[str], timeout: float) -> Capacity:
@@ -324,7 +471,7 @@ def command_capacity(argv: Sequence[str], timeout: float) -> Capacity:
         stdout, stderr = run_log_command(argv, timeout)
     except LogUnavailable as exc:
         return Capacity(source="unknown", reason=str(exc))
-    capacity = log_capacity(parse_server_log(f"{stdout}\n{stderr}"), shown)
+    capacity = log_capacity(ServerLogParser().feed(stdout).feed(stderr).log, shown)
     said = _last_line(stderr)
     if not capacity.known and said:
         return replace(capacity, reason=f"{capacity.reason} (stderr: {said})")
@@ -333,7 +480,7 @@ def command_capacity(argv: Sequence[str], timeout: float) -> Capacity:
 
 def file_capacity(log: LogFile) -> Capacity:
     try:
-        return log_capacity(log.read(), str(log.path))
+        return log_capacity(log.read(), log.where)
     except LogUnavailable as exc:
         return Capacity(source="unknown", reason=str(exc))
 

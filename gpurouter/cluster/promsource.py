@@ -89,7 +89,11 @@ def http_query(url: str, session: requests.Session | None = None) -> Query:
     http = session or requests.Session()
 
     def query(expr: str, timeout: float) -> list[dict[str, Any]]:
-        response = http.get(f"{url.rstrip('/')}/api/v1/query", params={"query": expr}, timeout=timeout)
+        response = http.get(
+            f"{url.rstrip('/')}/api/v1/query", params={"query": expr}, timeout=timeout, allow_redirects=False
+        )
+        if response.is_redirect:  # only the configured URL is contacted
+            raise ValueError(f"HTTP {response.status_code}: a redirect (not followed)")
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
             raise ValueError(body.get("error") or f"HTTP {response.status_code}")

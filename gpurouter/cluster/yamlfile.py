@@ -3,7 +3,9 @@
 A configuration or fleet file is small and written by hand, so the reader refuses what no such file needs and
 what would make a few hundred bytes cost gigabytes: aliases whose expansion exceeds `MAX_VALUES` values (a
 "billion laughs"), a recursive alias, nesting deeper than `MAX_DEPTH`, a file over `MAX_BYTES`, and a key given
-twice in one mapping (YAML would keep the last silently).
+twice in one mapping (YAML would keep the last silently). A control character (a comment's included) is refused
+with its line. An integer of any length is read (the settings that take one bound it and name their key), and
+an error message shows a long one by its length.
 """
 
 from __future__ import annotations
@@ -57,10 +59,22 @@ class _BoundedLoader(yaml.SafeLoader):
             first[ident] = key.start_mark.line + 1
         return node
 
+    def construct_yaml_int(self, node: ScalarNode) -> int:
+        """PyYAML's integer; a decimal one longer than Python converts from text (`sys.get_int_max_str_digits`)
+        becomes a stand-in with as many digits: no setting takes a number that large, so only its size shows."""
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            text = str(node.value).replace("_", "")
+            return (-1 if text.startswith("-") else 1) * 10 ** len(text.lstrip("+-"))
+
     def compose_document(self) -> Node:
         node = super().compose_document()
         _expanded(node, 1, {}, set())
         return node
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 def _expanded(node: Node, depth: int, known: dict[int, tuple[int, int]], open_: set[int]) -> tuple[int, int]:
@@ -93,7 +107,7 @@ def _expanded(node: Node, depth: int, known: dict[int, tuple[int, int]], open_: 
 def show_key(key: Any) -> str:
     """How an error message names a key read from a file, in a path (`nodes[0].KEY`): a string key bare, cut
     like `show` cuts a value; any other key as `show` shows it."""
-    if isinstance(key, str):
+    if isinstance(key, str) and key.isprintable():  # a control character or lone surrogate: shown escaped
         return key if len(key) <= _SHOWN else key[:_SHOWN] + "…"
     return show(key)
 
@@ -109,6 +123,8 @@ def show(value: Any) -> str:
         return "nothing"
     if isinstance(value, str) and len(value) > _SHOWN:
         return repr(value[:_SHOWN]) + "…"
+    if isinstance(value, int) and value.bit_length() > _SHOWN * 3:  # repr() refuses past 4300 digits
+        return f"a whole number of about {round(value.bit_length() * 0.30103)} digits"
     text = repr(value)
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "…"
 
@@ -137,7 +153,12 @@ def read_yaml(path: str | Path, source: str | None = None) -> Any:
         raise ValueError(f"{source}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{source}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)
+    except yaml.reader.ReaderError as exc:  # checked for the whole text before anything is parsed
+        line = text.count("\n", 0, exc.position) + 1
+        problem = f"control character U+{exc.character:04X} (only tab, line breaks and printable text are allowed)"
+        raise ValueError(f"{source}: line {line}: invalid YAML: {problem}") from None
     try:
         return loader.get_single_data()
     except yaml.YAMLError as exc:

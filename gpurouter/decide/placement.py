@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gpurouter.cluster.config import PriorityModel, model_key
+from gpurouter.cluster.goduration import FOREVER, parse_keep_alive
 from gpurouter.cluster.ollama import LoadedModel
 from gpurouter.cluster.state import ClusterState, ModelNeed, NodeState
 from gpurouter.sizing import catalog, eras
@@ -93,16 +94,30 @@ def _likeness(wanted: str, name: str) -> float:
 
 
 def close_models(state: ClusterState, model: str, limit: int = 3, cutoff: float = 0.6) -> list[str]:
-    """Names close to `model` (the closest and those nearly as close): the installed (or loaded) ones first,
-    catalog names only when no installed one is close."""
+    """Names close to `model`: the installed (or loaded) ones first, catalog names only when no installed one
+    is close and `model` is not a catalog name itself (a known name is not a misspelling). Names that begin with
+    it come first, shortest first (`mxbai` → mxbai-embed-large, `llama3.2` → llama3.2:1b and :3b); else the
+    closest by spelling and those nearly as close, the tag compared only where `model` gives one."""
     key = model_key(model)
-    catalog_names = sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)})
-    for names in (installed_models(state), catalog_names):
-        scored = sorted(((_likeness(key, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
+    wanted = key if ":" in model.strip().rsplit("/", 1)[-1] else key.rsplit(":", 1)[0]  # not `mxbai:latest`
+    pools = [installed_models(state)]
+    if catalog.find(key) is None:
+        pools.append(sorted({n for spec in catalog.CATALOG for n in (spec.name, *spec.aliases)}))
+    for names in pools:
+        prefixed = _beginning_with(names, key, limit)
+        if prefixed:
+            return prefixed
+        scored = sorted(((_likeness(wanted, n), n) for n in names if n != key), key=lambda x: (-x[0], x[1]))
         if scored and scored[0][0] >= cutoff:  # the best, and those nearly as close (not every distant cousin)
             floor = max(cutoff, scored[0][0] - 0.15)
             return [n for score, n in scored if score >= floor][:limit]
     return []
+
+
+def _beginning_with(names: Iterable[str], key: str, limit: int = 3) -> list[str]:
+    """The names other than `key` that begin with its name without the tag, shortest first."""
+    base = key.rsplit(":", 1)[0]
+    return sorted((n for n in names if n != key and n.startswith(base)), key=lambda n: (len(n), n))[:limit]
 
 
 def is_known(state: ClusterState, model: str) -> bool:
@@ -346,6 +361,11 @@ def check(state: ClusterState, model: str, now: float) -> CheckResult:
     priority = _priority_keys(state)
     verdicts = tuple(_verdict(state, node, key, priority, now) for node in state.nodes)
     code, result = _result(verdicts)
+    installed = installed_models(state)
+    if code == "nowhere" and key not in installed:
+        # `llama3.2` where llama3.2:1b and :3b are installed; no search by spelling (the proxy checks every request)
+        close = _beginning_with(installed, key)
+        result += f" (did you mean {', '.join(close)}?)" if close else ""
     return CheckResult(model=key, verdicts=verdicts, result=result, needs=model_needs(state, key), code=code)
 
 
@@ -452,9 +472,11 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
     if best.loaded_model(key) is not None:
         facts.append("already runs it")
     facts.append(f"{size_text(_ram_held(best))} held in RAM by loaded models")
-    causes = [c for group in _off_gpu_causes(_by_kind(result.verdicts)) for c in group] or ["no GPU can hold it fully"]
-    cause = "; ".join(causes)
-    why = f"{cause[0].upper()}{cause[1:]}; {best.name} {', '.join(facts)}"
+    by_kind = _by_kind(result.verdicts)
+    cause = "; ".join(c for group in _off_gpu_causes(by_kind) for c in group) or "no GPU can hold it fully"
+    if "down" not in by_kind:  # then the sentence starts "gpu-large did not answer": a name keeps its case
+        cause = cause[0].upper() + cause[1:]
+    why = f"{cause}; {best.name} {', '.join(facts)}"
     if len(candidates) > 1:
         why += f" (best of {len(candidates)} CPU candidates)"
     return Route(key, best.name, "CPU", why, result.verdicts, result.needs)
@@ -470,7 +492,7 @@ class Step:
     `for_model` is the priority model the step serves (an eviction's victim is `model`); None = `model`.
     """
 
-    action: str  # "evict" | "load" | "unload"
+    action: str  # "evict" | "load" | "unload" | "pin" (same options again, with the configured keep_alive)
     model: str
     node: str
     reason: str
@@ -718,7 +740,38 @@ def plan(
         elif not packer.add(item):
             unplaced.append((key, f"no room left after higher-priority models ({why})"))
     packer.improve()
-    return Plan(tuple(_steps(packer, copies, state.layers)), tuple(unplaced), tuple(already))
+    steps = _steps(packer, copies, state.layers)
+    loading = {s.model for s in steps if s.action == "load"}
+    keys = {model_key(p.name) for p in wanted}
+    pins = [s for s in unpinned(state, now) if s.model in keys and s.model not in loading]
+    return Plan(tuple(steps + pins), tuple(unplaced), tuple(already))
+
+
+PINNED_FOREVER = 10 * 365 * 86400.0  # seconds: an expiry further away than this is keep_alive forever
+PIN_SLACK = 60.0  # seconds an expiry may lie past the configured keep_alive (clocks, request time)
+
+
+def unpinned(state: ClusterState, now: float) -> list[Step]:
+    """A `pin` step for every idle copy of a priority model that lost its pin: configured forever (the default)
+    but expiring, or expiring later than its configured keep_alive allows (a client's longer keep_alive). A
+    copy that expires sooner than a finite keep_alive is not told apart from one idle since (left alone); a busy
+    copy shows no expiry to judge (a later pass looks again). Copies on nodes in maintenance are never touched."""
+    steps = []
+    for pm in state.config.priority_models:
+        key = model_key(pm.name)
+        wanted = parse_keep_alive(pm.keep_alive)
+        for node, copy in state.placements(key):
+            if node.config.maintenance or copy.expires_at is None or is_busy(copy, now):
+                continue
+            left = copy.expires_at.timestamp() - now
+            if left < PINNED_FOREVER if wanted >= FOREVER else left > wanted + PIN_SLACK:
+                why = f"{key} expires in {_duration(left)}, not as configured (keep_alive {pm.keep_alive})"
+                steps.append(Step("pin", key, node.name, why, copy.context_length or pm.num_ctx, pm.keep_alive))
+    return steps
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:.0f} days" if seconds >= 86400 else f"{max(0.0, seconds):.0f}s"
 
 
 @dataclass(frozen=True)

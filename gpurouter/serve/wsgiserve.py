@@ -6,11 +6,20 @@ connection holds no thread and is closed after `IDLE_TIMEOUT` seconds, and at mo
 connections are open at once (further ones wait in the backlog). With `json_errors`, the answers waitress
 makes itself — 400 malformed request, 413 body too large, 431 headers too large, 501 transfer encoding not
 supported — are `{"error": "..."}` with `Content-Type: application/json`, like the application's own.
+
+The I/O loop waits with poll(), not waitress's default select(): select() cannot watch a descriptor numbered
+1024 or above, and a process that polls a thousand nodes holds that many sockets (the loop would die with
+"filedescriptor out of range in select()"). Should the loop die all the same, the process is told to stop
+(SIGTERM, the error logged) and `Served.failure` holds the error: a server that no longer answers never keeps
+running.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +29,11 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
+from gpurouter import logfmt
 from gpurouter.units import body_too_large
 from gpurouter.urls import authority
+
+log = logging.getLogger(__name__)
 
 BACKLOG = 1024
 IDLE_TIMEOUT = 60  # seconds a connection may stay idle (Prometheus keeps one per target between scrapes)
@@ -57,6 +69,8 @@ class Served:
         self._server = server
         self._serving = threading.Event()
         self._serving.set()
+        self.failure: BaseException | None = None  # what ended the I/O loop while serving
+        self._closed = False
         self.thread = threading.Thread(target=self._loop, name=f"{name}-http", daemon=True)
         self.thread.start()
 
@@ -70,12 +84,14 @@ class Served:
 
     @property
     def serving(self) -> bool:
-        return self._serving.is_set()
+        """True until `stop()` (also after the loop died: `failure` says why)."""
+        return not self._closed
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, wait up to `timeout` for the requests being answered, close every socket. Idempotent."""
-        if not self._serving.is_set():
+        if self._closed:
             return
+        self._closed = True
         self._serving.clear()
         self._server.pull_trigger()  # wakes the loop, which sees the flag and returns
         self.thread.join(timeout)
@@ -86,8 +102,15 @@ class Served:
         """waitress's I/O loop, one pass at a time while serving. Its sockets are closed by `stop` once this
         thread has ended (closing them from inside the loop would race with threads pulling its trigger)."""
         adj = self._server.adj
-        while self._serving.is_set():
-            wasyncore.loop(adj.asyncore_loop_timeout, adj.asyncore_use_poll, self._server._map, count=1)
+        try:
+            while self._serving.is_set():
+                wasyncore.loop(adj.asyncore_loop_timeout, adj.asyncore_use_poll, self._server._map, count=1)
+        except Exception as exc:
+            self.failure = exc
+            logfmt.log_event(
+                log, logging.ERROR, "http.failed", error=f"{type(exc).__name__}: {exc}", outcome="stopping"
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(
@@ -114,6 +137,7 @@ def serve(
         channel_timeout=IDLE_TIMEOUT,
         cleanup_interval=min(10, IDLE_TIMEOUT),
         connection_limit=CONNECTION_LIMIT,
+        asyncore_use_poll=True,
         max_request_body_size=max_request_body_size,
         clear_untrusted_proxy_headers=True,
     )

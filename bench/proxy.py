@@ -1,4 +1,4 @@
-"""What `gpu-router proxy` costs and what it gains, side by side, in one run.
+"""What `gpu-router proxy` costs, in one run.
 
 The simulated fleet and the proxy each run as their own process (`gpu-router simulate`, `gpu-router proxy`);
 the clients are aiohttp tasks in this one. Figures:
@@ -6,15 +6,12 @@ the clients are aiohttp tasks in this one. Figures:
 - overhead: the same small non-streaming generate requests straight to a simulated node and through the
   proxy, p50/p99 of each and the difference, at 1, 50 and 200 concurrent clients, and the proxy's own CPU time
   per request; the same for the time to the first byte of a stream; concurrent open streams held without error
-  (spread by the proxy over four simulated nodes of 256 slots, Ollama's most per runner), with the proxy's RSS;
-- value: the demo fleet with the priority model llama3.1 pushed onto CPU on gpu-large (its only GPU home) and
-  running on CPU on cpu-node; clients spreading requests round-robin over the nodes that have the model (what
-  a plain load balancer does) versus the same clients through the proxy (which asks the optimizer to heal the
-  model and waits for the GPU up to proxy.wait_for_gpu): median tokens/s (tokens / request time) and p95
-  request time seen by clients.
+  (spread by the proxy over four simulated nodes of 256 slots, Ollama's most per runner), with the proxy's RSS.
 
-Goals: added p99 ≤ 5 ms at 50 concurrent clients; 1000 concurrent streams; ≥ 3× the round-robin median
-tokens/s in the value scenario. Run: `python bench/proxy.py [--streams 1000] [--quick]`.
+What the proxy gains (its routing against a plain load balancer on a replayed trace) is `bench/trace.py`.
+
+Goals: added p99 ≤ 5 ms at 50 concurrent clients; 1000 concurrent streams.
+Run: `python bench/proxy.py [--streams 1000] [--quick]`.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,9 +36,8 @@ sys.path.insert(0, str(ROOT))
 from cli import localstack  # noqa: E402
 from cli.localstack import free_port, wait_for  # noqa: E402
 from proxy.service import raise_open_files_limit  # noqa: E402
-from simulator.run import DEMO_FLEET, fleet_from_dict, router_config  # noqa: E402
 
-FAST, SLOW, BIG = "llama3.2:1b", "qwen2.5-coder:1.5b", "llama3.1:latest"
+FAST, SLOW = "llama3.2:1b", "qwen2.5-coder:1.5b"
 
 
 SLOW_NODES = 4  # 256 slots each (Ollama's most): 1024 streams at once
@@ -225,81 +220,6 @@ def streams(proxy: str, process: Process, count: int) -> list[str]:
     ]
 
 
-# ------------------------------------------------------------------------------------------------ value
-
-
-def demo_setup(tmp: Path) -> tuple[Process, dict[str, str], dict]:
-    fleet = yaml.safe_load(DEMO_FLEET.read_text())
-    fleet["control_port"] = free_port()
-    for node in fleet["nodes"]:
-        node["port"] = free_port()
-    process, urls = start_fleet(tmp, fleet)
-    config = {
-        "nodes": router_config(fleet_from_dict(fleet), urls)["nodes"],
-        "priority_models": ["mxbai-embed-large", BIG],
-        "check_interval": 3600,
-        "optimizer": {"cooldown_seconds": 1, "cooldown_max_seconds": 5, "load_timeout": 60},
-        "proxy": {"refresh_interval": 1, "wait_for_gpu": 30},
-    }
-    # the priority model pushed onto CPU on its only GPU home, and running on CPU on the CPU node
-    for name in ("gpu-large", "cpu-node"):
-        body = {"model": BIG, "prompt": "", "keep_alive": -1, "options": {"num_gpu": 0}}
-        requests.post(f"{urls[name]}/api/generate", json=body, timeout=60).raise_for_status()
-    return process, urls, config
-
-
-async def generation_times(urls: list[str], clients: int, per_client: int, tokens: int) -> list[tuple[float, int]]:
-    """(seconds, tokens) per request; client i sends its k-th request to urls[(i + k) % len(urls)]."""
-    body = {"model": BIG, "prompt": "tell me", "stream": False, "options": {"num_predict": tokens}}
-    results: list[tuple[float, int]] = []
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-
-        async def client(i: int) -> None:
-            for k in range(per_client):
-                started = time.perf_counter()
-                async with session.post(f"{urls[(i + k) % len(urls)]}/api/generate", json=body) as reply:
-                    data = await reply.json()
-                    assert reply.status == 200, data
-                results.append((time.perf_counter() - started, data["eval_count"]))
-
-        await asyncio.gather(*(client(i) for i in range(clients)))
-    return results
-
-
-def value(tmp: Path, quick: bool) -> list[str]:
-    clients, per_client, tokens = 4, (2 if quick else 6), 16
-    fleet, urls, config = demo_setup(tmp)
-    try:
-        spread = asyncio.run(generation_times([urls["cpu-node"], urls["gpu-large"]], clients, per_client, tokens))
-        proxy, proxy_url = start_proxy(tmp, config)
-        try:
-            routed = asyncio.run(generation_times([proxy_url], clients, per_client, tokens))
-        finally:
-            proxy.stop()
-        ps = requests.get(f"{urls['gpu-large']}/api/ps", timeout=5).json()["models"]
-        where = ", ".join(f"{m['name']} {m['size_vram'] / m['size']:.0%} on GPU" for m in ps)
-    finally:
-        fleet.stop()
-
-    def row(name: str, results: list[tuple[float, int]]) -> tuple[str, float]:
-        speeds = [n / s for s, n in results]
-        seconds = [s for s, _ in results]
-        median = statistics.median(speeds)
-        text = f"{name:<44}{len(results):>9}{median:>15.1f}{percentile(seconds, 95):>14.2f}"
-        return text, median
-
-    a, rr = row("round-robin over cpu-node and gpu-large", spread)
-    b, px = row("through the proxy (heals, then GPU)", routed)
-    return [
-        f"value (demo fleet, {BIG} pushed onto CPU on gpu-large; {clients} clients, {tokens} tokens per request)",
-        f"{'clients send':<44}{'requests':>9}{'median tok/s':>15}{'p95 time s':>14}",
-        a,
-        b,
-        f"proxy ÷ round-robin median tokens/s: {px / rr:.1f}× (goal ≥ 3×); gpu-large afterwards: {where}",
-    ]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams to hold (default 1000)")
@@ -325,8 +245,6 @@ def main() -> int:
                 proxy.stop()
         finally:
             fleet.stop()
-        out.append("")
-        out += value(tmp, args.quick)
     print("\n".join(out))
     return 0
 

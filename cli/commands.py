@@ -32,6 +32,9 @@ from gpurouter.cluster.config import Config, find_config, load_config, model_key
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide.placement import Step, check, is_known, plan, route, route_of, uninstalled_priority
+from gpurouter.decide.route.ask import ask_of
+from gpurouter.decide.route.pipeline import choose
+from gpurouter.decide.route.traffic import Traffic
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,6 +92,10 @@ def _status(args: argparse.Namespace, state: ClusterState, now: float, _: Observ
 def _route(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
     if _readable(state) and not is_known(state, args.model):
         return _unknown_model(state, args.model)
+    if args.explain:
+        choice = choose(state, ask_of("/api/generate", {"prompt": args.prompt}, args.model), Traffic(), now)
+        _emit(args, {"command": "route", **render.route_choice(choice)}, render.route_choice_text(choice))
+        return exitcodes.OK if choice.targets else exitcodes.FAILED
     result = route(state, args.model, now)
     differs = render.route_divergence(state, result, now)
     document = {"command": "route", **render.route_json(result, differs)}

@@ -69,6 +69,13 @@ def _model_name(text: str) -> str:
 def _decision_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name in ("route", "check"):
         parser.add_argument("model", metavar="MODEL", type=_model_name, help="model name, e.g. llama3.1:latest")
+    if name == "route":
+        parser.add_argument(
+            "--explain",
+            action="store_true",
+            help="show the proxy's request pipeline for it: every node's scores (no traffic: as a quiet proxy)",
+        )
+        parser.add_argument("--prompt", default="", help="with --explain: the request's prompt")
     if name == "optimize":
         mode = parser.add_mutually_exclusive_group()
         mode.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")

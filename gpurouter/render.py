@@ -32,6 +32,7 @@ from gpurouter.decide.placement import (
     sizing_text,
     uninstalled_priority,
 )
+from gpurouter.decide.route.pipeline import Choice
 from gpurouter.sizing import catalog, eras
 from gpurouter.units import GIB, mb, size_text
 from gpurouter.urls import redact
@@ -340,6 +341,12 @@ def status_text(state: ClusterState, now: float) -> list[str]:
     return lines
 
 
+def _margin_text(state: ClusterState, node: NodeState) -> str:
+    if state.config.vram_safety_margin is None:
+        return "no margin beyond Ollama's own"
+    return f"{node.margin:.0%} safety"
+
+
 def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tuple[str, Verdict]]) -> list[str]:
     where = f"{node.name} ({redact(node.config.url)})"
     if not node.up:
@@ -357,7 +364,7 @@ def _node_text(state: ClusterState, node: NodeState, now: float, fits: list[tupl
         lines += [
             f"   GPUs: {gpus} (from {node.capacity.source})",
             f"   Total VRAM: {size_text(node.vram_total)}",
-            f"   Usable VRAM: {size_text(node.vram_usable)} ({node.margin:.0%} safety)",
+            f"   Usable VRAM: {size_text(node.vram_usable)} ({_margin_text(state, node)})",
             f"   Free VRAM: {size_text(node.vram_free)}",
         ]
         if node.hidden:
@@ -614,4 +621,40 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
         lines.append(f"   Where: {where_loaded_text(state, key, now)}")
         lines.append("   Optimize would:")
         lines += [f"      {line}" for line in model_plan_lines(key, p, differs.get(key))]
+    return lines
+
+
+def route_choice(c: Choice) -> dict[str, Any]:
+    """The request pipeline's choice with every node's scores (the proxy's /api/v1/route, `route --explain`)."""
+    return {
+        "model": c.model,
+        "placement": c.placement,
+        "reason": c.reason,
+        "heal": c.heal,
+        "targets": [
+            {
+                "node": t.node,
+                "placement": t.placement,
+                "score": round(t.score, 4),
+                "scores": {k: round(v, 4) for k, v in t.parts.items()},
+                "cached_tokens": t.cached_tokens,
+                "slots": t.slots,
+                "failing": t.failing,
+                "options_set": dict(t.sets),
+                "options_replaced": t.adjusted,
+                "why": t.why,
+            }
+            for t in c.targets
+        ],
+        "dropped": [{"node": node, "why": why} for node, why in c.dropped],
+    }
+
+
+def route_choice_text(c: Choice) -> list[str]:
+    lines = [f"{c.model}: {c.reason}" if c.targets else f"{c.model}: nowhere ({c.reason})"]
+    for t in c.targets:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in t.parts.items())
+        extra = " (failing)" if t.failing else (f" (options replaced: {t.why})" if t.adjusted else "")
+        lines.append(f"  {t.node:<16} {t.placement:<8} score {t.score:5.2f}  {parts}{extra}")
+    lines += [f"  {node:<16} dropped: {why}" for node, why in c.dropped]
     return lines

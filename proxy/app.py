@@ -2,10 +2,13 @@
 
 A routed request (generate, chat, embed, embeddings, show, and the /v1 completions and embeddings) is read
 whole (at most `proxy.max_body` bytes: the model it names decides the node, and a malformed body is answered
-here with Ollama's own 400 without touching a node), sent as-is to the node `choose` puts first, and its answer
-streamed back chunk by chunk as it arrives. A node that fails before the first byte is replaced by the next
-candidate (at most `proxy.retries` times); one that fails mid-stream ends the client's stream with an error
-line in the stream's own format. A client that goes away cancels the request to the node. Only the configured
+here with Ollama's own 400 without touching a node), sent to the node the request pipeline
+(`gpurouter.decide.route`) puts first — as it is, or with the options `proxy.options` sets — once a slot of that
+runner is free (`proxy.queue`), and its answer streamed back chunk by chunk as it arrives; its last bytes tell
+its timings and whether it ended with the node's error line (`proxy.answers`). A node that fails before the
+first byte is replaced by the next candidate (at most `proxy.retries` times); one that fails mid-stream ends the
+client's stream with an error line in the stream's own format. A client that goes away cancels the request to
+the node. Only the configured
 node URLs are ever contacted: nothing in a request names a target, redirects are not followed, environment
 proxy settings are ignored.
 """
@@ -24,17 +27,24 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gpurouter import logfmt
+from gpurouter import logfmt, render
 from gpurouter.cluster.config import Config, model_key, name_problem
 from gpurouter.cluster.ollama import parse_go_time, redirect_error
-from gpurouter.decide.choose import Choice, choose
+from gpurouter.cluster.state import ClusterState
+from gpurouter.decide.route.ask import Ask, ask_of
+from gpurouter.decide.route.pipeline import Choice, Target, choose
 from gpurouter.serve.auth import Authenticator
 from gpurouter.serve.gojson import json_error, json_kind
 from gpurouter.sizing import eras
 from gpurouter.urls import redact
+from proxy import options
+from proxy.answers import TAIL, last_error, own_fault, timings_of
+from proxy.answers import said as _said
+from proxy.demand import Demand
 from proxy.heal import Healer
 from proxy.limits import BodyBudget, Refused
 from proxy.metrics import ProxyMetrics
+from proxy.queue import BUSY, QueueFull, Slots
 from proxy.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -102,9 +112,10 @@ OPEN_PATHS = frozenset(("/healthz", "/metrics"))  # for probes and Prometheus, a
 class _Failed(Exception):
     """A node failed before the first byte of its answer."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, text: str = "") -> None:
         super().__init__(message)
         self.kind = kind
+        self.text = text or message
 
 
 class Proxy:
@@ -122,6 +133,8 @@ class Proxy:
         self.urls = {n.name: n.url for n in config.nodes}
         self.bodies = BodyBudget(self.settings.max_body)
         self.session: aiohttp.ClientSession | None = None
+        self.slots = Slots(self.settings.max_queue)
+        self.demand = Demand()
 
     # ------------------------------------------------------------------------------------------ wiring
 
@@ -135,6 +148,9 @@ class Proxy:
         app.router.add_get("/api/ps", self.ps)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_get("/api/v1/route", self.explain)
+        app.router.add_post("/api/v1/route", self.explain)
+        app.router.add_get("/api/v1/demand", self.demand_rates)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/healthz", self.healthz)
         for path in MANAGEMENT:
@@ -194,83 +210,174 @@ class Proxy:
             return error(dialect, 400, "model is required")
         if name_problem(model):  # a lone surrogate from a "\ud800" escape could not even be written into an answer
             return error(dialect, 400, "invalid model name")
-        options = data.get("options") if isinstance(data.get("options"), dict) else {}
-        state = self.view.state
-        assert state is not None  # the first poll ends before the server listens
-        picked = choose(state, model, options, self.view.traffic(), time.time())
-        if picked.heal:
+        ask = ask_of(request.path, data, model) if request.path != "/api/show" else Ask(model_key(model))
+        picked = self.choose(ask)
+        if picked.heal and self.healer.mode != "off":
             self.healer.ask(picked.model)
-            if self.settings.wait_for_gpu > 0:
-                picked = await self._wait_for_gpu(picked, model, options)
+            picked = await self._wait(picked, ask, lambda p: p.placement in ("gpu", "cold"))
+        elif not picked.targets and picked.dropped:  # only loads that evict a busy or priority model: for now
+            picked = await self._wait(picked, ask, lambda p: bool(p.targets))
         if not picked.targets:
             return self._nowhere(picked, model, dialect, missing)
-        return await self._forward(request, raw, picked, dialect, started)
+        return await self._forward(request, raw, data, picked, ask, dialect, started)
 
-    async def _wait_for_gpu(self, picked: Choice, model: str, options: dict[str, Any]) -> Choice:
-        """Re-choose after each poll until the model is on GPU (or loads there), at most `wait_for_gpu` s."""
+    def choose(self, ask: Ask) -> Choice:
+        """The request pipeline over the last poll and the proxy's own traffic; per-node scores at debug level."""
+        state = self.view.state
+        assert state is not None  # the first poll ends before the server listens
+        traffic = self.view.ledger.traffic()
+        picked = choose(state, ask, traffic, time.time(), None, self.settings.max_queue_seconds, self.view.memo)
+        if log.isEnabledFor(logging.DEBUG):
+            scores = " ".join(
+                f"{t.node}:{t.score:.2f}[" + ",".join(f"{k}={v:.2f}" for k, v in t.parts.items()) + "]"
+                for t in picked.targets
+            )
+            logfmt.log_event(log, logging.DEBUG, "proxy.route", model=picked.model, reason=picked.reason, scores=scores)
+        return picked
+
+    async def _wait(self, picked: Choice, ask: Ask, done: Callable[[Choice], bool]) -> Choice:
+        """Choose again after each poll until `done` (the model on GPU after the heal; a place that evicts
+        nothing protected once a busy model is idle), at most `proxy.wait_for_gpu` seconds: the request goes
+        where things are then, not where they were."""
         deadline = time.monotonic() + self.settings.wait_for_gpu
-        while picked.placement not in ("gpu", "cold") and (left := deadline - time.monotonic()) > 0:
+        while not done(picked) and (left := deadline - time.monotonic()) > 0:
             if not await self.view.next_refresh(left):
                 break
-            assert self.view.state is not None
-            picked = choose(self.view.state, model, options, self.view.traffic(), time.time())
+            picked = self.choose(ask)
         return picked
 
     def _nowhere(self, picked: Choice, model: str, dialect: str, missing: str) -> web.Response:
+        """503 naming the nodes when the model is installed where it cannot be served now (down, failing, in
+        maintenance: last-known installed lists count), or only loadable by evicting a protected model; 404
+        when no node has ever listed it."""
         state = self.view.state
         assert state is not None
-        holders = [n.name for n in state.nodes if n.installed_model(picked.model) or n.loaded_model(picked.model)]
-        known = picked.model in state.known_models()
-        label = picked.model if known else "unknown"
-        if holders:
-            status, message = 503, f"{picked.model} is only on nodes that are down or in maintenance: "
-            message += ", ".join(holders)
+        listed = sorted(n for n, models in self.view.ledger.installed.items() if picked.model in models)
+        if picked.dropped:
+            status = 503
+            message = f"{picked.model} would load only by evicting a priority or busy model: "
+            message += "; ".join(f"{node}: {why}" for node, why in picked.dropped)
+        elif listed:
+            status = 503
+            message = f"{picked.model} is installed only on nodes that are down, failing or in maintenance: "
+            message += ", ".join(f"{n} ({self._condition(state, n)})" for n in listed)
         else:
             status, message = 404, missing.format(model)
+        label = picked.model if listed or picked.model in state.known_models() else "unknown"
         self.metrics.requests.labels(node="", model=label, placement="none", code=str(status)).inc()
         return error(dialect, status, message)
 
+    def _condition(self, state: ClusterState, name: str) -> str:
+        node = state.node(name)
+        if node is None or not node.up:
+            return "down"
+        return "in maintenance" if node.config.maintenance else "failing"
+
     async def _forward(
-        self, request: web.Request, raw: bytes, picked: Choice, dialect: str, started: float
+        self,
+        request: web.Request,
+        raw: bytes,
+        data: dict[str, Any],
+        picked: Choice,
+        ask: Ask,
+        dialect: str,
+        started: float,
     ) -> web.StreamResponse:
-        failures: list[str] = []
+        failures: list[tuple[str, str, str]] = []  # (node, kind, what it said)
         attempts = picked.targets[: 1 + self.settings.retries]
-        for i, (node, placement) in enumerate(attempts):
+        ledger = self.view.ledger
+        priority = self.config.priority(picked.model)
+        for i, target in enumerate(attempts):
             if i:
                 self.metrics.retries.inc()
-            self.view.begin(node, picked.model, cold=placement == "cold" and request.path != "/api/show")
+            node, key = target.node, (target.node, picked.model)
+            body = options.body_for(request.path, raw, data, target, priority)
+            cold = target.placement == "cold" and request.path != "/api/show"
+            ledger.begin(node, picked.model, cold, self.view.state)
             gauge = self.metrics.in_flight.labels(node=node)
             gauge.inc()
+            queued = False
+            uncached = max(0, ask.prompt_tokens - target.cached_tokens)
+            ledger.prefill[node] += uncached  # queued prefill: waiting here for a slot, or being read by the node
             try:
                 try:
-                    upstream, first = await self._open_upstream(node, request.path, raw, last=i == len(attempts) - 1)
+                    try:
+                        queued = await self._queue(key, target)
+                    except QueueFull:
+                        self.metrics.queue_rejected.labels(node=node, model=picked.model).inc()
+                        self.metrics.requests.labels(node=node, model=picked.model, placement="none", code="503").inc()
+                        return error(dialect, 503, BUSY)
+                    upstream, first = await self._open_upstream(node, request.path, body, last=i == len(attempts) - 1)
                 except _Failed as failed:
-                    self.metrics.upstream_errors.labels(node=node, kind=failed.kind).inc()
-                    logfmt.log_event(
-                        log,
-                        logging.WARNING,
-                        "proxy.upstream",
-                        node=node,
-                        model=picked.model,
-                        kind=failed.kind,
-                        reason=str(failed),
-                        retry=i < len(attempts) - 1,
-                    )
-                    self.view.failed(node, picked.model)
-                    failures.append(f"{node}: {failed}")
+                    self._failed(node, picked.model, failed.kind, str(failed), retry=i < len(attempts) - 1)
+                    failures.append((node, failed.kind, failed.text))
                     continue
-                return await self._relay(request, upstream, first, node, placement, picked.model, started)
+                finally:
+                    ledger.prefill[node] -= uncached
+                    if ledger.prefill[node] <= 0:
+                        del ledger.prefill[node]
+                if upstream.status >= 500:
+                    self._last_error(node, picked.model, first, failures)
+                elif upstream.status == 200 and ask.blocks:
+                    ledger.prompts.sent(node, picked.model, ask.blocks, target.slots)
+                if target.adjusted:
+                    self._adjusted(node, picked.model, ask, target)
+                return await self._relay(request, upstream, first, target, picked.model, started)
             finally:
+                if queued:
+                    self.slots.release(key)
                 gauge.dec()
-                self.view.end(node, picked.model)
-        self.metrics.requests.labels(node="", model=picked.model, placement="none", code="502").inc()
-        return error(dialect, 502, f"no node could serve {picked.model}: " + "; ".join(failures))
+                ledger.end(node, picked.model)
+        self.metrics.requests.labels(node="", model=picked.model, placement="none", code="503").inc()
+        said = "; ".join(f"{node}: {text}" for node, _, text in failures)
+        return error(dialect, 503, f"no node could serve {picked.model}: {said}")
+
+    async def _queue(self, key: tuple[str, str], target: Target) -> bool:
+        """Wait here for a slot of the runner (QueueFull past `proxy.max_queue`); True once one is ours."""
+        depth = self.metrics.queue_depth.labels(node=key[0], model=key[1])
+        for counter in (self.metrics.queue_rejected, self.metrics.options_kept):  # 0, not nothing, for increase()
+            counter.labels(node=key[0], model=key[1])
+        depth.inc()
+        waited = time.monotonic()
+        try:
+            await self.slots.acquire(key, target.slots)
+        finally:
+            depth.dec()
+        self.metrics.queue_wait.labels(node=key[0], model=key[1]).observe(time.monotonic() - waited)
+        return True
+
+    def _failed(self, node: str, model: str, kind: str, reason: str, retry: bool) -> None:
+        """A real failure of `node` for `model`: counted, logged, and the (node, model) goes last for a while (the
+        node, when it refused the connection)."""
+        self.metrics.upstream_errors.labels(node=node, kind=kind).inc()
+        logfmt.log_event(
+            log, logging.WARNING, "proxy.upstream", node=node, model=model, kind=kind, reason=reason, retry=retry
+        )
+        self.view.ledger.failed(node, model, whole_node=kind == "refused")
+
+    def _last_error(self, node: str, model: str, first: bytes, failures: list[tuple[str, str, str]]) -> None:
+        """The last node tried answered 5xx: the request's own fault when every node said the same (those are
+        absolved), else a failure of this one too."""
+        text = _said(first)
+        if failures and all(kind == "server_error" and said == text for _, kind, said in failures):
+            for name, _, _ in failures:
+                self.view.ledger.absolved(name, model)
+        elif not own_fault(text):
+            self._failed(node, model, "server_error", text, retry=False)
+
+    def _adjusted(self, node: str, model: str, ask: Ask, target: Target) -> None:
+        asked = ", ".join(f"{k}={v}" for k, v in ask.runner.items())
+        served = ", ".join(f"{k}={v}" for k, v in target.sets.items()) or "the runner's"
+        self.metrics.options_kept.labels(node=node, model=model).inc()
+        logfmt.log_event(
+            log, logging.WARNING, "proxy.options", node=node, model=model, asked=asked, served=served, why=target.why
+        )
 
     async def _open_upstream(
         self, node: str, path: str, raw: bytes, last: bool
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """The node's answer and its first bytes; _Failed when it fails before them (a 5xx answer counts as a
-        failure unless no other node is left to try)."""
+        failure unless it is the request's own fault or no other node is left to try)."""
         assert self.session is not None
         url = self.urls[node] + path
         try:
@@ -298,10 +405,9 @@ class Proxy:
         if redirect is not None:  # a node error wherever it comes from: never relayed, never followed
             upstream.close()
             raise _Failed("redirect", str(redirect))
-        if upstream.status >= 500 and not last:
+        if upstream.status >= 500 and not last and not own_fault(_said(first)):
             upstream.close()
-            text = first[:200].decode(errors="replace")
-            raise _Failed("server_error", f"HTTP {upstream.status} {text}")
+            raise _Failed("server_error", f"HTTP {upstream.status} {_said(first)}", _said(first))
         if upstream.status == 200 and not last and not plausible(first):
             upstream.close()
             raise _Failed("garbage", "an answer that is not Ollama's JSON")
@@ -312,18 +418,24 @@ class Proxy:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         first: bytes,
-        node: str,
-        placement: str,
+        target: Target,
         model: str,
         started: float,
     ) -> web.StreamResponse:
         """Send the node's answer on as it arrives. The upstream connection is closed unless read to its end,
-        so a client that goes away (the handler is cancelled, or a write fails) cancels the node's work."""
+        so a client that goes away (the handler is cancelled, or a write fails) cancels the node's work. The
+        answer's last bytes tell its timings, and whether it ended with the node's error line."""
+        node, sent_at = target.node, time.time()
         content_type = upstream.headers.get("Content-Type", "application/json")
-        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type})
+        headers = {"Content-Type": content_type, "X-GPU-Router-Node": node}
+        if target.adjusted:
+            served = ", ".join(f"{k}={v}" for k, v in target.sets.items()) or "the runner's options"
+            headers["X-GPU-Router-Options"] = _latin1(f"served with {served}: {target.why}")
+        response = web.StreamResponse(status=upstream.status, headers=headers)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         complete = False
+        tail = first[-TAIL:]
         try:
             await response.prepare(request)
             if first:
@@ -340,13 +452,10 @@ class Proxy:
                 if not chunk:
                     complete = True
                     break
+                tail = (tail + chunk)[-TAIL:]
                 await response.write(chunk)
             if broken is not None:
-                self.metrics.upstream_errors.labels(node=node, kind="mid_stream").inc()
-                logfmt.log_event(
-                    log, logging.WARNING, "proxy.upstream", node=node, model=model, kind="mid_stream", reason=broken
-                )
-                self.view.failed(node, model)
+                self._failed(node, model, "mid_stream", broken, retry=False)
                 line = error_line(content_type, f"gpu-router proxy: node {node} failed mid-stream ({broken})")
                 if line is None or response.content_length is not None:
                     if request.transport is not None:
@@ -359,9 +468,36 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
+            placement = target.placement
+            if upstream.status == 200 and request.path != "/api/show":  # a client gone after the error line too
+                placement = self._learn(node, model, target, tail, content_type, sent_at, complete) or placement
             self.metrics.requests.labels(node=node, model=model, placement=placement, code=str(upstream.status)).inc()
             self.metrics.duration.labels(model=model).observe(time.monotonic() - started)
         return response
+
+    def _learn(
+        self, node: str, model: str, target: Target, tail: bytes, content_type: str, sent: float, whole: bool
+    ) -> str | None:
+        """What an answer tells: the node's error line (a failure of that node) and, when `whole`, its timings
+        (speed, cached tokens, demand) and where the model really ran (a poll taken after it was sent)."""
+        said = last_error(tail, content_type)
+        if said is not None:
+            self._failed(node, model, "error_line", said, retry=False)
+        if not whole:
+            return None
+        timings = timings_of(tail)
+        realised = self.view.ledger.answered(node, model, timings, target.cached_tokens)
+        self.metrics.cached_predicted.labels(node=node, model=model).inc(target.cached_tokens)
+        self.metrics.cached_realised.labels(node=node, model=model).inc(realised)
+        self.metrics.prompt_tokens.labels(node=node, model=model).inc(timings.prompt_tokens)
+        self.metrics.generated_tokens.labels(node=node, model=model).inc(timings.generated)
+        self.demand.record(model, timings.prompt_tokens, timings.generated, time.time())
+        state = self.view.state
+        there = state.node(node) if state is not None and state.taken_at > sent else None
+        copy = there.loaded_model(model) if there is not None else None
+        if copy is None:
+            return None
+        return "gpu" if copy.fully_on_gpu else ("partial" if copy.size_vram > 0 else "cpu")
 
     # ------------------------------------------------------------------------------------------ cluster-wide
 
@@ -409,10 +545,43 @@ class Proxy:
         return web.json_response({"models": await self._installed()}, dumps=_dumps)
 
     async def ps(self, request: web.Request) -> web.Response:
-        """/api/ps over the nodes that are up, each entry as its node shapes it, the longest expiry first."""
-        entries = [e for a in await self._gather("/api/ps") for e in a.get("models") or [] if isinstance(e, dict)]
-        entries.sort(key=lambda m: _timestamp(m.get("expires_at")), reverse=True)
+        """/api/ps over the nodes that are up: one entry per model name, as Ollama answers (its best copy: the
+        most on GPU, then the longest expiry), each as its node shapes it, the longest expiry first. Per-node
+        detail is in `gpu-router models` and the optimizer's API."""
+        best: dict[str, dict[str, Any]] = {}
+        for answer in await self._gather("/api/ps"):
+            for entry in answer.get("models") or []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    name = entry["name"]
+                    if name not in best or _better(entry, best[name]):
+                        best[name] = entry
+        entries = sorted(best.values(), key=lambda m: _timestamp(m.get("expires_at")), reverse=True)
         return web.json_response({"models": entries}, dumps=_dumps)
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """GET /api/v1/route?model=&prompt= or POST it a generate/chat body: the pipeline's choice for it now,
+        with every node's scores (nothing is sent to a node)."""
+        if request.method == "POST":
+            try:
+                raw = await self.bodies.read(request, self.settings.max_body)
+            except Refused as refused:
+                response = error("ollama", refused.status, str(refused), refused.headers)
+                response.force_close()
+                return response
+            data = _parse(raw, "ChatRequest")
+            if isinstance(data, str):
+                return error("ollama", 400, data)
+        else:
+            data = {"model": request.query.get("model"), "prompt": request.query.get("prompt", "")}
+        model = data.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return error("ollama", 400, "model is required")
+        return web.json_response(render.route_choice(self.choose(ask_of("/api/chat", data, model))), dumps=_dumps)
+
+    async def demand_rates(self, request: web.Request) -> web.Response:
+        """Per-model requests and tokens per second over the last window (what the optimizer reads)."""
+        rates = self.demand.rates(time.time())
+        return web.json_response({"window_seconds": self.demand.window, "models": rates}, dumps=_dumps)
 
     async def models(self, request: web.Request) -> web.Response:
         rows = [_openai_model(m) for m in await self._installed()]
@@ -433,6 +602,10 @@ class Proxy:
         return error("ollama", 400, message)
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        for model, rates in self.demand.rates(time.time()).items():
+            self.metrics.demand_requests.labels(model=model).set(rates["requests_per_second"])
+            self.metrics.demand_tokens.labels(model=model, kind="prompt").set(rates["prompt_tokens_per_second"])
+            self.metrics.demand_tokens.labels(model=model, kind="generated").set(rates["generated_tokens_per_second"])
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -456,6 +629,22 @@ def _parse(raw: bytes, type_name: str) -> dict[str, Any] | str:
     if not isinstance(data, dict):
         return f"json: cannot unmarshal {json_kind(data)} into Go value of type api.{type_name}"
     return data
+
+
+def _better(entry: dict[str, Any], other: dict[str, Any]) -> bool:
+    """The copy more on GPU, then the one that stays longer."""
+
+    def rank(e: dict[str, Any]) -> tuple[float, float]:
+        size, vram = e.get("size"), e.get("size_vram")
+        share = vram / size if isinstance(size, int) and isinstance(vram, int) and size > 0 else 0.0
+        return (share, _timestamp(e.get("expires_at")))
+
+    return rank(entry) > rank(other)
+
+
+def _latin1(text: str) -> str:
+    """A header value HTTP can carry."""
+    return text.encode("latin-1", errors="replace").decode("latin-1")
 
 
 def _timestamp(value: object) -> float:

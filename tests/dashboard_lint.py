@@ -65,6 +65,16 @@ PROXY_METRICS = frozenset(
         ),
         "gpu_router_proxy_upstream_errors_total",
         "gpu_router_proxy_retries_total",
+        "gpu_router_proxy_queue_depth",
+        *(f"gpu_router_proxy_queue_wait_seconds_{part}" for part in ("bucket", "sum", "count")),
+        "gpu_router_proxy_queue_rejected_total",
+        "gpu_router_proxy_prompt_tokens_total",
+        "gpu_router_proxy_generated_tokens_total",
+        "gpu_router_proxy_cached_prompt_tokens_predicted_total",
+        "gpu_router_proxy_cached_prompt_tokens_realised_total",
+        "gpu_router_proxy_runner_options_replaced_total",
+        "gpu_router_proxy_demand_requests_per_second",
+        "gpu_router_proxy_demand_tokens_per_second",
     }
 )
 CONTRACT_METRICS = EXPORTER_METRICS | OPTIMIZER_METRICS | PROXY_METRICS

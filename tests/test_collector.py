@@ -38,6 +38,7 @@ CONFIG = parse_config(
             {"name": "gone", "url": "http://127.0.0.1:11505", "vram": "8GiB"},
         ],
         "priority_models": ["mxbai-embed-large", {"name": "llama3.1:latest", "num_ctx": 4096}],
+        "vram_safety_margin": 0.8,  # the guide's figures
     }
 )
 
@@ -68,7 +69,7 @@ def node_state(name: str, *, up: bool = True, capacity: Capacity | None = None, 
     return NodeState(
         config=cfg,
         up=up,
-        margin=CONFIG.vram_safety_margin,
+        margin=CONFIG.margin,
         capacity=capacity or static(name),
         version="0.12.10" if up else None,
         poll_seconds=0.25,

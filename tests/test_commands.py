@@ -30,6 +30,7 @@ def cluster(tmp_path: Path, nodes: list[dict], priority: list, **settings) -> It
         config = {
             "nodes": [{"name": n["name"], "url": fleet.urls[n["name"]], "vram": n["vram"]} for n in nodes],
             "priority_models": priority,
+            "vram_safety_margin": 0.8,  # the guide's configuration states it
             "request_timeout": 5,
             "optimizer": {"load_timeout": 10},
             **settings,

@@ -193,7 +193,8 @@ def _fleet(nodes: list[dict], version: str = "0.12.6") -> Fleet:
 
 def _config(fleet: Fleet, vram: dict[str, str], priority: list) -> object:
     nodes = [{"name": name, "url": url, "vram": vram[name]} for name, url in fleet.urls.items()]
-    return parse_config({"nodes": nodes, "priority_models": priority, "request_timeout": 5}, "t.yaml")
+    raw = {"nodes": nodes, "priority_models": priority, "request_timeout": 5, "vram_safety_margin": 0.8}
+    return parse_config(raw, "t.yaml")  # the figures below use the guide's margin
 
 
 def _counts(fleet: Fleet) -> dict:

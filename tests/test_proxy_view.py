@@ -29,25 +29,26 @@ def test_own_traffic_counts_until_a_later_poll_sees_the_node() -> None:
             view = ClusterView(config, observer)
             await view.start()
             try:
-                view.begin("gpu", MODEL, cold=True)
-                view.begin("gpu", MODEL, cold=False)
-                traffic = view.traffic()
-                assert traffic.in_flight == {"gpu": 2} and view.in_flight("gpu") == 2
+                ledger = view.ledger
+                ledger.begin("gpu", MODEL, cold=True)
+                ledger.begin("gpu", MODEL, cold=False)
+                traffic = ledger.traffic()
+                assert traffic.in_flight == {("gpu", MODEL): 2}
                 assert ("gpu", "llama3.2:1b") in traffic.busy and ("gpu", "llama3.2:1b") in traffic.loading
                 await view.refresh()  # the model is not loaded yet and the request has not ended
-                assert ("gpu", "llama3.2:1b") in view.traffic().loading
+                assert ("gpu", "llama3.2:1b") in ledger.traffic().loading
                 requests.post(fleet.urls["gpu"] + "/api/generate", json={"model": MODEL}, timeout=30)
                 await view.refresh()  # the poll shows the copy: no longer counted as the proxy's own
-                assert view.traffic().loading == frozenset()
-                view.end("gpu", MODEL)
-                view.end("gpu", MODEL)
-                assert view.traffic().in_flight == {} and view.traffic().busy == frozenset()
-                view.begin("cpu", MODEL, cold=True)
-                view.failed("cpu", MODEL)
-                view.end("cpu", MODEL)
-                assert view.traffic().failing == {"cpu"} and view.traffic().loading == frozenset()
+                assert ledger.traffic().loading == frozenset()
+                ledger.end("gpu", MODEL)
+                ledger.end("gpu", MODEL)
+                assert ledger.traffic().in_flight == {} and ledger.traffic().busy == frozenset()
+                ledger.begin("cpu", MODEL, cold=True)
+                ledger.failed("cpu", MODEL)
+                ledger.end("cpu", MODEL)
+                assert ledger.traffic().failing == {("cpu", MODEL)} and ledger.traffic().loading == frozenset()
                 await view.refresh()  # a poll that started after the failure sees the node up
-                assert view.traffic().failing == frozenset()
+                assert ledger.traffic().failing == frozenset()
             finally:
                 await view.stop()
 

@@ -153,16 +153,29 @@ class OptimizerSettings:
 
 
 @dataclass(frozen=True)
+class RouteWeights:
+    """How much each scorer of the proxy's request pipeline counts (`proxy.weights`); 0 turns one off."""
+
+    residency: float = 4.0  # fully on GPU > loads fully on GPU > loading > partial by GPU share > CPU
+    queue: float = 1.0  # requests in flight against the runner's slots
+    affinity: float = 2.0  # share of the prompt cached on the node, while its queued prefill stays under τ
+    speed: float = 0.5  # observed tokens/s of the model on the node, against the best candidate's
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """How `gpu-router proxy` routes and forwards requests."""
 
     refresh_interval: float = 2.0  # seconds between background polls of the cluster
-    wait_for_gpu: float = 0.0  # seconds a request for a priority model off GPU may wait for the heal; 0 = never
+    wait_for_gpu: float = 30.0  # seconds a request for a priority model off GPU may wait for the heal; 0 = never
     retries: int = 2  # further nodes tried when one fails before the first byte
     max_body: int = 32 * 1024 * 1024  # bytes; a larger request body gets 413
     read_timeout: float = 300.0  # seconds a node may take to send the next bytes (a model load included)
     optimizer_url: str | None = None  # heal through this optimizer's API; None = in-process (auto_optimize)
     auth: WebhookAuth = field(default_factory=WebhookAuth)  # bearer token demanded from clients
+    weights: RouteWeights = field(default_factory=RouteWeights)  # the request pipeline's scorers
+    max_queue: int = 64  # requests waiting in the proxy per (node, model) past its slots; more get 503
+    max_queue_seconds: float = 4.0  # prefill a node may have queued before prompt-cache affinity spreads
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ class Config:
     nodes: tuple[NodeConfig, ...]
     priority_models: tuple[PriorityModel, ...] = ()
     check_interval: float = 300.0
-    vram_safety_margin: float = 0.8
+    vram_safety_margin: float | None = None  # None: no margin beyond the node's Ollama's own (the default)
     auto_optimize: bool = True
     log_level: str = "INFO"
     model_sizes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
@@ -185,6 +198,13 @@ class Config:
 
     def node(self, name: str) -> NodeConfig | None:
         return next((n for n in self.nodes if n.name == name), None)
+
+    @property
+    def margin(self) -> float:
+        """The fraction of a node's GPU memory models may use: `vram_safety_margin`, else all of it (the node's
+        Ollama then judges by its own rules: the classic estimate's reserve, the layout reserve, llama.cpp's
+        fit margin and the admission test, applied by `gpurouter.sizing.room` on every era)."""
+        return 1.0 if self.vram_safety_margin is None else self.vram_safety_margin
 
     def priority(self, model: str) -> PriorityModel | None:
         key = model_key(model)
@@ -380,7 +400,19 @@ _OPTIMIZER = (
     "webhook_auth",
     "protect_reads",
 )
-_PROXY = ("refresh_interval", "wait_for_gpu", "retries", "max_body", "read_timeout", "optimizer_url", "auth")
+_PROXY = (
+    "refresh_interval",
+    "wait_for_gpu",
+    "retries",
+    "max_body",
+    "read_timeout",
+    "optimizer_url",
+    "auth",
+    "weights",
+    "max_queue",
+    "max_queue_seconds",
+)
+_WEIGHTS = ("residency", "queue", "affinity", "speed")
 _BEARER = ("bearer_token", "bearer_token_env", "bearer_token_file")
 _AUTH = (
     "bearer_token",
@@ -403,9 +435,11 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise r.fail("nodes", "missing: list the Ollama nodes, e.g. `- http://localhost:11434`")
     nodes = _nodes(r, raw["nodes"])
     priorities = _priorities(r, raw.get("priority_models") or [])
-    margin = r.number(raw.get("vram_safety_margin", 0.8), "vram_safety_margin", maximum=math.inf)
-    if not 0 < margin <= 1:
-        raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
+    margin = raw.get("vram_safety_margin")
+    if margin is not None:
+        margin = r.number(margin, "vram_safety_margin", maximum=math.inf)
+        if not 0 < margin <= 1:
+            raise r.fail("vram_safety_margin", f"expected a fraction in (0, 1], got {show(margin)}")
     sizes_raw = raw.get("model_sizes") or {}
     if not isinstance(sizes_raw, dict):
         raise r.fail("model_sizes", f"expected a mapping of model name to size, got {show(sizes_raw)}")
@@ -422,7 +456,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         nodes=nodes,
         priority_models=priorities,
         check_interval=float(r.number(raw.get("check_interval", 300), "check_interval", maximum=DAY)),
-        vram_safety_margin=float(margin),
+        vram_safety_margin=float(margin) if margin is not None else None,
         auto_optimize=r.boolean(raw.get("auto_optimize", True), "auto_optimize"),
         log_level=r.choice(level.upper() if isinstance(level, str) else level, "log_level", LOG_LEVELS),
         model_sizes=MappingProxyType(model_sizes),
@@ -627,18 +661,22 @@ def _optimizer(r: _Reader, value: Any) -> OptimizerSettings:
 def _proxy(r: _Reader, value: Any) -> ProxySettings:
     raw = r.mapping(value, "proxy", _PROXY)
     auth = r.mapping(raw.get("auth") or {}, "proxy.auth", _BEARER)
+    weights = r.mapping(raw.get("weights") or {}, "proxy.weights", _WEIGHTS)
     url = raw.get("optimizer_url")
     body = r.size(raw["max_body"], "proxy.max_body") if raw.get("max_body") is not None else ProxySettings.max_body
     if body <= 0:
         raise r.fail("proxy.max_body", f"expected a size > 0, got {show(raw['max_body'])}")
     return ProxySettings(
         refresh_interval=_seconds(r, raw.get("refresh_interval", 2.0), "proxy.refresh_interval", maximum=HOUR),
-        wait_for_gpu=float(r.number(raw.get("wait_for_gpu", 0.0), "proxy.wait_for_gpu", maximum=HOUR)),
+        wait_for_gpu=float(r.number(raw.get("wait_for_gpu", 30.0), "proxy.wait_for_gpu", maximum=HOUR)),
         retries=int(r.number(raw.get("retries", 2), "proxy.retries", maximum=MAX_RETRIES, integer=True)),
         max_body=body,
         read_timeout=_seconds(r, raw.get("read_timeout", 300.0), "proxy.read_timeout"),
         optimizer_url=r.url(url, "proxy.optimizer_url") if url is not None else None,
         auth=WebhookAuth(bearer_token=r.secret(auth, "bearer_token", "proxy.auth")),
+        weights=RouteWeights(**{k: float(r.number(v, f"proxy.weights.{k}", maximum=1000)) for k, v in weights.items()}),
+        max_queue=int(r.number(raw.get("max_queue", 64), "proxy.max_queue", maximum=1 << 20, integer=True)),
+        max_queue_seconds=_seconds(r, raw.get("max_queue_seconds", 4.0), "proxy.max_queue_seconds", maximum=HOUR),
     )
 
 

@@ -173,7 +173,7 @@ class Observer:
         return NodeState(
             config=node,
             up=True,
-            margin=self.config.vram_safety_margin,
+            margin=self.config.margin,
             capacity=capacity or UNKNOWN,
             version=self._versions.get(node.name, ("", 0.0))[0],
             loaded=values["ps"],
@@ -185,7 +185,7 @@ class Observer:
         return NodeState(
             config=node,
             up=False,
-            margin=self.config.vram_safety_margin,
+            margin=self.config.margin,
             capacity=capacity or UNKNOWN,
             error_kind=kind,
             error=message,

@@ -35,9 +35,9 @@ its devices yet makes the capacity unknown rather than the start before it.
 
 Precision: sizes are printed to 0.1 GiB, so a figure like "8.0 GiB" stands for any total from 7.95 to
 8.05 GiB; the printed value is taken, which may be up to 0.05 GiB (51.2 MiB, 0.6 % of an 8 GiB card) above
-the driver's figure. That is far inside `vram_safety_margin` (20 % by default), but a fit decided within
-52 MiB of the edge cannot be decided from this source. `available` is the free memory at the server's start,
-not now, so it is kept as information only (GPU `used` stays unknown).
+the driver's figure. That is inside the era's own margin (llama.cpp's 1 GiB, the 457 MiB reserve), but a fit
+decided within 52 MiB of the edge cannot be decided from this source. `available` is the free memory at the
+server's start, not now, so it is kept as information only (GPU `used` stays unknown).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What a GPU node can take, by the rules of the Ollama it runs: one implementation for the exporter's fit
 gauges and the optimizer's decisions.
 
-Two limits apply on every node: the operator's (`vram_safety_margin`: a model may use at most `usable` =
-total × margin, less what is loaded) and Ollama's own (reference/ollama-current.md §4):
+Two limits apply on every node: the operator's, when set (`vram_safety_margin`: a model may use at most
+`usable` = total × margin, less what is loaded; unset, `usable` is the total: the default verdict is the node's
+Ollama's own) and Ollama's own (reference/ollama-current.md §4):
 
 - classic: Ollama's estimate must fit the GPU's free memory (the estimate already holds the reserve);
 - layout: the estimate plus the 457 MiB reserve per GPU it uses;

@@ -1,0 +1,1 @@
+"""The pipeline's filters: which nodes may serve a request at all."""

@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import ollama
 import pytest
 import requests
+from conftest import proxied
+from conftest import proxy_metric as metric
 from openai import OpenAI
 
 from cli import main as cli
 from cli.localstack import wait_for
-from gpurouter.cluster.config import parse_config
-from proxy.service import ProxyHandle, start_proxy
-from simulator.run import Fleet, fleet_from_dict
+from proxy.service import ProxyHandle
+from simulator.run import Fleet
 
 SMALL = "llama3.2:1b"
 NODES = [
@@ -34,38 +34,9 @@ NODES = [
 VRAM = {"gpu": "8GiB", "cpu": 0}
 
 
-@contextmanager
-def stack(nodes: list[dict] = NODES, **settings: object) -> Iterator[tuple[Fleet, ProxyHandle]]:
+def stack(nodes: list[dict] = NODES, **settings: object) -> AbstractContextManager[tuple[Fleet, ProxyHandle]]:
     """A fleet and a proxy over it (no healing unless `auto_optimize` is given; polls every 60 s unless set)."""
-    proxy = {"refresh_interval": 60, **settings.pop("proxy", {})}  # type: ignore[dict-item]
-    with Fleet(fleet_from_dict({"nodes": nodes})) as fleet:
-        config = parse_config(
-            {
-                "nodes": [{"name": n, "url": u, "vram": VRAM[n]} for n, u in fleet.urls.items()],
-                "auto_optimize": False,
-                "request_timeout": 5,
-                "proxy": proxy,
-                **settings,
-            }
-        )
-        handle = start_proxy(config)
-        try:
-            yield fleet, handle
-        finally:
-            handle.stop()
-
-
-def metric(handle: ProxyHandle, name: str, **labels: str) -> float:
-    """The value of one series on the proxy's /metrics (0 when absent)."""
-    text = requests.get(f"{handle.url}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(
-                part.split("=", 1) for part in line[line.find("{") + 1 : line.rfind("}")].split(",") if "=" in part
-            )
-            if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return proxied(nodes, **settings)
 
 
 def spy(fleet: Fleet, node: str) -> list[str]:

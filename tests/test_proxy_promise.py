@@ -5,12 +5,12 @@ proxied load teaches, /api/ps as Ollama answers it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import ollama
 import pytest
 import requests
+from conftest import proxied
+from conftest import proxy_metric as metric
 from langchain_ollama import ChatOllama
 from openai import APIStatusError, OpenAI
 
@@ -19,48 +19,12 @@ from gpurouter.cluster.config import parse_config
 from gpurouter.cluster.observe import Observer
 from gpurouter.decide import placement
 from proxy.ledger import Ledger
-from proxy.service import ProxyHandle, start_proxy
+from proxy.service import ProxyHandle
 from simulator.run import Fleet, fleet_from_dict
 
 SMALL = "llama3.2:1b"
 LLAMA = "llama3.1:8b"
 EMBED = "mxbai-embed-large:latest"
-
-
-@contextmanager
-def proxied(nodes: list[dict], **settings: object) -> Iterator[tuple[Fleet, ProxyHandle]]:
-    """A fleet and a proxy over it; the proxy is told each node's GPU memory (`vram` of the node, 0 without
-    GPUs), polls every 60 s unless `proxy` says otherwise, and heals nothing unless `auto_optimize` is given."""
-    proxy = {"refresh_interval": 60, **settings.pop("proxy", {})}  # type: ignore[dict-item]
-    vram = {n["name"]: n.get("gpus", [{}])[0].get("vram", 0) if n.get("gpus") else 0 for n in nodes}
-    with Fleet(fleet_from_dict({"nodes": nodes})) as fleet:
-        config = parse_config(
-            {
-                "nodes": [{"name": n, "url": u, "vram": vram[n]} for n, u in fleet.urls.items()],
-                "auto_optimize": False,
-                "request_timeout": 5,
-                "proxy": proxy,
-                **settings,
-            }
-        )
-        handle = start_proxy(config)
-        try:
-            yield fleet, handle
-        finally:
-            handle.stop()
-
-
-def metric(handle: ProxyHandle, name: str, **labels: str) -> float:
-    """The value of one series on the proxy's /metrics (0 when absent)."""
-    text = requests.get(f"{handle.url}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(
-                part.split("=", 1) for part in line[line.find("{") + 1 : line.rfind("}")].split(",") if "=" in part
-            )
-            if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def loaded(fleet: Fleet, node: str) -> dict[str, dict]:

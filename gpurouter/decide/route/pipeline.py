@@ -18,7 +18,7 @@ from gpurouter.decide.route import candidates as cands
 from gpurouter.decide.route import picker
 from gpurouter.decide.route.ask import Ask
 from gpurouter.decide.route.filters import healthy, installed, protected
-from gpurouter.decide.route.scorers import affinity, queue, residency, speed
+from gpurouter.decide.route.scorers import affinity, latency, queue, residency, speed
 from gpurouter.decide.route.traffic import Traffic
 
 PLACEMENTS = ("gpu", "cold", "partial", "cpu", "none")
@@ -120,15 +120,18 @@ def choose(
         return Choice(key, (), "not installed on any node that is up and not in maintenance")
     kept, unsafe = protected.split(found)
     well, failing = healthy.split(kept, key, traffic)
-    speeds = speed.scores(well + failing, key, traffic)
+    everyone = well + failing
+    cached = {c.name: affinity.cached_blocks(c, ask, traffic) for c in everyone}
+    blocks = [cached[c.name] for c in everyone]
+    speeds = speed.scores(everyone, key, traffic)
+    quick = latency.scores(everyone, ask, blocks, traffic)
     scored = []
-    cached: dict[str, int] = {}
-    for c, fast in zip(well + failing, speeds, strict=True):
-        blocks = cached[c.name] = affinity.cached_blocks(c, ask, traffic)
+    for c, fast, soon in zip(everyone, speeds, quick, strict=True):
         parts = {
             "residency": residency.score(c),
             "queue": queue.score(c, key, traffic),
-            "affinity": affinity.score(c, ask, blocks, traffic, max_queue_seconds),
+            "latency": soon,
+            "affinity": affinity.score(c, ask, cached[c.name], traffic, max_queue_seconds),
             "speed": fast,
         }
         scored.append((c, parts))
@@ -144,7 +147,7 @@ def choose(
             c.why,
             total,
             parts_of[c.name],
-            affinity.cached_tokens(cached[c.name], ask),
+            latency.cached_tokens(cached[c.name], ask),
             c.slots,
             c in failing,
         )

@@ -213,6 +213,9 @@ def test_route_explain_runs_the_proxys_pipeline(tmp_path, capsys):
         path.write_text(f"nodes: [{{name: gpu, url: '{fleet.urls['gpu']}', vram: 8GiB}}]\n", encoding="utf-8")
         code, out, _ = gpu_router(str(path), "route", SMALL, "--explain", "--prompt", "hi", capsys=capsys)
         assert code == 0 and out.startswith(f"{SMALL}: fully on GPU on gpu\n")
-        assert "gpu              gpu      score 13.00  residency 1.00, queue 1.00, latency 1.00, affinity 0.00, speed 0.50" in out
+        assert (
+            "gpu              gpu      score 13.00  residency 1.00, queue 1.00, latency 1.00, affinity 0.00, speed 0.50"
+            in out
+        )
         code, out, _ = gpu_router(str(path), "--json", "route", SMALL, "--explain", capsys=capsys)
         assert code == 0 and json.loads(out)["targets"][0]["scores"]["residency"] == 1.0

@@ -142,11 +142,22 @@ async def latencies(url: str, clients: int, total: int, body: dict, first_byte: 
     return results
 
 
-def cpu_per_request(url: str, process: Process, clients: int, total: int, body: dict, first: bool) -> float:
-    """Milliseconds of `process`'s CPU time per request while `total` requests go through `url`."""
-    cpu = process.cpu_seconds()
-    asyncio.run(latencies(url, clients, total, body, first))
-    return (process.cpu_seconds() - cpu) * 1000 / total
+def idle_cpu(process: Process, seconds: float = 4.0) -> float:
+    """`process`'s CPU seconds per second while no request comes (the proxy's polls, timers)."""
+    cpu, started = process.cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return (process.cpu_seconds() - cpu) / (time.perf_counter() - started)
+
+
+def cpu_per_request(
+    url: str, process: Process, idle: float, clients: int, total: int, body: dict, first: bool
+) -> tuple[float, list[float]]:
+    """Milliseconds of `process`'s CPU time per request while `total` requests go through `url`, less what it
+    spends idle in that time; and the requests' latencies."""
+    cpu, started = process.cpu_seconds(), time.perf_counter()
+    seconds = asyncio.run(latencies(url, clients, total, body, first))
+    used = process.cpu_seconds() - cpu - idle * (time.perf_counter() - started)
+    return max(0.0, used) * 1000 / total, seconds
 
 
 def overhead(direct: str, proxy: str, process: Process, floor: tuple[str, Process], quick: bool) -> list[str]:
@@ -154,12 +165,13 @@ def overhead(direct: str, proxy: str, process: Process, floor: tuple[str, Proces
     stream = {"model": FAST, "prompt": "hi", "options": {"num_predict": 4}}
     lines = [
         "overhead (fast node, instant answers; clients, proxy and simulator share the CPUs): ms; added = proxy − "
-        "direct; CPU = the proxy process's CPU time per request; floor = a bare aiohttp passthrough's "
-        "(bench/passthrough.py), the same requests",
+        "direct; CPU = the proxy process's CPU time per request (less its idle rate: polls); floor = a bare "
+        "aiohttp passthrough's (bench/passthrough.py), the same requests",
         f"{'what':<34}{'clients':>8}{'requests':>9}{'direct p50':>11}{'p99':>8}{'proxy p50':>11}{'p99':>8}"
         f"{'added p50':>11}{'p99':>8}{'CPU':>7}{'floor':>7}{'×':>6}",
     ]
     ratios = []
+    idle, floor_idle = idle_cpu(process), idle_cpu(floor[1])
     cases = [("small non-streaming requests", small, False, c) for c in (1, 50, 200)]
     cases += [("time to first byte of a stream", stream, True, c) for c in (1, 50)]
     for what, body, first, clients in cases:
@@ -167,11 +179,10 @@ def overhead(direct: str, proxy: str, process: Process, floor: tuple[str, Proces
         asyncio.run(latencies(direct, clients, min(total, 100), body, first))  # warm both paths
         asyncio.run(latencies(proxy, clients, min(total, 100), body, first))
         a = [x * 1000 for x in asyncio.run(latencies(direct, clients, total, body, first))]
-        cpu = process.cpu_seconds()
-        b = [x * 1000 for x in asyncio.run(latencies(proxy, clients, total, body, first))]
-        cpu = (process.cpu_seconds() - cpu) * 1000 / total
+        cpu, seconds = cpu_per_request(proxy, process, idle, clients, total, body, first)
+        b = [x * 1000 for x in seconds]
         asyncio.run(latencies(floor[0], clients, min(total, 100), body, first))
-        bare = cpu_per_request(floor[0], floor[1], clients, total, body, first)
+        bare, _ = cpu_per_request(floor[0], floor[1], floor_idle, clients, total, body, first)
         ratios.append(cpu / bare if bare else float("inf"))
         pa, pb = (percentile(a, 50), percentile(a, 99)), (percentile(b, 50), percentile(b, 99))
         lines.append(

@@ -121,36 +121,26 @@ def choose(
     kept, unsafe = protected.split(found)
     well, failing = healthy.split(kept, key, traffic)
     everyone = well + failing
-    cached = {c.name: affinity.cached_blocks(c, ask, traffic) for c in everyone}
-    blocks = [cached[c.name] for c in everyone]
+    blocks = [affinity.cached_blocks(c, ask, traffic) for c in everyone]
     speeds = speed.scores(everyone, key, traffic)
-    quick = latency.scores(everyone, ask, blocks, traffic)
+    expected = latency.estimates(everyone, ask, blocks, traffic)
+    quick = latency.scores(expected)
     scored = []
-    for c, fast, soon in zip(everyone, speeds, quick, strict=True):
+    for c, cached, fast, there, soon in zip(everyone, blocks, speeds, expected, quick, strict=True):
+        queued = traffic.prefill_queued.get(c.name, 0)
         parts = {
             "residency": residency.score(c),
             "queue": queue.score(c, key, traffic),
             "latency": soon,
-            "affinity": affinity.score(c, ask, cached[c.name], traffic, max_queue_seconds),
+            "affinity": affinity.score(ask, cached, there, queued, max_queue_seconds),
             "speed": fast,
         }
-        scored.append((c, parts))
-    ranked = picker.order([(c, picker.total(p, weights)) for c, p in scored[: len(well)]])
-    ranked += picker.order([(c, picker.total(p, weights)) for c, p in scored[len(well) :]])
-    parts_of = {c.name: p for c, p in scored}
+        scored.append((c, parts, latency.cached_tokens(cached, ask), c in failing))
+    ranked = picker.order([(c, picker.total(p, weights)) for c, p, *_ in scored[: len(well)]])
+    ranked += picker.order([(c, picker.total(p, weights)) for c, p, *_ in scored[len(well) :]])
+    rest = {id(c): more for c, *more in scored}
     targets = tuple(
-        Target(
-            c.name,
-            c.placement,
-            c.sets,
-            c.adjusted,
-            c.why,
-            total,
-            parts_of[c.name],
-            latency.cached_tokens(cached[c.name], ask),
-            c.slots,
-            c in failing,
-        )
+        Target(c.name, c.placement, c.sets, c.adjusted, c.why, total, *rest[id(c)][:2], c.slots, rest[id(c)][2])
         for c, total in ranked
     )
     dropped = tuple((c.name, c.why) for c in unsafe)

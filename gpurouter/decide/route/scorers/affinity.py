@@ -18,15 +18,11 @@ def cached_blocks(c: Candidate, ask: Ask, traffic: Traffic) -> int:
     return traffic.prompts.cached(c.name, ask.model, ask.blocks)
 
 
-def saturated(c: Candidate, ask: Ask, blocks: int, traffic: Traffic, max_queue_seconds: float) -> bool:
-    prefill = latency.prefill_rate(c, ask.model, traffic)
-    uncached = ask.prompt_tokens - latency.cached_tokens(blocks, ask)
-    queued = traffic.prefill_queued.get(c.name, 0) + uncached
-    return latency.wait(c, ask.model, traffic) * prefill + queued > prefill * max_queue_seconds
-
-
-def score(c: Candidate, ask: Ask, blocks: int, traffic: Traffic, max_queue_seconds: float) -> float:
-    """`blocks`: cached_blocks(c, ask, traffic)."""
-    if not blocks or saturated(c, ask, blocks, traffic, max_queue_seconds):
+def score(ask: Ask, blocks: int, there: latency.Estimate, queued: int, max_queue_seconds: float) -> float:
+    """`blocks`: cached_blocks(c, ask, traffic); `there`: the latency scorer's estimate for the node; `queued`:
+    the uncached prompt tokens the proxy has queued on the node."""
+    if not blocks:
         return 0.0
+    if there.wait * there.prefill + queued + there.uncached > there.prefill * max_queue_seconds:
+        return 0.0  # saturated: spread
     return blocks / len(ask.blocks)

@@ -21,6 +21,7 @@ from gpurouter.decide.route.pipeline import choose
 from gpurouter.decide.route.prefix import PromptIndex
 from gpurouter.decide.route.traffic import Rates, Traffic
 from proxy.demand import Demand
+from proxy.ledger import Ledger, Timings
 from proxy.queue import BUSY, QueueFull, Slots
 from simulator.run import Fleet, fleet_from_dict
 
@@ -61,6 +62,25 @@ def test_the_prompt_stays_where_its_prefix_is_cached_until_that_node_is_saturate
     picked = choose(state, follow, saturated, NOW)
     assert picked.nodes == ["a", "b"] and picked.targets[1].parts["affinity"] == 0
     assert picked.targets[0].parts["latency"] == 1 and picked.targets[1].parts["latency"] < 0.5
+
+
+def test_expected_latency_weighs_the_wait_for_a_slot_against_the_uncached_prompt_and_learns_from_answers():
+    state = two_copies(parallel=1)
+    follow = chat("second")
+    ledger = Ledger(state.config)
+    ledger.prompts.sent("b", M, chat("first").blocks, slots=1)
+    ledger.answered("a", M, Timings(prompt_tokens=1000, prompt_seconds=1.0, generated=10, generate_seconds=0.5), 0)
+    ledger.answered("b", M, Timings(prompt_tokens=1000, prompt_seconds=1.0, generated=10, generate_seconds=0.5), 0)
+    assert ledger.rates[("b", M)].service == 1.5 and ledger.rates[("b", M)].prefill == 1000
+    # b has the prompt cached and one request ahead for its one slot (1.5 s): a reads the whole prompt (~1.45 s)
+    ledger.flights[("b", M)] = 1
+    picked = choose(state, follow, ledger.traffic(), NOW, RouteWeights(affinity=0))
+    assert picked.nodes == ["a", "b"] and picked.targets[1].parts["latency"] < 1
+    ledger.flights[("b", M)] = 0  # its slot free: the cached prompt wins
+    assert choose(state, follow, ledger.traffic(), NOW, RouteWeights(affinity=0)).nodes == ["b", "a"]
+    # an answer to a request that loaded the model tells how long the node's loads take
+    ledger.answered("a", M, Timings(load_seconds=0.25), 0, cold=True)
+    assert ledger.traffic().load_seconds == {"a": 0.25}
 
 
 def test_queue_and_speed_spread_requests_over_equal_copies():

@@ -351,7 +351,7 @@ def main() -> int:
     variants = [
         ("round-robin", direct("rr")),
         ("least-connections", direct("lc")),
-        ("proxy, scorers off", proxied({"residency": 4, "queue": 0.01, "affinity": 0, "speed": 0})),
+        ("proxy, scorers off", proxied({"residency": 4, "queue": 0.01, "latency": 0, "affinity": 0, "speed": 0})),
         ("proxy", proxied(None)),
     ]
     rows = []

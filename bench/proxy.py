@@ -5,12 +5,14 @@ the clients are aiohttp tasks in this one. Figures:
 
 - overhead: the same small non-streaming generate requests straight to a simulated node and through the
   proxy, p50/p99 of each and the difference, at 1, 50 and 200 concurrent clients, and the proxy's own CPU time
-  per request; the same for the time to the first byte of a stream; concurrent open streams held without error
+  per request against a bare aiohttp passthrough's (bench/passthrough.py, its own process, the same requests);
+  the same for the time to the first byte of a stream; concurrent open streams held without error
   (spread by the proxy over four simulated nodes of 256 slots, Ollama's most per runner), with the proxy's RSS.
 
 What the proxy gains (its routing against a plain load balancer on a replayed trace) is `bench/trace.py`.
 
-Goals: added p99 ≤ 5 ms at 50 concurrent clients; 1000 concurrent streams.
+Goals: added p99 ≤ 5 ms at 50 concurrent clients; the proxy's CPU per request within 2× the passthrough's in
+every case; 1000 concurrent streams.
 Run: `python bench/proxy.py [--streams 1000] [--quick]`.
 """
 
@@ -62,10 +64,12 @@ def bench_fleet() -> dict:
 
 
 class Process(localstack.Process):
-    """A `gpu-router` subcommand, stopped by its own PID; what it holds read from /proc."""
+    """A `gpu-router` subcommand (or, with `script`, a bench script), stopped by its own PID; what it holds read
+    from /proc."""
 
-    def __init__(self, log: Path, *args: str) -> None:
-        super().__init__([sys.executable, "-m", "cli.main", *args], log, cwd=ROOT)
+    def __init__(self, log: Path, *args: str, script: str | None = None) -> None:
+        command = [str(ROOT / "bench" / script)] if script else ["-m", "cli.main"]
+        super().__init__([sys.executable, *command, *args], log, cwd=ROOT)
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
@@ -99,6 +103,16 @@ def start_proxy(tmp: Path, config: dict) -> tuple[Process, str]:
     return process, url
 
 
+def start_passthrough(tmp: Path, upstream: str) -> tuple[Process, str]:
+    """The floor: a bare aiohttp passthrough to `upstream` (bench/passthrough.py), its own process."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    process = Process(tmp / "passthrough.log", "--listen", listen, "--upstream", upstream, script="passthrough.py")
+    url = f"http://{listen}"
+    wait_for(lambda: requests.get(f"{url}/api/version", timeout=1).ok, 30, f"the passthrough ({process.tail(3)})")
+    return process, url
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -128,15 +142,36 @@ async def latencies(url: str, clients: int, total: int, body: dict, first_byte: 
     return results
 
 
-def overhead(direct: str, proxy: str, process: Process, quick: bool) -> list[str]:
+def idle_cpu(process: Process, seconds: float = 4.0) -> float:
+    """`process`'s CPU seconds per second while no request comes (the proxy's polls, timers)."""
+    cpu, started = process.cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return (process.cpu_seconds() - cpu) / (time.perf_counter() - started)
+
+
+def cpu_per_request(
+    url: str, process: Process, idle: float, clients: int, total: int, body: dict, first: bool
+) -> tuple[float, list[float]]:
+    """Milliseconds of `process`'s CPU time per request while `total` requests go through `url`, less what it
+    spends idle in that time; and the requests' latencies."""
+    cpu, started = process.cpu_seconds(), time.perf_counter()
+    seconds = asyncio.run(latencies(url, clients, total, body, first))
+    used = process.cpu_seconds() - cpu - idle * (time.perf_counter() - started)
+    return max(0.0, used) * 1000 / total, seconds
+
+
+def overhead(direct: str, proxy: str, process: Process, floor: tuple[str, Process], quick: bool) -> list[str]:
     small = {"model": FAST, "prompt": "hi", "stream": False, "options": {"num_predict": 4}}
     stream = {"model": FAST, "prompt": "hi", "options": {"num_predict": 4}}
     lines = [
         "overhead (fast node, instant answers; clients, proxy and simulator share the CPUs): ms; added = proxy − "
-        "direct; CPU = the proxy process's CPU time per request",
+        "direct; CPU = the proxy process's CPU time per request (less its idle rate: polls); floor = a bare "
+        "aiohttp passthrough's (bench/passthrough.py), the same requests",
         f"{'what':<34}{'clients':>8}{'requests':>9}{'direct p50':>11}{'p99':>8}{'proxy p50':>11}{'p99':>8}"
-        f"{'added p50':>11}{'p99':>8}{'CPU':>7}",
+        f"{'added p50':>11}{'p99':>8}{'CPU':>7}{'floor':>7}{'×':>6}",
     ]
+    ratios = []
+    idle, floor_idle = idle_cpu(process), idle_cpu(floor[1])
     cases = [("small non-streaming requests", small, False, c) for c in (1, 50, 200)]
     cases += [("time to first byte of a stream", stream, True, c) for c in (1, 50)]
     for what, body, first, clients in cases:
@@ -144,14 +179,20 @@ def overhead(direct: str, proxy: str, process: Process, quick: bool) -> list[str
         asyncio.run(latencies(direct, clients, min(total, 100), body, first))  # warm both paths
         asyncio.run(latencies(proxy, clients, min(total, 100), body, first))
         a = [x * 1000 for x in asyncio.run(latencies(direct, clients, total, body, first))]
-        cpu = process.cpu_seconds()
-        b = [x * 1000 for x in asyncio.run(latencies(proxy, clients, total, body, first))]
-        cpu = (process.cpu_seconds() - cpu) * 1000 / total
+        cpu, seconds = cpu_per_request(proxy, process, idle, clients, total, body, first)
+        b = [x * 1000 for x in seconds]
+        asyncio.run(latencies(floor[0], clients, min(total, 100), body, first))
+        bare, _ = cpu_per_request(floor[0], floor[1], floor_idle, clients, total, body, first)
+        ratios.append(cpu / bare if bare else float("inf"))
         pa, pb = (percentile(a, 50), percentile(a, 99)), (percentile(b, 50), percentile(b, 99))
         lines.append(
             f"{what:<34}{clients:>8}{total:>9}{pa[0]:>11.2f}{pa[1]:>8.2f}{pb[0]:>11.2f}{pb[1]:>8.2f}"
-            f"{pb[0] - pa[0]:>11.2f}{pb[1] - pa[1]:>8.2f}{cpu:>7.2f}"
+            f"{pb[0] - pa[0]:>11.2f}{pb[1] - pa[1]:>8.2f}{cpu:>7.2f}{bare:>7.2f}{ratios[-1]:>6.2f}"
         )
+    worst = max(ratios)
+    verdict = "MET" if worst <= 2.0 else "MISSED"
+    goal = "the proxy's CPU per request within 2× a bare aiohttp passthrough's"
+    lines.append(f"goal {goal}: {verdict} (at most {worst:.2f}×)")
     return lines
 
 
@@ -238,7 +279,11 @@ def main() -> int:
             ]  # fmt: skip
             proxy, proxy_url = start_proxy(tmp, {"nodes": nodes, "auto_optimize": False})
             try:
-                out += overhead(urls["fast"], proxy_url, proxy, args.quick)
+                bare, bare_url = start_passthrough(tmp, urls["fast"])
+                try:
+                    out += overhead(urls["fast"], proxy_url, proxy, (bare_url, bare), args.quick)
+                finally:
+                    bare.stop()
                 out.append("")
                 out += streams(proxy_url, proxy, args.streams)
             finally:

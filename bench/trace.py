@@ -21,7 +21,10 @@ pinned priority model (an eviction: they are pinned). Goals on the same run: TTF
 round-robin and ≥ 1.5× better than least connections; ≥ 95 % of tokens generated fully on GPU; no eviction of
 a priority model through the proxy.
 
-Run: `python bench/trace.py [--clients 12] [--requests 6] [--seed 7]` (a few minutes).
+Loads take no time by default (the simulator's default); `--load-speed 2GiB` makes every node load a model
+at that many bytes a second, as a disk or page cache would, for every variant alike.
+
+Run: `python bench/trace.py [--clients 12] [--requests 6] [--seed 7] [--load-speed 0]` (a few minutes).
 """
 
 from __future__ import annotations
@@ -138,8 +141,9 @@ def trace(seed: int, clients: int, per_client: int) -> list[list[tuple[str, dict
     return plans
 
 
-def fleet_spec() -> dict:
-    return {"nodes": [{"models": MODELS, **n} for n in NODES]}
+def fleet_spec(load_speed: str = "0") -> dict:
+    """The fleet; `load_speed`: bytes of a model per second a node loads (the simulator's; 0 = at once)."""
+    return {"nodes": [{"models": MODELS, "load_speed": load_speed, **n} for n in NODES]}
 
 
 def installed(model: str) -> list[str]:
@@ -225,8 +229,10 @@ def send(fleet: Fleet, variant: Variant, path: str, body: dict) -> Outcome:
     return Outcome(body["model"], ttft, seconds, generated, node or "", ran_on_gpu, error)
 
 
-def run_variant(name: str, make: Callable[[Fleet], tuple[Variant, Callable[[], None]]], plans: list) -> dict:
-    with Fleet(fleet_from_dict(fleet_spec())) as fleet:
+def run_variant(
+    name: str, make: Callable[[Fleet], tuple[Variant, Callable[[], None]]], plans: list, load_speed: str = "0"
+) -> dict:
+    with Fleet(fleet_from_dict(fleet_spec(load_speed))) as fleet:
         variant, close = make(fleet)
         try:
             before = {n: fleet.node(n).state() for n in fleet.urls}
@@ -336,18 +342,21 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--requests", type=int, default=6, help="requests per client")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--load-speed", default="0", help="how fast a node loads a model, e.g. 2GiB (per second; default 0: at once)"
+    )
     args = parser.parse_args()
     logging.getLogger("gpu_router.simulator").setLevel(logging.INFO)
     plans = trace(args.seed, args.clients, args.requests)
     variants = [
         ("round-robin", direct("rr")),
         ("least-connections", direct("lc")),
-        ("proxy, scorers off", proxied({"residency": 4, "queue": 0.01, "affinity": 0, "speed": 0})),
+        ("proxy, scorers off", proxied({"residency": 4, "queue": 0.01, "latency": 0, "affinity": 0, "speed": 0})),
         ("proxy", proxied(None)),
     ]
     rows = []
     for name, make in variants:
-        rows.append(run_variant(name, make, plans))
+        rows.append(run_variant(name, make, plans, args.load_speed))
         r = rows[-1]
         print(
             f"{r['variant']:<20} TTFT p50 {r['ttft_p50']:6.2f} s  p95 {r['ttft_p95']:6.2f} s  "

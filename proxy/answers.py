@@ -44,6 +44,7 @@ def timings_of(tail: bytes) -> Timings:
         prompt_seconds=found.get("prompt_eval_duration", 0) / 1e9,
         generated=found.get("eval_count", found.get("completion_tokens", 0)),
         generate_seconds=found.get("eval_duration", 0) / 1e9,
+        load_seconds=found.get("load_duration", 0) / 1e9,
     )
 
 

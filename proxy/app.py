@@ -486,7 +486,8 @@ class Proxy:
         if not whole:
             return None
         timings = timings_of(tail)
-        realised = self.view.ledger.answered(node, model, timings, target.cached_tokens)
+        cold = target.placement == "cold"
+        realised = self.view.ledger.answered(node, model, timings, target.cached_tokens, cold)
         self.metrics.cached_predicted.labels(node=node, model=model).inc(target.cached_tokens)
         self.metrics.cached_realised.labels(node=node, model=model).inc(realised)
         self.metrics.prompt_tokens.labels(node=node, model=model).inc(timings.prompt_tokens)

@@ -47,6 +47,7 @@ class Timings:
     prompt_seconds: float = 0.0
     generated: int = 0
     generate_seconds: float = 0.0
+    load_seconds: float = 0.0
 
 
 class Ledger:
@@ -56,6 +57,7 @@ class Ledger:
         self.flights: Counter[tuple[str, str]] = Counter()
         self.prefill: Counter[str] = Counter()
         self.rates: dict[tuple[str, str], Rates] = {}
+        self.loads: dict[str, float] = {}  # node → seconds its cold loads took (smoothed)
         self.prompts = PromptIndex()
         self._loading: dict[tuple[str, str], float] = {}  # (node, model) → when sent (monotonic)
         self._loaded: dict[tuple[str, str], float] = {}  # (node, model) → when its cold request ended (wall)
@@ -70,6 +72,7 @@ class Ledger:
             failing=frozenset(self._failing),
             prefill_queued=self.prefill,
             rates=self.rates,
+            load_seconds=self.loads,
             prompts=self.prompts,
         )
 
@@ -112,12 +115,17 @@ class Ledger:
         """The failure was the request's own (every node answered it alike): the node is not failing."""
         self._failing.pop((node, model_key(model)), None)
 
-    def answered(self, node: str, model: str, timings: Timings, predicted_cached: int) -> int:
-        """Learn the node's speed from an answer; the cached prompt tokens it realised (prompt tokens less those
-        its prefill time accounts for at the node's rate), estimated."""
+    def answered(self, node: str, model: str, timings: Timings, predicted_cached: int, cold: bool = False) -> int:
+        """Learn the node's speed (and, from an answer to a request that loaded the model, `cold`, how long its
+        loads take) from an answer; the cached prompt tokens it realised (prompt tokens less those its prefill
+        time accounts for at the node's rate), estimated."""
         key = (node, model_key(model))
+        if cold:
+            self.loads[node] = _smooth(self.loads.get(node), timings.load_seconds)
         old = self.rates.get(key, Rates())
-        decode, prefill = old.decode, old.prefill
+        decode, prefill, service = old.decode, old.prefill, old.service
+        if timings.prompt_seconds + timings.generate_seconds > 0:
+            service = _smooth(service, timings.prompt_seconds + timings.generate_seconds)
         if timings.generated and timings.generate_seconds > 0:
             decode = _smooth(decode, timings.generated / timings.generate_seconds)
         realised = 0
@@ -128,7 +136,7 @@ class Ledger:
                 realised = max(0, round(timings.prompt_tokens - timings.prompt_seconds * prefill))
         elif timings.prompt_tokens and predicted_cached:  # no prefill time at all: all of it came from the cache
             realised = timings.prompt_tokens
-        self.rates[key] = Rates(decode, prefill)
+        self.rates[key] = Rates(decode, prefill, service)
         return min(realised, timings.prompt_tokens)
 
     # ------------------------------------------------------------------------------------------ polls

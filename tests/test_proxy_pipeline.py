@@ -21,6 +21,7 @@ from gpurouter.decide.route.pipeline import choose
 from gpurouter.decide.route.prefix import PromptIndex
 from gpurouter.decide.route.traffic import Rates, Traffic
 from proxy.demand import Demand
+from proxy.ledger import Ledger, Timings
 from proxy.queue import BUSY, QueueFull, Slots
 from simulator.run import Fleet, fleet_from_dict
 
@@ -53,11 +54,33 @@ def test_the_prompt_stays_where_its_prefix_is_cached_until_that_node_is_saturate
     # a request already running there (its one slot taken) still leaves b the better choice: the prompt is cached
     busy = Traffic(prompts=index, in_flight={("b", M): 1})
     assert choose(state, follow, busy, NOW).nodes[0] == "b"
-    # past τ (observed prefill 100 tokens/s × 4 s = 400 tokens queued) it spreads
-    rates = {("b", M): Rates(prefill=100)}
-    saturated = Traffic(prompts=index, in_flight={("b", M): 1}, prefill_queued={"b": 500}, rates=rates)
+    # past τ (observed prefill 100 tokens/s × 4 s = 400 tokens queued) affinity lets go; the expected latency
+    # (three requests ahead of it for b's one slot, 2 s each, against the whole prompt at a's 1000 tokens/s)
+    # sends it to a
+    rates = {("b", M): Rates(prefill=100, service=2.0), ("a", M): Rates(prefill=1000)}
+    saturated = Traffic(prompts=index, in_flight={("b", M): 3}, prefill_queued={"b": 500}, rates=rates)
     picked = choose(state, follow, saturated, NOW)
-    assert picked.nodes[0] == "a" and picked.targets[1].parts["affinity"] == 0
+    assert picked.nodes == ["a", "b"] and picked.targets[1].parts["affinity"] == 0
+    assert picked.targets[0].parts["latency"] == 1 and picked.targets[1].parts["latency"] < 0.5
+
+
+def test_expected_latency_weighs_the_wait_for_a_slot_against_the_uncached_prompt_and_learns_from_answers():
+    state = two_copies(parallel=1)
+    follow = chat("second")
+    ledger = Ledger(state.config)
+    ledger.prompts.sent("b", M, chat("first").blocks, slots=1)
+    ledger.answered("a", M, Timings(prompt_tokens=1000, prompt_seconds=1.0, generated=10, generate_seconds=0.5), 0)
+    ledger.answered("b", M, Timings(prompt_tokens=1000, prompt_seconds=1.0, generated=10, generate_seconds=0.5), 0)
+    assert ledger.rates[("b", M)].service == 1.5 and ledger.rates[("b", M)].prefill == 1000
+    # b has the prompt cached and one request ahead for its one slot (1.5 s): a reads the whole prompt (~1.45 s)
+    ledger.flights[("b", M)] = 1
+    picked = choose(state, follow, ledger.traffic(), NOW, RouteWeights(affinity=0))
+    assert picked.nodes == ["a", "b"] and picked.targets[1].parts["latency"] < 1
+    ledger.flights[("b", M)] = 0  # its slot free: the cached prompt wins
+    assert choose(state, follow, ledger.traffic(), NOW, RouteWeights(affinity=0)).nodes == ["b", "a"]
+    # an answer to a request that loaded the model tells how long the node's loads take
+    ledger.answered("a", M, Timings(load_seconds=0.25), 0, cold=True)
+    assert ledger.traffic().load_seconds == {"a": 0.25}
 
 
 def test_queue_and_speed_spread_requests_over_equal_copies():
@@ -65,10 +88,10 @@ def test_queue_and_speed_spread_requests_over_equal_copies():
     ask = Ask(M)
     assert choose(state, ask, Traffic(in_flight={("a", M): 1}), NOW).nodes == ["b", "a"]
     fast = Traffic(rates={("a", M): Rates(decode=20), ("b", M): Rates(decode=80)})
-    picked = choose(state, ask, fast, NOW)
+    picked = choose(state, ask, fast, NOW, RouteWeights(speed=0.5))
     assert picked.nodes[0] == "b" and picked.targets[1].parts["speed"] == 0.25
-    # weights come from the configuration: speed off, the tie goes by free VRAM then name
-    assert choose(state, ask, fast, NOW, RouteWeights(speed=0)).nodes == ["a", "b"]
+    # weights come from the configuration: speed off (the default), the tie goes by free VRAM then name
+    assert choose(state, ask, fast, NOW).nodes == ["a", "b"]
 
 
 def test_residency_beats_every_other_score_by_default():
@@ -173,7 +196,7 @@ def test_the_route_endpoint_explains_a_choice_and_demand_and_cache_metrics_count
     with proxied(NODES) as (_, proxy):
         explained = requests.get(f"{proxy.url}/api/v1/route", params={"model": SMALL, "prompt": "x"}, timeout=10)
         first = explained.json()["targets"][0]
-        assert first["node"] == "gpu" and set(first["scores"]) == {"residency", "queue", "affinity", "speed"}
+        assert first["node"] == "gpu" and set(first["scores"]) == {"residency", "queue", "latency", "affinity", "speed"}
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
         for _ in range(2):
             reply = requests.post(
@@ -210,6 +233,9 @@ def test_route_explain_runs_the_proxys_pipeline(tmp_path, capsys):
         path.write_text(f"nodes: [{{name: gpu, url: '{fleet.urls['gpu']}', vram: 8GiB}}]\n", encoding="utf-8")
         code, out, _ = gpu_router(str(path), "route", SMALL, "--explain", "--prompt", "hi", capsys=capsys)
         assert code == 0 and out.startswith(f"{SMALL}: fully on GPU on gpu\n")
-        assert "gpu              gpu      score  5.25  residency 1.00, queue 1.00, affinity 0.00, speed 0.50" in out
+        assert (
+            "gpu              gpu      score 13.00  residency 1.00, queue 1.00, latency 1.00, affinity 0.00, speed 0.50"
+            in out
+        )
         code, out, _ = gpu_router(str(path), "--json", "route", SMALL, "--explain", capsys=capsys)
         assert code == 0 and json.loads(out)["targets"][0]["scores"]["residency"] == 1.0

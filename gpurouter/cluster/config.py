@@ -156,10 +156,11 @@ class OptimizerSettings:
 class RouteWeights:
     """How much each scorer of the proxy's request pipeline counts (`proxy.weights`); 0 turns one off."""
 
-    residency: float = 4.0  # fully on GPU > loads fully on GPU > loading > partial by GPU share > CPU
+    residency: float = 10.0  # fully on GPU > loads fully on GPU > loading > partial by GPU share > CPU
     queue: float = 1.0  # requests in flight against the runner's slots
-    affinity: float = 2.0  # share of the prompt cached on the node, while its queued prefill stays under τ
-    speed: float = 0.5  # observed tokens/s of the model on the node, against the best candidate's
+    latency: float = 2.0  # expected time to first token (slot wait + uncached prefill + load), against the best
+    affinity: float = 1.0  # share of the prompt cached on the node, while the node is not saturated (τ)
+    speed: float = 0.0  # observed decode tokens/s of the model on the node, against the best candidate's
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ _PROXY = (
     "max_queue",
     "max_queue_seconds",
 )
-_WEIGHTS = ("residency", "queue", "affinity", "speed")
+_WEIGHTS = ("residency", "queue", "latency", "affinity", "speed")
 _BEARER = ("bearer_token", "bearer_token_env", "bearer_token_file")
 _AUTH = (
     "bearer_token",

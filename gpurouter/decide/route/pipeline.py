@@ -18,7 +18,7 @@ from gpurouter.decide.route import candidates as cands
 from gpurouter.decide.route import picker
 from gpurouter.decide.route.ask import Ask
 from gpurouter.decide.route.filters import healthy, installed, protected
-from gpurouter.decide.route.scorers import affinity, queue, residency, speed
+from gpurouter.decide.route.scorers import affinity, latency, queue, residency, speed
 from gpurouter.decide.route.traffic import Traffic
 
 PLACEMENTS = ("gpu", "cold", "partial", "cpu", "none")
@@ -120,34 +120,27 @@ def choose(
         return Choice(key, (), "not installed on any node that is up and not in maintenance")
     kept, unsafe = protected.split(found)
     well, failing = healthy.split(kept, key, traffic)
-    speeds = speed.scores(well + failing, key, traffic)
+    everyone = well + failing
+    blocks = [affinity.cached_blocks(c, ask, traffic) for c in everyone]
+    speeds = speed.scores(everyone, key, traffic)
+    expected = latency.estimates(everyone, ask, blocks, traffic)
+    quick = latency.scores(expected)
     scored = []
-    cached: dict[str, int] = {}
-    for c, fast in zip(well + failing, speeds, strict=True):
-        blocks = cached[c.name] = affinity.cached_blocks(c, ask, traffic)
+    for c, cached, fast, there, soon in zip(everyone, blocks, speeds, expected, quick, strict=True):
+        queued = traffic.prefill_queued.get(c.name, 0)
         parts = {
             "residency": residency.score(c),
             "queue": queue.score(c, key, traffic),
-            "affinity": affinity.score(c, ask, blocks, traffic, max_queue_seconds),
+            "latency": soon,
+            "affinity": affinity.score(ask, cached, there, queued, max_queue_seconds),
             "speed": fast,
         }
-        scored.append((c, parts))
-    ranked = picker.order([(c, picker.total(p, weights)) for c, p in scored[: len(well)]])
-    ranked += picker.order([(c, picker.total(p, weights)) for c, p in scored[len(well) :]])
-    parts_of = {c.name: p for c, p in scored}
+        scored.append((c, parts, latency.cached_tokens(cached, ask), c in failing))
+    ranked = picker.order([(c, picker.total(p, weights)) for c, p, *_ in scored[: len(well)]])
+    ranked += picker.order([(c, picker.total(p, weights)) for c, p, *_ in scored[len(well) :]])
+    rest = {id(c): more for c, *more in scored}
     targets = tuple(
-        Target(
-            c.name,
-            c.placement,
-            c.sets,
-            c.adjusted,
-            c.why,
-            total,
-            parts_of[c.name],
-            affinity.cached_tokens(cached[c.name], ask),
-            c.slots,
-            c in failing,
-        )
+        Target(c.name, c.placement, c.sets, c.adjusted, c.why, total, *rest[id(c)][:2], c.slots, rest[id(c)][2])
         for c, total in ranked
     )
     dropped = tuple((c.name, c.why) for c in unsafe)

@@ -17,6 +17,7 @@ class Rates:
 
     decode: float | None = None
     prefill: float | None = None
+    service: float | None = None  # seconds a request holds a slot: its prefill + its generation
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Traffic:
     failing: frozenset[tuple[str, str]] = frozenset()  # (node, model) failed since the last poll; WHOLE_NODE
     prefill_queued: Mapping[str, int] = field(default_factory=dict)  # node → uncached prompt tokens not yet read
     rates: Mapping[tuple[str, str], Rates] = field(default_factory=dict)
+    load_seconds: Mapping[str, float] = field(default_factory=dict)  # node → seconds its cold loads took
     prompts: PromptIndex | None = None
 
     @property

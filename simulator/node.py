@@ -17,7 +17,7 @@ from simulator.fleet import NodeSpec, display_name
 from simulator.gotypes import go_time
 from simulator.httpserver import App, HttpServer
 from simulator.options import merge_options
-from simulator.placement import placer_for
+from simulator.placer import placer_for
 from simulator.scheduler import Clock, LoadRequest, Scheduler, SchedulerError, log
 
 SHORT_WAIT = 0.1  # seconds: waits up to this long are plain sleeps (see SimNode.sleep)

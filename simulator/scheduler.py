@@ -1,6 +1,6 @@
 """One node's model scheduler, after Ollama's server/sched.go.
 
-Where a model goes is the era's `Placer` (simulator.placement: classic, layout or llama-server); decisions
+Where a model goes is the era's `Placer` (simulator.placer: classic, layout or llama-server); decisions
 are pure functions (`free_per_gpu`, `pick_victim`); `Scheduler` keeps the runners under one lock: loads are
 serialized, a placer that needs room gets idle runners evicted (shortest keep_alive first), keep_alive expires
 lazily on every call (an expired idle runner is never reported), and in-flight requests hold a runner by
@@ -23,7 +23,7 @@ from simulator.catalog import ModelSpec, effective_ctx
 from simulator.fleet import GpuSpec
 from simulator.gotypes import human_bytes2
 from simulator.options import RunnerOptions
-from simulator.placement import Choice, ClassicPlacer, OutOfMemory, Placer
+from simulator.placer import Choice, ClassicPlacer, OutOfMemory, Placer
 from simulator.slots import PromptCounters, Slots
 
 log = logging.getLogger("gpu_router.simulator")

@@ -11,7 +11,7 @@ import requests
 
 from gpurouter.units import GIB, MIB
 from simulator import catalog, llamacpp
-from simulator.placement import file_bytes
+from simulator.placer import file_bytes
 from simulator.run import Fleet, fleet_from_dict
 
 LLAMA = catalog.find("llama3.1:8b")

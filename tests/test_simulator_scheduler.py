@@ -15,7 +15,7 @@ from simulator.classic import estimate
 from simulator.fleet import GpuSpec
 from simulator.gotypes import FOREVER
 from simulator.options import RunnerOptions, merge_options
-from simulator.placement import Choice
+from simulator.placer import Choice
 from simulator.run import Fleet, fleet_from_dict
 from simulator.scheduler import LoadRequest, Runner, Scheduler, SchedulerError, pick_victim
 

@@ -404,7 +404,7 @@ def report(args: argparse.Namespace, figures: dict[tuple[int, int], Figures], ex
         walls = [wall for wall, _, _, _ in loaded]
         print(
             f"goal 0 false downs in {len(loaded)} scrapes of {key[1]} nodes × {key[0]} ms beside a busy loop on one "
-            f"core: {false} nodes reported down in {bad} scrapes (scrape {spread(walls)} ms) {verdict[false == 0]}"
+            f"core: {false} nodes reported down, in {bad} of them (scrape {spread(walls)} ms) {verdict[false == 0]}"
         )
     if "rss" in extra:
         rss = extra["rss"]

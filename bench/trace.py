@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpurouter.cluster.config import parse_config  # noqa: E402
+from optimizer.service import start_optimizer  # noqa: E402
 from proxy.service import start_proxy  # noqa: E402
 from simulator.run import Fleet, fleet_from_dict  # noqa: E402
 
@@ -54,6 +55,7 @@ CHAT = ["llama3.1:8b", "llama3.2:3b", "llama3.2:1b", "qwen2.5-coder:1.5b", "qwen
 EMBED = "mxbai-embed-large:latest"
 PRIORITY = (EMBED, "llama3.1:8b")
 MODELS = [*CHAT, "mxbai-embed-large"]
+DEMAND = {"window": 20, "interval": 1}  # placement from demand on the trace's time scale (a minute or two)
 NODES = [
     {
         "name": "gpu-a",
@@ -107,6 +109,7 @@ class Outcome:
     node: str
     on_gpu: bool
     error: str | None = None
+    settled: bool = False  # in the last quarter of its client's requests: after the shift has settled
 
 
 @dataclass
@@ -115,6 +118,11 @@ class Variant:
     pick: Callable[[str], tuple[str, str | None]]  # model → (base URL, node name or None: told by the answer)
     done: Callable[[str | None], None] = lambda node: None
     outcomes: list[Outcome] = field(default_factory=list)
+
+
+def settled(index: int, per_client: int) -> bool:
+    """A client's request `index` comes after the popularity shift (halfway) has settled (a quarter more)."""
+    return index >= per_client * 3 // 4
 
 
 def trace(seed: int, clients: int, per_client: int) -> list[list[tuple[str, dict]]]:
@@ -202,7 +210,7 @@ def on_gpu(fleet: Fleet, node: str, model: str) -> bool:
     return False
 
 
-def send(fleet: Fleet, variant: Variant, path: str, body: dict) -> Outcome:
+def send(fleet: Fleet, variant: Variant, path: str, body: dict, late: bool = False) -> Outcome:
     url, node = variant.pick(body["model"])
     started = time.monotonic()
     ttft = None
@@ -226,7 +234,7 @@ def send(fleet: Fleet, variant: Variant, path: str, body: dict) -> Outcome:
         variant.done(node)
     seconds = time.monotonic() - started
     ran_on_gpu = node in fleet.urls and on_gpu(fleet, node, body["model"])
-    return Outcome(body["model"], ttft, seconds, generated, node or "", ran_on_gpu, error)
+    return Outcome(body["model"], ttft, seconds, generated, node or "", ran_on_gpu, error, late)
 
 
 def run_variant(
@@ -241,8 +249,8 @@ def run_variant(
 
                 def client(plan: list[tuple[str, dict]], index: int) -> None:
                     rng = random.Random(index)
-                    for path, body in plan:
-                        variant.outcomes.append(send(fleet, variant, path, body))
+                    for i, (path, body) in enumerate(plan):
+                        variant.outcomes.append(send(fleet, variant, path, body, settled(i, len(plan))))
                         time.sleep(rng.uniform(0.0, 0.3))  # a client thinking: the trace's own pacing
 
                 threads = [threading.Thread(target=client, args=(p, i)) for i, p in enumerate(plans)]
@@ -254,7 +262,10 @@ def run_variant(
             after = {n: fleet.node(n).state() for n in fleet.urls}
         finally:
             close()
-    return summary(name, variant.outcomes, before, after, watch, wall)
+    return {
+        **summary(name, variant.outcomes, before, after, watch, wall),
+        "minimum_loads": minimum_loads(plans, before),
+    }
 
 
 def summary(name: str, outcomes: list[Outcome], before: dict, after: dict, watch: Watch, wall: float) -> dict:
@@ -262,6 +273,8 @@ def summary(name: str, outcomes: list[Outcome], before: dict, after: dict, watch
     rates = [o.generated / o.seconds for o in outcomes if o.generated and o.seconds > 0]
     tokens = sum(o.generated for o in outcomes)
     gpu_tokens = sum(o.generated for o in outcomes if o.on_gpu)
+    late = sum(o.generated for o in outcomes if o.settled)
+    late_gpu = sum(o.generated for o in outcomes if o.settled and o.on_gpu)
 
     def total(state: dict, key: str) -> int:
         return sum(c.get(key, 0) for c in state["counts"].values())
@@ -279,6 +292,7 @@ def summary(name: str, outcomes: list[Outcome], before: dict, after: dict, watch
         "ttft_p95": ttfts[int(0.95 * (len(ttfts) - 1))],
         "tokens_per_s": statistics.median(rates) if rates else 0.0,
         "gpu_share": gpu_tokens / tokens if tokens else 0.0,
+        "settled_gpu_share": late_gpu / late if late else 0.0,
         "cached_share": cached / (cached + computed) if cached + computed else 0.0,
         "loads": sum(total(after[n], "loads") - total(before[n], "loads") for n in after),
         "unloads": sum(total(after[n], "unloads") - total(before[n], "unloads") for n in after),
@@ -314,27 +328,52 @@ def direct(kind: str) -> Callable[[Fleet], tuple[Variant, Callable[[], None]]]:
     return make
 
 
-def proxied(weights: dict | None) -> Callable[[Fleet], tuple[Variant, Callable[[], None]]]:
+def proxied(weights: dict | None, demand: bool | None = None) -> Callable[[Fleet], tuple[Variant, Callable[[], None]]]:
+    """The proxy over the fleet; with `demand` not None, an optimizer beside it that heals the priority models
+    (a reconcile pass every 2 s) and, when `demand`, places models from the proxy's demand (DEMAND)."""
+
     def make(fleet: Fleet) -> tuple[Variant, Callable[[], None]]:
         vram = {n["name"]: n["gpus"][0]["vram"] if n.get("gpus") else 0 for n in NODES}
         proxy_settings: dict = {"refresh_interval": 0.5}
         if weights is not None:
             proxy_settings["weights"] = weights
-        config = parse_config(
-            {
-                "nodes": [
-                    {"name": n, "url": u, "vram": vram[n], "num_parallel": 1 if n == "cpu" else 2}
-                    for n, u in fleet.urls.items()
-                ],
-                "priority_models": list(PRIORITY),
-                "auto_optimize": False,
-                "proxy": proxy_settings,
-            }
-        )
-        handle = start_proxy(config, heal=False)
-        return Variant("proxy", lambda model: (handle.url, None)), handle.stop
+        base = {
+            "nodes": [
+                {"name": n, "url": u, "vram": vram[n], "num_parallel": 1 if n == "cpu" else 2}
+                for n, u in fleet.urls.items()
+            ],
+            "priority_models": list(PRIORITY),
+            "auto_optimize": demand is not None,
+            "proxy": proxy_settings,
+            "demand": DEMAND,
+        }
+        handle = start_proxy(parse_config(base), heal=False)
+        variant = Variant("proxy", lambda model: (handle.url, None))
+        if demand is None:
+            return variant, handle.stop
+        settings = {**DEMAND, "placement": demand, "proxy_url": handle.url}
+        optimizer = start_optimizer(parse_config({**base, "check_interval": 2, "demand": settings}))
+
+        def close() -> None:
+            optimizer.stop()
+            handle.stop()
+
+        return variant, close
 
     return make
+
+
+def minimum_loads(plans: list, before: dict) -> int:
+    """The loads a clairvoyant placement must make at least: one for each model the trace asks for that has no
+    copy fully on GPU at the start (every GPU node has every model; the fleet holds all of them at once)."""
+    asked = {body["model"] for plan in plans for _, body in plan}
+    resident = {
+        m["model"].removesuffix(":latest")
+        for state in before.values()
+        for m in state["loaded"]
+        if m["size_vram"] >= m["size"] > 0
+    }
+    return len({m.removesuffix(":latest") for m in asked} - resident)
 
 
 def main() -> int:
@@ -353,32 +392,51 @@ def main() -> int:
         ("least-connections", direct("lc")),
         ("proxy, scorers off", proxied({"residency": 4, "queue": 0.01, "latency": 0, "affinity": 0, "speed": 0})),
         ("proxy", proxied(None)),
+        ("proxy + optimizer, demand placement off", proxied(None, demand=False)),
+        ("proxy + optimizer, demand placement on", proxied(None, demand=True)),
     ]
     rows = []
     for name, make in variants:
         rows.append(run_variant(name, make, plans, args.load_speed))
         r = rows[-1]
         print(
-            f"{r['variant']:<20} TTFT p50 {r['ttft_p50']:6.2f} s  p95 {r['ttft_p95']:6.2f} s  "
-            f"median {r['tokens_per_s']:6.1f} tokens/s  on GPU {r['gpu_share']:5.1%}  cached {r['cached_share']:5.1%}  "
-            f"loads {r['loads']:3d}  unloads {r['unloads']:3d}  priority off GPU {r['priority_off_gpu_s']:5.1f} s  "
-            f"priority evictions {r['priority_evictions']}  ({r['requests']} requests, {len(r['errors'])} failed, "
-            f"{r['wall_s']:.0f} s)",
+            f"{r['variant']}\n    TTFT p50 {r['ttft_p50']:6.2f} s  p95 {r['ttft_p95']:6.2f} s  "
+            f"median {r['tokens_per_s']:6.1f} tokens/s  on GPU {r['gpu_share']:5.1%} "
+            f"(settled {r['settled_gpu_share']:5.1%})  cached {r['cached_share']:5.1%}  "
+            f"loads {r['loads']:3d} ({r['loads'] / r['wall_s'] * 3600:.0f}/h)  "
+            f"unloads {r['unloads']:3d} ({r['unloads'] / r['wall_s'] * 3600:.0f}/h)  priority off GPU "
+            f"{r['priority_off_gpu_s']:5.1f} s  priority evictions {r['priority_evictions']}  "
+            f"({r['requests']} requests, {len(r['errors'])} failed, {r['wall_s']:.0f} s)",
             flush=True,
         )
     for r in rows:
         for error in sorted(set(r["errors"]))[:3]:
             print(f"  {r['variant']}: {error}")
-    rr, lc, _, new = rows
-    goals = [
-        ("TTFT p50 ≥ 2× better than round-robin", rr["ttft_p50"] / new["ttft_p50"], 2.0),
-        ("TTFT p50 ≥ 1.5× better than least connections", lc["ttft_p50"] / new["ttft_p50"], 1.5),
-        ("≥ 95 % of tokens generated fully on GPU", new["gpu_share"], 0.95),
-    ]
-    for what, value, floor in goals:
-        print(f"goal {what}: {'MET' if value >= floor else 'MISSED'} ({value:.2f})")
-    evicted = new["priority_evictions"]
-    print(f"goal no priority model evicted through the proxy: {'MET' if evicted == 0 else 'MISSED'} ({evicted})")
+    rr, lc, _, new, off, on = rows
+    for label, proxy in (("the proxy", new), ("the proxy with placement from demand", on)):
+        goals = [
+            ("TTFT p50 ≥ 2× better than round-robin", rr["ttft_p50"] / proxy["ttft_p50"], 2.0),
+            ("TTFT p50 ≥ 1.5× better than least connections", lc["ttft_p50"] / proxy["ttft_p50"], 1.5),
+            ("≥ 95 % of tokens generated fully on GPU", proxy["gpu_share"], 0.95),
+        ]
+        for what, value, floor in goals:
+            print(f"goal ({label}) {what}: {'MET' if value >= floor else 'MISSED'} ({value:.2f})")
+        evicted = proxy["priority_evictions"]
+        print(f"goal ({label}) no priority model evicted: {'MET' if evicted == 0 else 'MISSED'} ({evicted})")
+    settled = on["settled_gpu_share"]
+    print(
+        f"goal (demand) ≥ 98 % of tokens fully on GPU once the shift settles: {'MET' if settled >= 0.98 else 'MISSED'} "
+        f"({settled:.1%}; {off['settled_gpu_share']:.1%} with placement from demand off)"
+    )
+    least = on["minimum_loads"]
+    print(
+        f"goal (demand) loads within 2× of the clairvoyant minimum: {'MET' if on['loads'] <= 2 * least else 'MISSED'} "
+        f"({on['loads']} loads, minimum {least}; {off['loads']} with placement from demand off)"
+    )
+    print(
+        f"demand placement on against off: TTFT p50 {off['ttft_p50'] / on['ttft_p50']:.2f}× better, "
+        f"p95 {off['ttft_p95'] / on['ttft_p95']:.2f}× better"
+    )
     return 0
 
 

@@ -26,12 +26,13 @@ from typing import Any
 from cli import exitcodes
 from gpurouter import render
 from gpurouter.act import journal
+from gpurouter.act.demandplan import desired_once
 from gpurouter.act.execute import execute
 from gpurouter.act.jobs import action_records
 from gpurouter.cluster.config import Config, find_config, load_config, model_key
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.state import ClusterState
-from gpurouter.decide.placement import Step, check, is_known, plan, route, route_of, uninstalled_priority
+from gpurouter.decide.placement import Step, check, is_known, route, route_of, uninstalled_priority
 from gpurouter.decide.route.ask import ask_of
 from gpurouter.decide.route.pipeline import choose
 from gpurouter.decide.route.traffic import Traffic
@@ -118,19 +119,24 @@ def _models(args: argparse.Namespace, state: ClusterState, now: float, _: Observ
 
 
 def _report(args: argparse.Namespace, state: ClusterState, now: float, _: Observer) -> int:
-    result = plan(state, now=now)
-    _emit(args, render.report_document(state, result, now), render.report_text(state, result, now))
+    desired, reading = desired_once(state.config, state, now)
+    document = render.report_document(state, desired, reading, now)
+    _emit(args, document, render.report_text(state, desired, reading, now))
     return exitcodes.OK
 
 
 def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observer: Observer) -> int:
     config = state.config
-    result = plan(state, now=now)
+    desired, reading = desired_once(config, state, now)
+    result = desired.plan
     mode = _mode(args, config)
     dry_run = mode in ("dry_run", "monitor_only")
     as_json = getattr(args, "json", False)
     if not as_json:
         print("\n".join(render.plan_text(result, state, now)))
+        if render.demand_state(reading, config.demand) != "no_proxy":
+            print()
+            print("\n".join(render.demand_lines(desired, reading, config.demand) + render.demand_steps(desired, state)))
         print()
         print("Executing Routing Plan" if not dry_run else f"Routing Plan (dry run: {render.MODE_TEXT[mode]})")
         print(render.RULE)
@@ -153,7 +159,9 @@ def _optimize(args: argparse.Namespace, state: ClusterState, now: float, observe
     down = [n.name for n in state.nodes if not n.up]
     code = exitcodes.OK if execution.ok else exitcodes.FAILED
     if as_json:
-        print(json.dumps(render.optimize_document(execution, mode, state, now), indent=2, default=str))
+        document = render.optimize_document(execution, mode, state, now)
+        document["demand"] = render.demand_json(desired, reading, config.demand)
+        print(json.dumps(document, indent=2, default=str))
         return code
     print()
     if not dry_run:

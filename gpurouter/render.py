@@ -10,9 +10,11 @@ from datetime import datetime
 from typing import Any
 
 from gpurouter.act.execute import Execution, Outcome
-from gpurouter.cluster.config import model_key
+from gpurouter.cluster.config import DemandSettings, model_key
+from gpurouter.cluster.demandfeed import Reading
 from gpurouter.cluster.ollama import LoadedModel
 from gpurouter.cluster.state import ClusterState, ModelNeed, NodeState
+from gpurouter.decide.demand import Desired
 from gpurouter.decide.placement import (
     CheckResult,
     Divergence,
@@ -524,8 +526,8 @@ def step_line(s: Step) -> str:
     if s.action == "load":
         ctx = f"num_ctx {s.num_ctx}" if s.num_ctx else "default context"
         return f"load {s.model} on GPU at {s.node} ({ctx}, keep_alive {s.keep_alive})"
-    if s.action == "evict":
-        return f"evict {s.model} from {s.node}: {s.reason}"
+    if s.action in ("evict", "release"):
+        return f"{s.action} {s.model} from {s.node}: {s.reason}"
     if s.action == "pin":
         return f"pin {s.model} on {s.node} (keep_alive {s.keep_alive}): {s.reason}"
     return f"unload {s.model} from {s.node}: {s.reason}"
@@ -599,18 +601,82 @@ def where_loaded_text(state: ClusterState, model: str, now: float) -> str:
     return "; ".join(copies) or "not loaded anywhere"
 
 
-def report_document(state: ClusterState, p: Plan, now: float) -> dict[str, Any]:
-    """`gpu-router report --json` and GET /api/v1/report: status, each priority model, and the plan."""
+def report_document(state: ClusterState, desired: Desired, reading: Reading, now: float) -> dict[str, Any]:
+    """`gpu-router report --json` and GET /api/v1/report: status, each priority model, placement from demand and
+    the plan."""
+    p = desired.plan
     differs = divergences(state, p, now)  # a route per load: once for the whole answer
     return {
         "command": "report",
         "status": status_json(state, now),
         "priority_models": report_models(state, p, now, differs),
+        "demand": demand_json(desired, reading, state.config.demand),
         "plan": plan_json(p, differs),
     }
 
 
-def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
+# what placement from demand does now: the "state" of demand_json → the words of demand_lines
+DEMAND_STATES = {
+    "on": "placing the models asked for most after the priority models",
+    "off": "off (demand.placement: false): the priority models only",
+    "no_proxy": "off: no proxy to read (demand.proxy_url is not set): the priority models only",
+    "unread": "the proxy's demand could not be read: the priority models only",
+}
+
+
+def demand_state(reading: Reading, settings: DemandSettings) -> str:
+    if not settings.placement:
+        return "off"
+    if settings.proxy_url is None:
+        return "no_proxy"
+    return "on" if reading.models is not None else "unread"
+
+
+def demand_json(desired: Desired, reading: Reading, settings: DemandSettings) -> dict[str, Any]:
+    """Placement from demand: where demand is read, each demanded model's choice, the desired GPU copies."""
+    return {
+        "state": demand_state(reading, settings),
+        "proxy_url": redact(settings.proxy_url) if settings.proxy_url else None,
+        "read_at": reading.at or None,
+        "error": reading.error if reading.models is None and reading.at else None,
+        "window_seconds": settings.window,
+        "min_requests_per_minute": settings.min_requests_per_minute,
+        "models": [
+            {
+                "model": c.model,
+                "requests_per_minute": round(c.per_minute, 3),
+                "score": round(c.score, 3),
+                "copies": c.copies,
+                "why": c.why,
+            }
+            for c in desired.choices
+        ],
+        "desired": [{"node": n, "model": m} for n, m in sorted(desired.targets)],
+    }
+
+
+def demand_lines(desired: Desired, reading: Reading, settings: DemandSettings) -> list[str]:
+    """`report` and `optimize`: each demanded model, its demand and why it is (not) placed for it."""
+    state = demand_state(reading, settings)
+    lines = ["PLACEMENT FROM DEMAND", RULE, DEMAND_STATES[state][0].upper() + DEMAND_STATES[state][1:]]
+    if state == "unread" and reading.error:
+        lines[-1] += f" ({reading.error})"
+    if state != "on":
+        return lines
+    lines[-1] = (
+        f"Demand from {redact(settings.proxy_url or '')} over the last {settings.window:g}s; a model is placed for it "
+        f"from {settings.min_requests_per_minute:g} requests/min"
+    )
+    if not desired.choices:
+        lines.append("No requests in the window.")
+    for c in desired.choices:
+        copies = f", {c.copies} copies" if c.copies > 1 else ""
+        lines.append(f"{'✅' if c.copies else '·'} {c.model} (score {c.score:.1f}{copies}): {c.why}")
+    return lines
+
+
+def report_text(state: ClusterState, desired: Desired, reading: Reading, now: float) -> list[str]:
+    p = desired.plan
     lines = [*status_text(state, now), "", "PRIORITY MODELS", RULE]
     if not state.config.priority_models:
         lines.append("No priority models configured.")
@@ -621,7 +687,14 @@ def report_text(state: ClusterState, p: Plan, now: float) -> list[str]:
         lines.append(f"   Where: {where_loaded_text(state, key, now)}")
         lines.append("   Optimize would:")
         lines += [f"      {line}" for line in model_plan_lines(key, p, differs.get(key))]
-    return lines
+    return [*lines, "", *demand_lines(desired, reading, state.config.demand), *demand_steps(desired, state)]
+
+
+def demand_steps(desired: Desired, state: ClusterState) -> list[str]:
+    """The plan's steps for models placed for their demand (loads, copies, renewals, releases)."""
+    priority = {model_key(p.name) for p in state.config.priority_models}
+    steps = [s for s in desired.plan.steps if model_key(s.serves) not in priority]
+    return [f"   - {step_line(s)}" for s in steps]
 
 
 def route_choice(c: Choice) -> dict[str, Any]:

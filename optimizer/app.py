@@ -18,12 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gpurouter import render
+from gpurouter.act.demandplan import Planner
 from gpurouter.act.execute import Execution
 from gpurouter.act.jobs import JobQueue, Metrics, Remediator, log, log_event
-from gpurouter.cluster.config import Config, PriorityModel, name_problem
+from gpurouter.cluster.config import Config, PriorityModel, model_key, name_problem
+from gpurouter.cluster.demandfeed import Reading
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide import placement
+from gpurouter.decide.demand import Desired
 from gpurouter.serve.auth import Authenticator
 from gpurouter.units import body_too_large
 from optimizer import statuspage, webhook
@@ -44,7 +47,16 @@ class Services:
     metrics: Metrics
     auth: Authenticator
     states: StateCache
+    planner: Planner
     reconciler: Reconciler | None = None
+
+    def desired(self, state: ClusterState, now: float) -> Desired:
+        """The desired placement: the priority models, and those placed for their demand while it is read."""
+        return self.planner.desired(state, now)
+
+    @property
+    def reading(self) -> Reading:
+        return self.planner.reading
 
     def dead_loops(self) -> list[str]:
         """The threads the optimizer needs that ended on their own (the reconcile loop, job workers)."""
@@ -89,6 +101,7 @@ def create_app(
     auth: Authenticator | None = None,
     state_max_age: float = 1.0,
     reconciler: Reconciler | None = None,
+    planner: Planner | None = None,
 ) -> Flask:
     """The Flask application. Without a `queue`, one backed by a `Remediator` is made and started (its
     worker threads are daemons; stop them with ``app.extensions["gpu_router"].queue.stop()``). /healthz
@@ -106,6 +119,7 @@ def create_app(
         auth=auth or Authenticator(config.optimizer.webhook_auth),
         states=StateCache(observer, state_max_age),
         reconciler=reconciler,
+        planner=planner or Planner(config),
     )
     app = Flask("gpu_router.optimizer")
     app.config["MAX_CONTENT_LENGTH"] = webhook.MAX_BODY
@@ -207,7 +221,19 @@ def _routes(app: Flask, s: Services) -> None:
     @app.get("/api/v1/report")
     def report() -> Any:
         state, now = s.states.get(), time.time()
-        return render.report_document(state, placement.plan(state, now=now), now)
+        return render.report_document(state, s.desired(state, now), s.reading, now)
+
+    @app.get("/api/v1/placement")
+    def desired_placement() -> Any:
+        state, now = s.states.get(), time.time()
+        desired = s.desired(state, now)
+        actual = sorted((n.name, model_key(m.name)) for n in state.nodes for m in n.loaded if m.fully_on_gpu)
+        return {
+            "command": "placement",
+            "demand": render.demand_json(desired, s.reading, config.demand),
+            "actual": [{"node": n, "model": m} for n, m in actual],
+            "plan": render.plan_json(desired.plan, ()),
+        }
 
     @app.post("/api/v1/optimize")
     def optimize() -> Any:
@@ -217,8 +243,10 @@ def _routes(app: Flask, s: Services) -> None:
         dry_run, wanted = _optimize_request(config)
         if dry_run:
             state, now = s.states.get(), time.time()
-            plan = placement.restrict(placement.plan(state, now=now), [p.name for p in wanted])
-            return render.optimize_document(Execution(plan, (), dry_run=True), "dry_run", state, now)
+            desired = s.desired(state, now)
+            plan = placement.restrict(desired.plan, [p.name for p in wanted])
+            document = render.optimize_document(Execution(plan, (), dry_run=True), "dry_run", state, now)
+            return {**document, "demand": render.demand_json(desired, s.reading, config.demand)}
         if not config.auto_optimize:
             raise ApiError(409, "auto_optimize is false (monitor only): ask with dry_run, or enable it")
         queued = [_submission(s.queue.submit(p.name, source="api")) for p in wanted]

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from flask import Flask
 
 from gpurouter import logfmt
+from gpurouter.act.demandplan import Planner
 from gpurouter.act.jobs import JobQueue, Metrics, Remediator, RunJob, log_event
 from gpurouter.cluster.config import Config, find_config, load_config
+from gpurouter.cluster.demandfeed import DemandFeed
 from gpurouter.cluster.observe import Observer
 from gpurouter.serve.auth import Authenticator
 from gpurouter.serve.listen import cannot_listen, open_listen_refusal, parse_listen
 from gpurouter.serve.wsgiserve import Served, serve
+from gpurouter.urls import redact
 from optimizer import webhook
 from optimizer.app import create_app
 from optimizer.reconcile import Reconciler
@@ -63,6 +66,7 @@ class OptimizerHandle:
     queue: JobQueue
     reconciler: Reconciler | None
     _served: Served
+    demand: str = "off"  # where placement from demand reads the proxy's demand, and how often; or off
     _close: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
@@ -102,12 +106,14 @@ def start_optimizer(
     owned = observer is None
     observer = observer or Observer(config)
     metrics = Metrics()
-    job = run_job or Remediator(config, observer, dry_run=not config.auto_optimize, stop=stop)
+    feed = DemandFeed(config)
+    planner = Planner(config, feed)
+    job = run_job or Remediator(config, observer, dry_run=not config.auto_optimize, stop=stop, planner=planner)
     queue = JobQueue(config, job, metrics=metrics, stop=stop).start()
     reconciler = None
     if reconcile:
         leftovers = job.leftovers if isinstance(job, Remediator) else list
-        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers)
+        reconciler = Reconciler(config, observer, queue, metrics=metrics, leftovers=leftovers, planner=planner)
     app = create_app(
         config,
         observer=observer,
@@ -116,6 +122,7 @@ def start_optimizer(
         auth=auth,
         state_max_age=state_max_age,
         reconciler=reconciler,
+        planner=planner,
     )
     # waitress buffers a body before the app sees it: cap that well above the app's own JSON-answered limit
     served = serve(
@@ -131,6 +138,9 @@ def start_optimizer(
     if reconciler is not None:
         reconciler.start()
     handle = OptimizerHandle(url=served.url, app=app, queue=queue, reconciler=reconciler, _served=served)
+    handle._close.append(feed.close)
+    if feed.active:
+        handle.demand = f"{redact(config.demand.proxy_url or '')} every {config.demand.interval:g}s"
     if owned:
         handle._close.append(observer.close)
     return handle
@@ -176,6 +186,7 @@ def main(args: argparse.Namespace) -> int:
             auto_optimize=config.auto_optimize,
             auth=auth.scheme or "none",
             check_interval=config.check_interval,
+            demand=handle.demand,
         )
         while not stop.wait(0.5):
             pass

@@ -40,7 +40,7 @@ from gpurouter.urls import redact
 from proxy import options
 from proxy.answers import TAIL, last_error, own_fault, timings_of
 from proxy.answers import said as _said
-from proxy.demand import Demand
+from proxy.demand import QUEUE_SPAN, Demand
 from proxy.heal import Healer
 from proxy.limits import BodyBudget, Refused
 from proxy.metrics import ProxyMetrics
@@ -134,7 +134,7 @@ class Proxy:
         self.bodies = BodyBudget(self.settings.max_body)
         self.session: aiohttp.ClientSession | None = None
         self.slots = Slots(self.settings.max_queue)
-        self.demand = Demand()
+        self.demand = Demand(config.demand.window)
 
     # ------------------------------------------------------------------------------------------ wiring
 
@@ -291,9 +291,11 @@ class Proxy:
             if i:
                 self.metrics.retries.inc()
             node, key = target.node, (target.node, picked.model)
-            body = options.body_for(request.path, raw, data, target, priority)
+            pin = options.pin_for(self.view.state, picked.model, node, priority)
+            body = options.body_for(request.path, raw, data, target, pin)
             cold = target.placement == "cold" and request.path != "/api/show"
             ledger.begin(node, picked.model, cold, self.view.state)
+            self.demand.flying(picked.model, 1, time.time())
             gauge = self.metrics.in_flight.labels(node=node)
             gauge.inc()
             queued = False
@@ -328,6 +330,7 @@ class Proxy:
                     self.slots.release(key)
                 gauge.dec()
                 ledger.end(node, picked.model)
+                self.demand.flying(picked.model, -1, time.time())
         self.metrics.requests.labels(node="", model=picked.model, placement="none", code="503").inc()
         said = "; ".join(f"{node}: {text}" for node, _, text in failures)
         return error(dialect, 503, f"no node could serve {picked.model}: {said}")
@@ -338,11 +341,13 @@ class Proxy:
         for counter in (self.metrics.queue_rejected, self.metrics.options_kept):  # 0, not nothing, for increase()
             counter.labels(node=key[0], model=key[1])
         depth.inc()
+        self.demand.waiting(key[1], 1, time.time())
         waited = time.monotonic()
         try:
             await self.slots.acquire(key, target.slots)
         finally:
             depth.dec()
+            self.demand.waiting(key[1], -1, time.time())
         self.metrics.queue_wait.labels(node=key[0], model=key[1]).observe(time.monotonic() - waited)
         return True
 
@@ -492,7 +497,7 @@ class Proxy:
         self.metrics.cached_realised.labels(node=node, model=model).inc(realised)
         self.metrics.prompt_tokens.labels(node=node, model=model).inc(timings.prompt_tokens)
         self.metrics.generated_tokens.labels(node=node, model=model).inc(timings.generated)
-        self.demand.record(model, timings.prompt_tokens, timings.generated, time.time())
+        self.demand.record(model, node, timings.prompt_tokens, timings.generated, time.time())
         state = self.view.state
         there = state.node(node) if state is not None and state.taken_at > sent else None
         copy = there.loaded_model(model) if there is not None else None
@@ -580,9 +585,18 @@ class Proxy:
         return web.json_response(render.route_choice(self.choose(ask_of("/api/chat", data, model))), dumps=_dumps)
 
     async def demand_rates(self, request: web.Request) -> web.Response:
-        """Per-model requests and tokens per second over the last window (what the optimizer reads)."""
+        """Per model: requests and tokens per second and the mean in flight over the last window, the mean
+        waiting in the queue lately, and now, the requests in flight per node and those waiting (what the
+        optimizer's placement from demand reads)."""
         rates = self.demand.rates(time.time())
-        return web.json_response({"window_seconds": self.demand.window, "models": rates}, dumps=_dumps)
+        for (node, model), n in self.view.ledger.flights.items():
+            row = rates.setdefault(model, self.demand.empty())
+            row.setdefault("in_flight", {})[node] = n  # type: ignore[union-attr]
+        for model, row in rates.items():
+            row.setdefault("in_flight", {})
+            row["waiting"] = self.slots.waiting(model)
+        answer = {"window_seconds": self.demand.window, "queue_seconds": QUEUE_SPAN, "models": rates}
+        return web.json_response(answer, dumps=_dumps)
 
     async def models(self, request: web.Request) -> web.Response:
         rows = [_openai_model(m) for m in await self._installed()]
@@ -603,10 +617,7 @@ class Proxy:
         return error("ollama", 400, message)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        for model, rates in self.demand.rates(time.time()).items():
-            self.metrics.demand_requests.labels(model=model).set(rates["requests_per_second"])
-            self.metrics.demand_tokens.labels(model=model, kind="prompt").set(rates["prompt_tokens_per_second"])
-            self.metrics.demand_tokens.labels(model=model, kind="generated").set(rates["generated_tokens_per_second"])
+        self.metrics.show_demand(self.demand.rates(time.time()))
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

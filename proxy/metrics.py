@@ -99,17 +99,31 @@ class ProxyMetrics:
         )
         self.demand_requests = Gauge(
             "gpu_router_proxy_demand_requests_per_second",
-            "Requests per second for the model over the last 5 minutes (what the optimizer reads)",
+            "Requests per second for the model over the last demand.window (what the optimizer reads)",
             ["model"],
             registry=r,
         )
         self.demand_tokens = Gauge(
             "gpu_router_proxy_demand_tokens_per_second",
-            "Prompt and generated tokens per second for the model over the last 5 minutes",
+            "Prompt and generated tokens per second for the model over the last demand.window",
             ["model", "kind"],
             registry=r,
         )
+        self._demand_models: set[str] = set()
         for node in nodes:  # every known series from the start: increase() and rate() answer 0, not nothing
             self.in_flight.labels(node=node)
             for kind in ERROR_KINDS:
                 self.upstream_errors.labels(node=node, kind=kind)
+
+    def show_demand(self, rates: dict[str, dict[str, object]]) -> None:
+        """Set the demand gauges from `Demand.rates`; a model no longer counted loses its series."""
+        for model in self._demand_models - set(rates):
+            self.demand_requests.remove(model)
+            for kind in ("prompt", "generated"):
+                self.demand_tokens.remove(model, kind)
+        for model, row in rates.items():
+            self.demand_requests.labels(model=model).set(float(row["requests_per_second"]))  # type: ignore[arg-type]
+            for kind in ("prompt", "generated"):
+                value = float(row[f"{kind}_tokens_per_second"])  # type: ignore[arg-type]
+                self.demand_tokens.labels(model=model, kind=kind).set(value)
+        self._demand_models = set(rates)

@@ -5,7 +5,9 @@ API carries no runner options).
   default with the runner's and reload), or the priority model's configured num_ctx for a load it causes.
 - The resident runner's options in place of the request's when loading as asked would evict a priority or
   busy model (`adjusted`: the caller adds a header, a log line and a metric).
-- A priority model's configured keep_alive, always: a client cannot unpin it through the proxy.
+- A priority model's configured keep_alive on its pinned copy (its first copy fully on GPU, or a load while it
+  has none): a client cannot unpin it through the proxy. Another copy keeps the client's keep_alive: pinned
+  forever, every extra copy the proxy loads would stay loaded for good.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gpurouter.cluster.config import PriorityModel
+from gpurouter.cluster.state import ClusterState
 from gpurouter.decide.route.ask import RUNNER_OPTIONS
 from gpurouter.decide.route.pipeline import Target
 
@@ -39,6 +42,15 @@ def changes(data: Mapping[str, Any], target: Target, priority: PriorityModel | N
     if priority is not None:
         body["keep_alive"] = priority.keep_alive
     return body
+
+
+def pin_for(state: ClusterState | None, model: str, node: str, priority: PriorityModel | None) -> PriorityModel | None:
+    """The priority model whose keep_alive the request to `node` carries: None for a model that is not one, or
+    when another node holds its first copy fully on GPU (the pinned one, as the optimizer pins it)."""
+    if priority is None or state is None:
+        return priority
+    home = next((n.name for n, m in state.placements(model) if m.fully_on_gpu and not n.config.maintenance), None)
+    return priority if home in (None, node) else None
 
 
 def body_for(path: str, raw: bytes, data: Mapping[str, Any], target: Target, priority: PriorityModel | None) -> bytes:

@@ -26,6 +26,10 @@ class Slots:
         """Requests waiting for a slot of this runner."""
         return len(self._waiting.get(key, ()))
 
+    def waiting(self, model: str) -> int:
+        """Requests waiting for a slot of any runner of `model`."""
+        return sum(len(q) for (_, m), q in self._waiting.items() if m == model)
+
     async def acquire(self, key: tuple[str, str], slots: int) -> None:
         """Return once a slot is ours; QueueFull past `max_queue` waiting."""
         if self._running[key] < slots and not self._waiting.get(key):

@@ -52,6 +52,9 @@ OPTIMIZER_METRICS = frozenset(
         "gpu_router_optimizer_remediation_seconds_count",
         "gpu_router_optimizer_queue_depth",
         "gpu_router_optimizer_last_reconcile_timestamp_seconds",
+        "gpu_router_optimizer_placement_desired",
+        "gpu_router_optimizer_placement_actual",
+        "gpu_router_optimizer_demand_up",
     }
 )
 PROXY_METRICS = frozenset(

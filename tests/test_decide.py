@@ -35,8 +35,17 @@ def node(
     installed: tuple[str, ...] = (),
     up: bool = True,
     maintenance: bool = False,
+    max_loaded: int | None = None,
 ) -> dict:
-    return {"name": name, "gpus": gpus, "loaded": loaded, "installed": installed, "up": up, "mnt": maintenance}
+    return {
+        "name": name,
+        "gpus": gpus,
+        "loaded": loaded,
+        "installed": installed,
+        "up": up,
+        "mnt": maintenance,
+        "max_loaded": max_loaded,
+    }
 
 
 def build(
@@ -46,7 +55,12 @@ def build(
     GPU; needs in MiB (source configured), the same on every node."""
     raw = {
         "nodes": [
-            {"name": n["name"], "url": f"http://127.0.0.1:{11000 + i}", "maintenance": n["mnt"]}
+            {
+                "name": n["name"],
+                "url": f"http://127.0.0.1:{11000 + i}",
+                "maintenance": n["mnt"],
+                **({"max_loaded_models": n["max_loaded"]} if n.get("max_loaded") else {}),
+            }
             for i, n in enumerate(nodes)
         ],
         "priority_models": list(priority),
@@ -183,17 +197,39 @@ def test_eviction_names_idle_non_priority_models_soonest_expiring_first():
         lm("late", 600, expires=NOW + 600),
         lm("soon", 600, expires=NOW + 30),
     )
-    state = build([node("a", loaded=loaded, installed=("m",))], priority=["pinned"], needs={"m": 900})
+    state = build([node("a", loaded=loaded, installed=("m",), max_loaded=8)], priority=["pinned"], needs={"m": 900})
     verdict = check(state, "m", NOW).verdicts[0]
     # free = 3277 − 2700 = 577; needs 900: evicting "soon" (600) is enough
     assert verdict.kind == "fits_after_eviction" and verdict.evict == ("soon:latest",)
-    bigger = build([node("a", loaded=loaded, installed=("m",))], priority=["pinned"], needs={"m": 1700})
+    bigger = build([node("a", loaded=loaded, installed=("m",), max_loaded=8)], priority=["pinned"], needs={"m": 1700})
     verdict = check(bigger, "m", NOW).verdicts[0]
     assert verdict.evict == ("soon:latest", "late:latest")
-    blocked = build([node("a", loaded=loaded, installed=("m",))], priority=["pinned"], needs={"m": 2000})
+    blocked = build([node("a", loaded=loaded, installed=("m",), max_loaded=8)], priority=["pinned"], needs={"m": 2000})
     verdict = check(blocked, "m", NOW).verdicts[0]
     assert verdict.kind == "not_enough_free" and not verdict.fits
     assert "busy:latest" in verdict.reason and "pinned:latest" in verdict.reason
+
+
+def test_loaded_model_limit_counts_like_ollama():
+    """Ollama keeps 3 × GPUs models loaded (OLLAMA_MAX_LOADED_MODELS when set): a fourth load on a one-GPU node
+    makes it unload one of its own choosing, so the verdict names an idle victim even with memory free, and
+    says no when only priority or busy models are loaded."""
+    idle = (lm("pinned", 100), lm("a", 100, expires=NOW + 600), lm("b", 100, expires=NOW + 30))
+    state = build([node("n", loaded=idle, installed=("m",))], priority=["pinned"], needs={"m": 100})
+    verdict = check(state, "m", NOW).verdicts[0]
+    assert verdict.kind == "fits_after_eviction" and verdict.evict == ("b:latest",), verdict
+    assert "3 models loaded at most" in verdict.reason
+    held = (lm("pinned", 100), lm("busy", 100, expires=NOW - 5), lm("other", 100))
+    state = build([node("n", loaded=held, installed=("m",))], priority=["pinned", "other"], needs={"m": 100})
+    verdict = check(state, "m", NOW).verdicts[0]
+    assert verdict.kind == "not_enough_free" and "loaded-model limit (3)" in verdict.reason, verdict.reason
+    roomy = build(
+        [node("n", loaded=held, installed=("m",), max_loaded=4)], priority=["pinned", "other"], needs={"m": 100}
+    )
+    assert check(roomy, "m", NOW).verdicts[0].kind == "fits_free"
+    state = build([node("n", loaded=idle, installed=("m",))], priority=["pinned"], needs={"m": 100})
+    steps = plan(state, [PriorityModel("m")], NOW).steps
+    assert [(s.action, s.model) for s in steps] == [("evict", "b:latest"), ("load", "m:latest")], steps
 
 
 def test_partial_copy_here_can_be_reloaded_in_place_unless_busy():

@@ -11,6 +11,7 @@ from test_decide import NOW, build, lm, node
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide.placement import plan, unpinned
 from gpurouter.sizing.hidden import HiddenUsage
+from proxy.options import pin_for
 
 P = "llama3.2:3b"
 
@@ -100,3 +101,19 @@ def test_a_priority_copy_that_lost_its_pin_gets_a_pin_step():
 def test_the_plan_pins_a_copy_it_does_not_replace():
     state = gpu_node(lm(P, 2400, expires=NOW + 300))
     assert [(s.action, s.node) for s in plan(state, now=NOW).steps] == [("pin", "gpu")]
+
+
+def test_only_the_first_gpu_copy_of_a_priority_model_is_pinned():
+    """A further GPU copy (the proxy's, for load) keeps its own keep_alive: pinned, it would stay for good."""
+    copies = {"a": lm(P, 2400, expires=NOW + 292 * 365 * 86400), "b": lm(P, 2400, expires=NOW + 300)}
+    nodes = [node(name, (8192,), loaded=(copy,), installed=(P,)) for name, copy in copies.items()]
+    state = build(nodes, [P], {P: 2400})
+    assert unpinned(state, NOW) == []
+    copies["a"] = lm(P, 2400, expires=NOW + 300)
+    state = build(
+        [node(name, (8192,), loaded=(copy,), installed=(P,)) for name, copy in copies.items()], [P], {P: 2400}
+    )
+    assert [(s.action, s.node) for s in unpinned(state, NOW)] == [("pin", "a")]
+    assert pin_for(state, P, "a", state.config.priority(P)) == state.config.priority(P)
+    assert pin_for(state, P, "b", state.config.priority(P)) is None  # a request to the other copy: its own
+    assert pin_for(state, "other", "b", None) is None

@@ -253,3 +253,18 @@ def test_a_missing_fleet_file_is_one_line_with_the_command_and_the_file(tmp_path
     done = run_cli("simulate", "--fleet", str(tmp_path / "nosuch.yaml"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"gpu-router simulate: {tmp_path / 'nosuch.yaml'}: no such file"]
+
+
+@pytest.mark.parametrize("text", ["nodes: *a" + "f" * 2000 + "\n", "nodes: !!binary" + "0x" + "f" * 2000 + " x\n"])
+def test_a_huge_alias_or_tag_is_clipped_in_the_one_line(tmp_path: Path, text: str) -> None:
+    """PyYAML quotes an undefined alias or an unknown tag whole: the message clips it (found by the fuzzer)."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError) as caught:
+        load_fleet(path)
+    message = str(caught.value)
+    assert (
+        message.startswith(f"{path}: line 1: invalid YAML: ")
+        and message.endswith("…")
+        and len(message) < len(str(path)) + 300
+    )

@@ -34,7 +34,12 @@ def random_cluster(seed: int) -> ClusterState:
     n_nodes = rng.randint(1, 4)
     raw = {
         "nodes": [
-            {"name": f"n{i}", "url": f"http://127.0.0.1:{12000 + i}", "maintenance": rng.random() < 0.1}
+            {
+                "name": f"n{i}",
+                "url": f"http://127.0.0.1:{12000 + i}",
+                "maintenance": rng.random() < 0.1,
+                "max_loaded_models": 16,  # memory is what this compares; the loaded-model limit has its own tests
+            }
             for i in range(n_nodes)
         ],
         "priority_models": priority,

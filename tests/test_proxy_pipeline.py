@@ -153,13 +153,35 @@ def test_slots_let_a_runners_parallelism_through_and_queue_the_rest_bounded():
 def test_demand_is_a_rate_over_the_window():
     demand = Demand(window=10)
     for t in range(5):
-        demand.record(M, 100, 20, NOW + t)
+        demand.record(M, "a" if t < 4 else "b", 100, 20, NOW + t)
     assert demand.rates(NOW + 5)[M] == {
         "requests_per_second": 0.5,
         "prompt_tokens_per_second": 50.0,
         "generated_tokens_per_second": 10.0,
+        "in_flight_mean": 0.0,
+        "waiting_mean": 0.0,
+        "nodes": {"a": {"requests_per_second": 0.4}, "b": {"requests_per_second": 0.1}},
     }
     assert demand.rates(NOW + 100) == {}
+
+
+def test_demand_means_in_flight_over_the_window_and_waiting_over_the_queue_span():
+    """Two requests in flight for 5 s of a 10 s window: a mean of 1; one waiting for 15 s of the last 30 s: 0.5;
+    a request still in flight keeps its model counted."""
+    demand = Demand(window=10)
+    demand.flying(M, 1, NOW)
+    demand.flying(M, 1, NOW)
+    demand.flying(M, -1, NOW + 5)
+    demand.flying(M, -1, NOW + 5)
+    demand.waiting(M, 1, NOW + 15)
+    demand.waiting(M, -1, NOW + 30)
+    row = demand.rates(NOW + 10)[M]
+    assert row["in_flight_mean"] == pytest.approx(1.0)
+    assert demand.rates(NOW + 30)[M]["waiting_mean"] == pytest.approx(0.5)
+    demand.flying(M, 1, NOW + 100)
+    assert demand.rates(NOW + 200)[M]["in_flight_mean"] == pytest.approx(1.0)  # in flight the whole window
+    demand.flying(M, -1, NOW + 200)
+    assert M not in demand.rates(NOW + 300)
 
 
 NODES = [{"name": "gpu", "gpus": [{"vram": "8GiB"}], "models": [SMALL], "num_parallel": 1, "token_rate": 200}]
@@ -209,8 +231,12 @@ def test_the_route_endpoint_explains_a_choice_and_demand_and_cache_metrics_count
         assert metric(proxy, "gpu_router_proxy_prompt_tokens_total", node="gpu", model=SMALL) > 2000
         assert metric(proxy, "gpu_router_proxy_generated_tokens_total", node="gpu", model=SMALL) == 48
         demand = requests.get(f"{proxy.url}/api/v1/demand", timeout=10).json()
-        assert demand["models"][SMALL]["requests_per_second"] == 2 / demand["window_seconds"]
-        assert metric(proxy, "gpu_router_proxy_demand_requests_per_second", model=SMALL) == 2 / 300
+        row = demand["models"][SMALL]
+        assert row["requests_per_second"] == 2 / demand["window_seconds"] == 2 / 600
+        assert row["nodes"] == {"gpu": {"requests_per_second": 2 / 600}}
+        assert row["in_flight"] == {} and row["waiting"] == 0 and row["waiting_mean"] < 0.01  # never waited
+        assert 0 < row["in_flight_mean"] < 1  # two requests, one after the other, within the window
+        assert metric(proxy, "gpu_router_proxy_demand_requests_per_second", model=SMALL) == 2 / 600
         assert requests.get(f"{proxy.url}/api/v1/route", timeout=10).status_code == 400
 
 

@@ -236,7 +236,8 @@ class _Runner:
         """One step, after re-reading its node's /api/ps; a job model already fully on GPU there is done."""
         started = self.clock()
         self._event("start", step, _describe(step))
-        action = {"evict": self._evict, "load": self._load, "unload": self._unload, "pin": self._pin}[step.action]
+        actions = {"evict": self._evict, "release": self._evict, "load": self._load, "unload": self._unload}
+        action = {**actions, "pin": self._pin}[step.action]
         loaded: dict[str, LoadedModel] = {}
         try:
             loaded = self._ps(step.node)
@@ -540,4 +541,6 @@ def _describe(step: Step) -> str:
         return f"Pinning {step.model} on {step.node} (keep_alive {step.keep_alive})..."
     if step.action == "evict":
         return f"Evicting {step.model} from {step.node} ({step.reason})..."
+    if step.action == "release":
+        return f"Releasing {step.model} from {step.node} ({step.reason})..."
     return f"Removing the CPU copy of {step.model} from {step.node}..."

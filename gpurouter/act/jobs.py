@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gpurouter import logfmt
 from gpurouter.act import execute, journal
+from gpurouter.act.demandplan import Planner
 from gpurouter.cluster.config import Config, PriorityModel, model_key
 from gpurouter.cluster.observe import Observer
 from gpurouter.cluster.ollama import OllamaClient, OllamaError
@@ -32,7 +33,7 @@ from gpurouter.urls import redact
 log = logging.getLogger("gpu_router.optimizer")
 
 HISTORY = 200  # actions kept for /api/v1/actions
-ACTIONS = ("load", "unload", "evict", "pin")
+ACTIONS = ("load", "unload", "evict", "pin", "release")
 WEBHOOK_OUTCOMES = ("accepted", "ignored", "invalid", "unauthorized")
 REMEDIATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -66,12 +67,42 @@ class Metrics:
             "Unix time of the last reconcile pass",
             registry=r,
         )
+        self.desired = Gauge(
+            "gpu_router_optimizer_placement_desired",
+            "1 where the desired placement (priority models, then models placed for their demand) has a GPU copy "
+            "of the model on the node",
+            ["node", "model"],
+            registry=r,
+        )
+        self.actual = Gauge(
+            "gpu_router_optimizer_placement_actual",
+            "1 where the model is fully on GPU on the node now (the models of the desired placement)",
+            ["node", "model"],
+            registry=r,
+        )
+        self.demand_up = Gauge(
+            "gpu_router_optimizer_demand_up",
+            "1 when the last read of the proxy's demand (demand.proxy_url) succeeded; 0: placing the priority "
+            "models only",
+            registry=r,
+        )
+        self._placement: set[tuple[str, str]] = set()
         for outcome in WEBHOOK_OUTCOMES:
             self.webhooks.labels(outcome=outcome)
         for action in ACTIONS:
             for result in ("success", "failure"):
                 self.actions.labels(action=action, result=result)
         self.actions.labels(action="evict", result="by_ollama")
+
+    def show_placement(self, pairs: dict[tuple[str, str], tuple[bool, bool]]) -> None:
+        """(node, model) → (desired, actual): the placement gauges; a pair no longer shown loses its series."""
+        for node, model in self._placement - set(pairs):
+            self.desired.remove(node, model)
+            self.actual.remove(node, model)
+        for (node, model), (want, have) in pairs.items():
+            self.desired.labels(node=node, model=model).set(1 if want else 0)
+            self.actual.labels(node=node, model=model).set(1 if have else 0)
+        self._placement = set(pairs)
 
 
 @dataclass(frozen=True)
@@ -397,8 +428,9 @@ class _Guarded:
 
 
 class Remediator:
-    """The real job: re-read the cluster, plan for all priority models (so that one model never takes the
-    room a higher one needs), execute the steps that serve the job's model.
+    """The real job: re-read the cluster, plan for all priority models and those placed for their demand (the
+    `planner`'s desired placement, so that one model never takes the room a higher one needs), execute the steps
+    that serve the job's model.
 
     Jobs for different models run at once only on disjoint nodes: a job reserves every node its plan
     touches (at most `max_loads_per_node` jobs per node), and a job whose plan needs a node that is taken
@@ -415,9 +447,11 @@ class Remediator:
         stop: threading.Event | None = None,
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        planner: Planner | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
+        self.planner = planner or Planner(config, wall=wall)
         self.dry_run = dry_run
         self.stopping = stop or threading.Event()
         self.wall = wall
@@ -437,12 +471,13 @@ class Remediator:
 
     def __call__(self, job: Job) -> JobResult:
         priority = self.config.priority(job.model)
-        if priority is None:
-            return JobResult(ok=True, detail="not a configured priority model")
-        reserved = self._reserve(priority)
+        reserved = self._reserve(job.model)
         if reserved is None:
             return JobResult(ok=True, detail="abandoned: the service is stopping")
         state, plan, nodes = reserved
+        if priority is None and not plan.steps and not plan.unplaced:
+            self._release(nodes)
+            return JobResult(ok=True, detail="nothing to do: not a priority model, and not placed for its demand")
         undone = self._undone(job.model, plan, state)
         if undone is not None:
             plan = replace(plan, steps=tuple(s for s in plan.steps if s.action == "pin"))
@@ -467,7 +502,7 @@ class Remediator:
             home = next(o.step.node for o in execution.outcomes if o.verified and model_key(o.step.serves) == job.model)
             with self._cond:
                 self._healed[job.model] = (self.clock(), home)
-        if self.dry_run or result.ok or self.stopping.is_set():
+        if self.dry_run or result.ok or self.stopping.is_set() or priority is None:
             return result
         kept = self._keep_served(priority)
         return result if kept is None else replace(result, actions=(*result.actions, kept))
@@ -522,14 +557,15 @@ class Remediator:
             outcome, detail = "failure", f"no copy anywhere; loading it on {node.name} to keep it served failed: {exc}"
         return ActionRecord(now, key, node.name, "load", outcome, self.clock() - started, detail)
 
-    def _reserve(self, priority: PriorityModel) -> tuple[ClusterState, placement.Plan, list[str]] | None:
+    def _reserve(self, model: str) -> tuple[ClusterState, placement.Plan, list[str]] | None:
         """Poll and plan until the plan's nodes can be reserved; None when the service stops first."""
         limit = self.config.optimizer.max_loads_per_node
         while not self.stopping.is_set():
             with self._cond:
                 generation = self._generation
             state = self.observer.poll()
-            plan = self._finishing(placement.restrict(placement.plan(state, now=self.wall()), [priority.name]), state)
+            desired = self.planner.desired(state, self.wall())
+            plan = self._finishing(placement.restrict(desired.plan, [model]), state)
             nodes = sorted({step.node for step in plan.steps})
             with self._cond:
                 if generation == self._generation and all(self._reserved.get(n, 0) < limit for n in nodes):

@@ -67,6 +67,7 @@ class NodeConfig:
     num_parallel: int = 1  # the node's OLLAMA_NUM_PARALLEL
     prometheus_match: str | None = None  # PromQL label matcher for gpu_source: prometheus
     ollama_log: OllamaLogSource | None = None  # for gpu_source: ollama_log
+    max_loaded_models: int | None = None  # the node's OLLAMA_MAX_LOADED_MODELS; None = Ollama's 3 × GPUs
 
     @property
     def static_gpus(self) -> tuple[GpuSpec, ...] | None:
@@ -180,6 +181,21 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class DemandSettings:
+    """Placement from demand (`demand`): the optimizer keeps on GPU, after the priority models, the models the
+    proxy is asked for most (`gpurouter.decide.demand`)."""
+
+    placement: bool = True  # false: the priority list only
+    proxy_url: str | None = None  # the proxy whose GET /api/v1/demand is read; None = no demand (priority only)
+    window: float = 600.0  # seconds the proxy counts demand over
+    interval: float = 15.0  # seconds between the optimizer's passes over demand
+    min_requests_per_minute: float = 1.0  # below it a model is not placed for its demand (and is released)
+    min_gain: float = 0.5  # a model placed for its demand gives way only to one with (1 + min_gain) × its score
+    keep_alive: int | float | str = "30m"  # what a model placed for its demand is loaded (and renewed) with
+    prewarm_queue: float = 3.0  # requests waiting in the proxy (mean over 30 s) that pre-warm another copy
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -194,6 +210,7 @@ class Config:
     prometheus: PrometheusSource = field(default_factory=PrometheusSource)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    demand: DemandSettings = field(default_factory=DemandSettings)
     actions_log: str | None = None  # the shared actions log (gpurouter.act.journal); None = each process its own
     source: str = "<config>"
 
@@ -375,6 +392,7 @@ _TOP = (
     "prometheus",
     "optimizer",
     "proxy",
+    "demand",
     "actions_log",
 )
 _NODE = (
@@ -388,6 +406,7 @@ _NODE = (
     "num_parallel",
     "prometheus_match",
     "ollama_log",
+    "max_loaded_models",
 )
 _GPU = ("name", "vram")
 _OLLAMA_LOG = ("file", "command")
@@ -412,6 +431,16 @@ _PROXY = (
     "weights",
     "max_queue",
     "max_queue_seconds",
+)
+_DEMAND = (
+    "placement",
+    "proxy_url",
+    "window",
+    "interval",
+    "min_requests_per_minute",
+    "min_gain",
+    "keep_alive",
+    "prewarm_queue",
 )
 _WEIGHTS = ("residency", "queue", "latency", "affinity", "speed")
 _BEARER = ("bearer_token", "bearer_token_env", "bearer_token_file")
@@ -465,6 +494,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         prometheus=prometheus,
         optimizer=_optimizer(r, raw.get("optimizer") or {}),
         proxy=_proxy(r, raw.get("proxy") or {}),
+        demand=_demand(r, raw.get("demand") or {}),
         actions_log=os.path.expanduser(r.string(actions_log, "actions_log")) if actions_log is not None else None,
         source=source,
     )
@@ -511,6 +541,9 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         raw.get("num_parallel", 1), _join(path, "num_parallel"), minimum=1, maximum=MAX_PARALLEL, integer=True
     )
     match = raw.get("prometheus_match")
+    most = raw.get("max_loaded_models")
+    if most is not None:
+        most = int(r.number(most, _join(path, "max_loaded_models"), minimum=1, maximum=MAX_PARALLEL, integer=True))
     log = _ollama_log(r, raw.get("ollama_log"), _join(path, "ollama_log"))
     if source == "ollama_log" and log is None:
         raise r.fail(_join(path, "ollama_log"), "missing: gpu_source ollama_log reads {file: PATH} or {command: …}")
@@ -527,6 +560,7 @@ def _node(r: _Reader, item: Any, path: str) -> NodeConfig:
         num_parallel=int(parallel),
         prometheus_match=r.string(match, _join(path, "prometheus_match")) if match is not None else None,
         ollama_log=log,
+        max_loaded_models=most,
     )
 
 
@@ -678,6 +712,28 @@ def _proxy(r: _Reader, value: Any) -> ProxySettings:
         weights=RouteWeights(**{k: float(r.number(v, f"proxy.weights.{k}", maximum=1000)) for k, v in weights.items()}),
         max_queue=int(r.number(raw.get("max_queue", 64), "proxy.max_queue", maximum=1 << 20, integer=True)),
         max_queue_seconds=_seconds(r, raw.get("max_queue_seconds", 4.0), "proxy.max_queue_seconds", maximum=HOUR),
+    )
+
+
+def _demand(r: _Reader, value: Any) -> DemandSettings:
+    raw = r.mapping(value, "demand", _DEMAND)
+    url = raw.get("proxy_url")
+    d = DemandSettings()
+    return DemandSettings(
+        placement=r.boolean(raw.get("placement", d.placement), "demand.placement"),
+        proxy_url=r.url(url, "demand.proxy_url") if url is not None else None,
+        window=_seconds(r, raw.get("window", d.window), "demand.window"),
+        interval=_seconds(r, raw.get("interval", d.interval), "demand.interval", maximum=HOUR),
+        min_requests_per_minute=float(
+            r.number(
+                raw.get("min_requests_per_minute", d.min_requests_per_minute),
+                "demand.min_requests_per_minute",
+                maximum=1e9,
+            )
+        ),
+        min_gain=float(r.number(raw.get("min_gain", d.min_gain), "demand.min_gain", maximum=100)),
+        keep_alive=r.keep_alive(raw.get("keep_alive", d.keep_alive), "demand.keep_alive"),
+        prewarm_queue=float(r.number(raw.get("prewarm_queue", d.prewarm_queue), "demand.prewarm_queue", maximum=1e6)),
     )
 
 

@@ -118,6 +118,12 @@ class NodeState:
         usable = self.vram_usable
         return None if usable is None else max(0, usable - self.vram_used)
 
+    @property
+    def max_loaded(self) -> int:
+        """How many models Ollama keeps loaded here at once (OLLAMA_MAX_LOADED_MODELS, else 3 × GPUs, 3 on a node
+        without GPU): a load past it makes Ollama unload one first, of its own choosing."""
+        return self.config.max_loaded_models or 3 * max(1, len(self.capacity.gpus))
+
     def exempt(self, model: str) -> int:
         """Inferred hidden VRAM that does not count against reloading `model` here: its own partial copy gave
         the evidence, and its reload is the test of whether that memory came back."""

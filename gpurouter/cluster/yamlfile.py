@@ -165,6 +165,8 @@ def read_yaml(path: str | Path, source: str | None = None) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if len(problem) > 4 * _SHOWN:  # a tag or an alias name of any length is quoted whole by PyYAML
+            problem = problem[: 4 * _SHOWN] + "…"
         raise ValueError(f"{source}: {where}invalid YAML: {problem}") from None
     finally:
         loader.dispose()

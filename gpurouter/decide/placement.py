@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from gpurouter.cluster.config import PriorityModel, model_key
 from gpurouter.cluster.goduration import FOREVER, parse_keep_alive
@@ -209,7 +209,7 @@ def victims_of(node: NodeState, priority: frozenset[str], now: float) -> list[Lo
     )
 
 
-def _has_gpu(node: NodeState) -> bool | None:
+def has_gpu(node: NodeState) -> bool | None:
     """False for a CPU node, None when unknown."""
     if not node.capacity.known:
         return None
@@ -244,7 +244,7 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
     if copy is not None and copy.fully_on_gpu:
         why = f"Already loaded fully on GPU ({size_text(copy.size)})"
         return Verdict(name, True, "loaded_on_gpu", why, copy.size, usable, free, sizing=need)
-    gpu = _has_gpu(node)
+    gpu = has_gpu(node)
     if gpu is False:
         kind, why = ("cpu", "Node has no GPU (running here on CPU)") if copy else ("no_gpu", "Node has no GPU")
         return Verdict(name, False, kind, why, None, None, None)
@@ -290,18 +290,24 @@ def _verdict(state: ClusterState, node: NodeState, key: str, priority: frozenset
         )
         return verdict(False, "not_enough_free", why)
     room_now = room.usable - room.used + own
-    if room.fits_free(need, freed=own, others=bool(others)):
+    excess = len(others) + 1 - node.max_loaded  # models past Ollama's loaded-model limit once this one is in
+    if room.fits_free(need, freed=own, others=bool(others)) and excess <= 0:
         why = f"Fits in {size_text(room.usable)} VRAM ({size_text(max(0, room_now))} free){here}"
         return verdict(True, "fits_free", why)
-    evict, freed = _evictions(room, need, own, others, victims_of(node, priority, now))
+    evict, freed = _evictions(room, need, own, others, victims_of(node, priority, now), excess)
     if evict is not None:
         why = (
             f"Fits in {size_text(room.usable)} VRAM after evicting idle {', '.join(evict)} "
-            f"({size_text(room_now + freed)} free){here}"
+            f"({size_text(room_now + freed)} free"
         )
+        why += f"; {node.max_loaded} models loaded at most){here}" if excess > 0 else f"){here}"
         return verdict(True, "fits_after_eviction", why, evict)
     idle = [v for v in victims_of(node, priority, now) if model_key(v.name) != key]
     held = sorted(model_key(m.name) for m in others if m not in idle)
+    if room.fits_free(need, freed=own, others=bool(others)):
+        why = f"Ollama's loaded-model limit ({node.max_loaded}) is reached and not enough idle models can go"
+        why += f" (held by priority or busy models: {', '.join(held)}){here}" if held else f"{here}"
+        return verdict(False, "not_enough_free", why)
     why = _shortfall(room, need, own, bool(others), room_now)
     if node.hidden:
         why += f", ~{size_text(node.hidden)} of it inferred held outside Ollama because {node.hidden_why}"
@@ -340,17 +346,23 @@ def _risked(
 
 
 def _evictions(
-    room: Room, need: ModelNeed, own: int, others: Sequence[LoadedModel], victims: Sequence[LoadedModel]
+    room: Room,
+    need: ModelNeed,
+    own: int,
+    others: Sequence[LoadedModel],
+    victims: Sequence[LoadedModel],
+    excess: int = 0,
 ) -> tuple[tuple[str, ...] | None, int]:
-    """The shortest-lived idle models whose unloading lets the model in by the node's rules (room and, on
-    llama-server, Ollama's admission test beside whatever stays loaded): (names, bytes freed), or None."""
+    """The shortest-lived idle models whose unloading lets the model in by the node's rules (room, at least
+    `excess` models gone for Ollama's loaded-model limit and, on llama-server, Ollama's admission test beside
+    whatever stays loaded): (names, bytes freed), or None."""
     candidates = [v for v in victims if v in others]
     names: list[str] = []
     freed = 0
     for victim in candidates:
         names.append(model_key(victim.name))
         freed += victim.size_vram
-        if room.fits_free(need, freed=own + freed, others=len(others) > len(names)):
+        if len(names) >= excess and room.fits_free(need, freed=own + freed, others=len(others) > len(names)):
             return tuple(names), freed
     return None, freed
 
@@ -465,10 +477,10 @@ def _cpu_route(state: ClusterState, result: CheckResult) -> Route:
         return Route(key, None, None, result.result, result.verdicts, result.needs)
 
     def order(n: NodeState) -> tuple[bool, bool, int, str]:
-        return (_has_gpu(n) is not False, n.loaded_model(key) is None, _ram_held(n), n.name)
+        return (has_gpu(n) is not False, n.loaded_model(key) is None, _ram_held(n), n.name)
 
     best = min(candidates, key=order)
-    facts = ["has no GPU" if _has_gpu(best) is False else "has the model installed"]
+    facts = ["has no GPU" if has_gpu(best) is False else "has the model installed"]
     if best.loaded_model(key) is not None:
         facts.append("already runs it")
     facts.append(f"{size_text(_ram_held(best))} held in RAM by loaded models")
@@ -492,7 +504,8 @@ class Step:
     `for_model` is the priority model the step serves (an eviction's victim is `model`); None = `model`.
     """
 
-    action: str  # "evict" | "load" | "unload" | "pin" (same options again, with the configured keep_alive)
+    action: str  # evict | load | unload | pin (same options again, with the configured keep_alive) | release (an idle
+    # model placed for its demand, unloaded once that demand fell below the threshold)
     model: str
     node: str
     reason: str
@@ -533,10 +546,15 @@ class _Bin:
     installed: frozenset[str]
     loaded: dict[str, LoadedModel]
     index: int  # its position in the plan's list of bins
+    limit: int  # Ollama's loaded-model limit here
 
     def admits(self, members: Sequence[_Item]) -> bool:
-        """On a llama-server node: every planned load, in priority order and with every victim evicted, passes
-        Ollama's admission test against what is free at that moment (so Ollama evicts nothing on its own)."""
+        """With every victim evicted, the planned loads stay within Ollama's loaded-model limit and, on a
+        llama-server node, every one of them, in priority order, passes Ollama's admission test against what is
+        free at that moment (so Ollama evicts nothing on its own)."""
+        new = sum(1 for item in members if item.key not in self.loaded)
+        if len(self.loaded) - len(self.victims) + new > self.limit:
+            return False
         if self.room.era != eras.LLAMA_SERVER:
             return True
         b = self.index
@@ -565,6 +583,7 @@ class _Item:
     sizes: dict[int, int]
     own: frozenset[int]  # bins where it reloads its own CPU/partial copy
     needs: dict[int, ModelNeed]  # bin → what the model takes there
+    replica: bool = False  # another GPU copy of a model that has one (its demand needs more than one runner)
 
 
 class _Packer:
@@ -590,8 +609,7 @@ class _Packer:
         return [self.items[i] for i in indexes]
 
     def _admits(self, b: int, assign: Mapping[int, int], extra: int | None = None) -> bool:
-        bin_ = self.bins[b]
-        return bin_.room.era != eras.LLAMA_SERVER or bin_.admits(self._members(b, assign, extra))
+        return self.bins[b].admits(self._members(b, assign, extra))
 
     def _best(self, index: int, load: Sequence[int], assign: Mapping[int, int]) -> int | None:
         item = self.items[index]
@@ -694,33 +712,57 @@ class _Packer:
             self.load[best] += item.sizes[best]
 
 
+@dataclass(frozen=True)
+class PlanDemand:
+    """What placement from demand (`gpurouter.decide.demand`) adds to a plan: more GPU copies of a model whose
+    load exceeds one runner, the (node, model) pairs the proxy has requests in flight on (never evicted, like
+    busy models), and each model's demand score (among idle victims, partial and CPU copies go first, then the
+    least demanded, then the soonest to expire)."""
+
+    copies: Mapping[str, int] = field(default_factory=dict)  # model → GPU copies wanted (1 when absent)
+    in_flight: frozenset[tuple[str, str]] = frozenset()
+    score: Mapping[str, float] = field(default_factory=dict)
+    keep_alive: int | float | str = "30m"  # a further copy's (a priority model's too: only its first is pinned)
+
+
+def _plan_victims(node: NodeState, priority: frozenset[str], now: float, demand: PlanDemand) -> tuple[LoadedModel, ...]:
+    idle = (m for m in victims_of(node, priority, now) if (node.name, model_key(m.name)) not in demand.in_flight)
+    return tuple(
+        sorted(idle, key=lambda m: (m.fully_on_gpu, demand.score.get(model_key(m.name), 0.0), *eviction_order(m)))
+    )
+
+
 def plan(
     state: ClusterState,
     models: Sequence[PriorityModel] | None = None,
     now: float | None = None,
+    demand: PlanDemand | None = None,
 ) -> Plan:
-    """The steps that put each model (default: the configured priority models) fully on GPU somewhere.
+    """The steps that put each model (default: the configured priority models) fully on GPU somewhere, and,
+    with `demand`, another copy of a model already on GPU where it wants more.
 
     In priority order, a model is placed when it fits together with every model placed before it (which
-    may move to leave room). Never evicts a priority model (any configured one), a busy model, or anything
-    on a node that is down, in maintenance or of unknown capacity. Copies on a node in maintenance do not
-    count as placed (drain) and are never touched.
+    may move to leave room); further copies come after every model's first. Never evicts a priority model
+    (any configured one, and every model of `models`), a busy model, one with proxy requests in flight, or
+    anything on a node that is down, in maintenance or of unknown capacity; keeps within Ollama's loaded-model
+    limit. Copies on a node in maintenance do not count as placed (drain) and are never touched.
     """
     now = state.taken_at if now is None else now
-    wanted = _unique(state.config.priority_models if models is None else models)
+    demand = demand or PlanDemand()
+    wanted = unique_models(state.config.priority_models if models is None else models)
     priority = _priority_keys(state) | {model_key(p.name) for p in wanted}
     live = [n for n in state.nodes if n.up and not n.config.maintenance]
-    targets = [n for n in live if _has_gpu(n)]
+    targets = [n for n in live if has_gpu(n)]
     bins: list[_Bin] = []
     for node in targets:
         room = Room.of(node)
         assert room is not None  # a node with a GPU has a known capacity
-        victims = tuple(victims_of(node, priority, now))
+        victims = _plan_victims(node, priority, now, demand)
         free = min(room.usable - room.used, room.total - room.used - per_gpu_extra(room.era))
         cap = free + sum(v.size_vram for v in victims)
         installed = frozenset(model_key(m.name) for m in node.installed)
         loaded = {model_key(m.name): m for m in node.loaded}
-        bins.append(_Bin(node.name, node, room, victims, free, cap, installed, loaded, len(bins)))
+        bins.append(_Bin(node.name, node, room, victims, free, cap, installed, loaded, len(bins), node.max_loaded))
     copies: dict[str, list[tuple[NodeState, LoadedModel]]] = {}
     for node in live:
         for m in node.loaded:
@@ -728,17 +770,24 @@ def plan(
     packer = _Packer(bins)
     already: list[tuple[str, str]] = []
     unplaced: list[tuple[str, str]] = []
+    more: list[tuple[str, PriorityModel, frozenset[str]]] = []
     for pm in wanted:
         key = model_key(pm.name)
-        home = next((n.name for n, m in copies.get(key, ()) if m.fully_on_gpu), None)
-        if home is not None:
-            already.append((key, home))
+        homes = [n.name for n, m in copies.get(key, ()) if m.fully_on_gpu]
+        if homes:
+            already.append((key, homes[0]))
+            if demand.copies.get(key, 1) > len(homes):
+                more.append((key, pm, frozenset(homes)))
             continue
         item, why = _item(state, key, pm, bins, now)
         if item is None:
             unplaced.append((key, why))
         elif not packer.add(item):
             unplaced.append((key, f"no room left after higher-priority models ({why})"))
+    for key, pm, homes in more:  # one more copy a pass, where the model has none yet
+        item, _ = _item(state, key, replace(pm, keep_alive=demand.keep_alive), bins, now, exclude=homes)
+        if item is not None:
+            packer.add(replace(item, replica=True))
     packer.improve()
     steps = _steps(packer, copies, state.layers)
     loading = {s.model for s in steps if s.action == "load"}
@@ -752,15 +801,19 @@ PIN_SLACK = 60.0  # seconds an expiry may lie past the configured keep_alive (cl
 
 
 def unpinned(state: ClusterState, now: float) -> list[Step]:
-    """A `pin` step for every idle copy of a priority model that lost its pin: configured forever (the default)
-    but expiring, or expiring later than its configured keep_alive allows (a client's longer keep_alive). A
-    copy that expires sooner than a finite keep_alive is not told apart from one idle since (left alone); a busy
-    copy shows no expiry to judge (a later pass looks again). Copies on nodes in maintenance are never touched."""
+    """A `pin` step for the copy of a priority model that lost its pin: configured forever (the default) but
+    expiring, or expiring later than its configured keep_alive allows (a client's longer keep_alive). The pinned
+    copy is the model's first copy fully on GPU (further GPU copies keep their own keep_alive: pinned, they would
+    stay loaded for good), or every copy while none is fully on GPU. A copy that expires sooner than a finite
+    keep_alive is not told apart from one idle since (left alone); a busy copy shows no expiry to judge (a later
+    pass looks again). Copies on nodes in maintenance are never touched."""
     steps = []
     for pm in state.config.priority_models:
         key = model_key(pm.name)
         wanted = parse_keep_alive(pm.keep_alive)
-        for node, copy in state.placements(key):
+        copies = state.placements(key)
+        home = next(((n, m) for n, m in copies if m.fully_on_gpu and not n.config.maintenance), None)
+        for node, copy in [home] if home is not None else copies:
             if node.config.maintenance or copy.expires_at is None or is_busy(copy, now):
                 continue
             left = copy.expires_at.timestamp() - now
@@ -807,7 +860,7 @@ def divergences(state: ClusterState, p: Plan, now: float) -> tuple[Divergence, .
 
 
 def _load_reason(item: _Item, b: int, copy: LoadedModel | None) -> str:
-    why = f"put {item.key} on GPU: {sizing_text(item.needs[b])}"
+    why = f"put {'another copy of ' if item.replica else ''}{item.key} on GPU: {sizing_text(item.needs[b])}"
     if copy is not None:
         why += f", reloading its {copy.gpu_ratio:.0%}-on-GPU copy in place with every layer on GPU"
     return why
@@ -827,7 +880,7 @@ def restrict(full: Plan, models: Iterable[str]) -> Plan:
     )
 
 
-def _unique(models: Iterable[PriorityModel]) -> list[PriorityModel]:
+def unique_models(models: Iterable[PriorityModel]) -> list[PriorityModel]:
     seen: set[str] = set()
     out = []
     for pm in models:
@@ -838,13 +891,21 @@ def _unique(models: Iterable[PriorityModel]) -> list[PriorityModel]:
 
 
 def _item(
-    state: ClusterState, key: str, pm: PriorityModel, bins: Sequence[_Bin], now: float
+    state: ClusterState,
+    key: str,
+    pm: PriorityModel,
+    bins: Sequence[_Bin],
+    now: float,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[_Item | None, str]:
-    """What the model takes on every bin that could hold it, or None and why none can."""
+    """What the model takes on every bin that could hold it (but the nodes of `exclude`), or None and why
+    none can."""
     sizes: dict[int, int] = {}
     needs: dict[int, ModelNeed] = {}
     own: set[int] = set()
     for b, bin_ in enumerate(bins):
+        if bin_.name in exclude:
+            continue
         copy = bin_.loaded.get(key)
         if copy is None and key not in bin_.installed:
             continue
@@ -890,7 +951,11 @@ def _steps(
         copy = bin_.loaded.get(item.key) if b in item.own else None
         own = copy.size_vram + bin_.node.exempt(item.key) if copy is not None else 0
         others = staying[b] - (1 if copy is not None else 0)
-        while victims[b] and (spent[b] + size > bin_.free + freed[b] or _refused(bin_, need, others, free[b] + own)):
+        while victims[b] and (
+            spent[b] + size > bin_.free + freed[b]
+            or _refused(bin_, need, others, free[b] + own)
+            or staying[b] + (0 if copy is not None else 1) > bin_.limit
+        ):
             victim = victims[b].pop(0)
             freed[b] += victim.size_vram
             free[b] += victim.size_vram
@@ -905,6 +970,8 @@ def _steps(
         num_gpu = layers.get(item.key, ALL_LAYERS) if copy is not None else None
         load = Step("load", item.key, bin_.name, _load_reason(item, b, copy), item.model.num_ctx, item.model.keep_alive)
         steps.append(replace(load, num_gpu=num_gpu, need=need.bytes))
+        if item.replica:
+            continue
         for node, other in copies.get(item.key, ()):
             if node.name == bin_.name:
                 continue

@@ -142,7 +142,7 @@ def _load(
     if copy is not None and priority:
         return "cold", 0.0, False, f"a priority model's runner would reload with other options ({_options(ask)})"
     gpu = ask.runner.get("num_gpu")
-    if placement._has_gpu(node) is False or gpu == 0:
+    if placement.has_gpu(node) is False or gpu == 0:
         return "cpu", 0.0, True, ""
     if verdict is not None and verdict.fits:
         if copy is not None:  # a reload with other options: it costs a load and may thrash with the old ones

@@ -1,4 +1,4 @@
-"""Replay one seeded trace through four routers on the same simulated fleet, and compare what clients get.
+"""Replay one seeded trace through several routers on the same simulated fleet, and compare what clients get.
 
 The fleet is heterogeneous (gpu-a 24 GiB fast, gpu-b 12 GiB, gpu-c 8 GiB slow, a CPU node; two slots a GPU
 runner, one on CPU); every GPU node has every model installed, the CPU node the small ones; the priority
@@ -7,24 +7,33 @@ or three GPUs (replicas: a router has a choice to make). The trace (seeded, boun
 `--clients` clients, each sending `--requests` requests in multi-turn chats that share one of two long system
 prompts (about 3700 tokens), some with a RAG document first, over six chat models picked by Zipf popularity
 that shifts halfway, plus embedding requests; all clients start at once (a burst) and think briefly between
-chats. Every variant gets a fresh copy of the same fleet and the same trace; no optimizer runs in any of them
-(the same healing: none).
+chats. Every variant gets a fresh copy of the same fleet and the same trace.
 
-Variants: round-robin over the nodes that have the model (a plain load balancer), least connections (the node
-with the fewest requests in flight), the proxy with its new scorers off (residency, then requests in flight:
-today's order), the proxy as configured by default.
+`--scenario routing` (the default): round-robin over the nodes that have the model (a plain load balancer),
+least connections (the node with the fewest requests in flight), the proxy with its new scorers off
+(residency, then requests in flight), the proxy as configured by default (no optimizer runs in these: the
+same healing, none), and the proxy beside an optimizer with placement from demand. Goals on the same run: TTFT
+p50 ≥ 2× better than round-robin and ≥ 1.5× better than least connections; ≥ 95 % of tokens generated fully
+on GPU; no eviction of a priority model.
+
+`--scenario demand`: the proxy beside an optimizer (healing the priority models every 2 s) with placement from
+demand off, then on, on a time scale of seconds (DEMAND: a 20 s window, a pass a second, keep_alive 60 s),
+where the nodes' own keep_alive is 8 s (Ollama's 5 minutes on that scale, the preloaded chat models' too),
+loads cost time (2 GiB/s) and every client pauses `--gap` seconds after every 4 requests. Goals: ≥ 98 % of the
+tokens of every client's last quarter of requests (once the shift has settled) generated fully on GPU; loads
+at most 2× the minimum a clairvoyant placement must make (one per model asked for with no GPU copy at the
+start).
 
 Per variant: time to first token p50/p95 (chat requests), median tokens/s (generated tokens ÷ request time),
-share of generated tokens generated fully on GPU, share of prompt tokens served from a prompt cache (the
-simulator's own count), loads and unloads, seconds a priority model was fully on GPU nowhere, unloads of a
-pinned priority model (an eviction: they are pinned). Goals on the same run: TTFT p50 ≥ 2× better than
-round-robin and ≥ 1.5× better than least connections; ≥ 95 % of tokens generated fully on GPU; no eviction of
-a priority model through the proxy.
+share of generated tokens generated fully on GPU (all, and once settled), share of prompt tokens served from
+a prompt cache (the simulator's own count), loads and unloads (and per hour), seconds a priority model was
+fully on GPU nowhere, unloads of a pinned priority model (an eviction: they are pinned).
 
-Loads take no time by default (the simulator's default); `--load-speed 2GiB` makes every node load a model
-at that many bytes a second, as a disk or page cache would, for every variant alike.
+Loads take no time in the routing scenario by default (the simulator's default); `--load-speed 2GiB` makes
+every node load a model at that many bytes a second, as a disk or page cache would, for every variant alike.
 
-Run: `python bench/trace.py [--clients 12] [--requests 6] [--seed 7] [--load-speed 0]` (a few minutes).
+Run: `python bench/trace.py [--scenario routing|demand] [--clients 12] [--requests 24] [--seed 7]
+[--load-speed 0] [--gap 12]` (several minutes).
 """
 
 from __future__ import annotations
@@ -55,7 +64,9 @@ CHAT = ["llama3.1:8b", "llama3.2:3b", "llama3.2:1b", "qwen2.5-coder:1.5b", "qwen
 EMBED = "mxbai-embed-large:latest"
 PRIORITY = (EMBED, "llama3.1:8b")
 MODELS = [*CHAT, "mxbai-embed-large"]
-DEMAND = {"window": 20, "interval": 1}  # placement from demand on the trace's time scale (a minute or two)
+# placement from demand on the trace's time scale (a minute or two): 20 s stand for 10 minutes, 60 s for 30
+DEMAND = {"window": 20, "interval": 1, "keep_alive": "60s"}
+NODE_KEEP_ALIVE = "8s"  # the demand scenario's stand-in for Ollama's 5 minutes, on the same scale
 NODES = [
     {
         "name": "gpu-a",
@@ -149,9 +160,17 @@ def trace(seed: int, clients: int, per_client: int) -> list[list[tuple[str, dict
     return plans
 
 
-def fleet_spec(load_speed: str = "0") -> dict:
-    """The fleet; `load_speed`: bytes of a model per second a node loads (the simulator's; 0 = at once)."""
-    return {"nodes": [{"models": MODELS, "load_speed": load_speed, **n} for n in NODES]}
+def fleet_spec(load_speed: str = "0", keep_alive: str | None = None) -> dict:
+    """The fleet; `load_speed`: bytes of a model per second a node loads (the simulator's; 0 = at once);
+    `keep_alive`: the nodes' default, which the preloaded chat models then have too (when None, Ollama's 5
+    minutes, and the chat models are preloaded for an hour)."""
+    if not keep_alive:
+        return {"nodes": [{"models": MODELS, "load_speed": load_speed, **n} for n in NODES]}
+    nodes = []
+    for n in NODES:  # the preloaded chat models as clients left them: with the nodes' own keep_alive
+        preload = [p if p["keep_alive"] == -1 else {"model": p["model"]} for p in n.get("preload", [])]
+        nodes.append({"models": MODELS, "load_speed": load_speed, **n, "keep_alive": keep_alive, "preload": preload})
+    return {"nodes": nodes}
 
 
 def installed(model: str) -> list[str]:
@@ -238,9 +257,16 @@ def send(fleet: Fleet, variant: Variant, path: str, body: dict, late: bool = Fal
 
 
 def run_variant(
-    name: str, make: Callable[[Fleet], tuple[Variant, Callable[[], None]]], plans: list, load_speed: str = "0"
+    name: str,
+    make: Callable[[Fleet], tuple[Variant, Callable[[], None]]],
+    plans: list,
+    load_speed: str = "0",
+    gaps: tuple[int, float] | None = None,
 ) -> dict:
-    with Fleet(fleet_from_dict(fleet_spec(load_speed))) as fleet:
+    """One variant on a fresh fleet; `gaps` (every, seconds): each client pauses that long after every `every`
+    requests (quiet gaps: the demand scenario's nodes have a short keep_alive)."""
+    keep_alive = NODE_KEEP_ALIVE if gaps else None
+    with Fleet(fleet_from_dict(fleet_spec(load_speed, keep_alive))) as fleet:
         variant, close = make(fleet)
         try:
             before = {n: fleet.node(n).state() for n in fleet.urls}
@@ -252,6 +278,8 @@ def run_variant(
                     for i, (path, body) in enumerate(plan):
                         variant.outcomes.append(send(fleet, variant, path, body, settled(i, len(plan))))
                         time.sleep(rng.uniform(0.0, 0.3))  # a client thinking: the trace's own pacing
+                        if gaps and (i + 1) % gaps[0] == 0:
+                            time.sleep(gaps[1])
 
                 threads = [threading.Thread(target=client, args=(p, i)) for i, p in enumerate(plans)]
                 for t in threads:
@@ -376,44 +404,37 @@ def minimum_loads(plans: list, before: dict) -> int:
     return len({m.removesuffix(":latest") for m in asked} - resident)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--clients", type=int, default=12)
-    parser.add_argument("--requests", type=int, default=6, help="requests per client")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument(
-        "--load-speed", default="0", help="how fast a node loads a model, e.g. 2GiB (per second; default 0: at once)"
+def show(r: dict) -> None:
+    print(
+        f"{r['variant']}\n    TTFT p50 {r['ttft_p50']:6.2f} s  p95 {r['ttft_p95']:6.2f} s  "
+        f"median {r['tokens_per_s']:6.1f} tokens/s  on GPU {r['gpu_share']:5.1%} "
+        f"(settled {r['settled_gpu_share']:5.1%})  cached {r['cached_share']:5.1%}  "
+        f"loads {r['loads']:3d} ({r['loads'] / r['wall_s'] * 3600:.0f}/h)  "
+        f"unloads {r['unloads']:3d} ({r['unloads'] / r['wall_s'] * 3600:.0f}/h)  priority off GPU "
+        f"{r['priority_off_gpu_s']:5.1f} s  priority evictions {r['priority_evictions']}  "
+        f"({r['requests']} requests, {len(r['errors'])} failed, {r['wall_s']:.0f} s)",
+        flush=True,
     )
-    args = parser.parse_args()
-    logging.getLogger("gpu_router.simulator").setLevel(logging.INFO)
-    plans = trace(args.seed, args.clients, args.requests)
+
+
+def routing(plans: list, load_speed: str) -> None:
+    """The request pipeline against plain load balancers (issue 19's goals)."""
     variants = [
         ("round-robin", direct("rr")),
         ("least-connections", direct("lc")),
         ("proxy, scorers off", proxied({"residency": 4, "queue": 0.01, "latency": 0, "affinity": 0, "speed": 0})),
         ("proxy", proxied(None)),
-        ("proxy + optimizer, demand placement off", proxied(None, demand=False)),
-        ("proxy + optimizer, demand placement on", proxied(None, demand=True)),
+        ("proxy + optimizer, placement from demand on", proxied(None, demand=True)),
     ]
     rows = []
     for name, make in variants:
-        rows.append(run_variant(name, make, plans, args.load_speed))
-        r = rows[-1]
-        print(
-            f"{r['variant']}\n    TTFT p50 {r['ttft_p50']:6.2f} s  p95 {r['ttft_p95']:6.2f} s  "
-            f"median {r['tokens_per_s']:6.1f} tokens/s  on GPU {r['gpu_share']:5.1%} "
-            f"(settled {r['settled_gpu_share']:5.1%})  cached {r['cached_share']:5.1%}  "
-            f"loads {r['loads']:3d} ({r['loads'] / r['wall_s'] * 3600:.0f}/h)  "
-            f"unloads {r['unloads']:3d} ({r['unloads'] / r['wall_s'] * 3600:.0f}/h)  priority off GPU "
-            f"{r['priority_off_gpu_s']:5.1f} s  priority evictions {r['priority_evictions']}  "
-            f"({r['requests']} requests, {len(r['errors'])} failed, {r['wall_s']:.0f} s)",
-            flush=True,
-        )
+        rows.append(run_variant(name, make, plans, load_speed))
+        show(rows[-1])
     for r in rows:
         for error in sorted(set(r["errors"]))[:3]:
             print(f"  {r['variant']}: {error}")
-    rr, lc, _, new, off, on = rows
-    for label, proxy in (("the proxy", new), ("the proxy with placement from demand", on)):
+    rr, lc, _, new, on = rows
+    for label, proxy in (("the proxy", new), ("with placement from demand", on)):
         goals = [
             ("TTFT p50 ≥ 2× better than round-robin", rr["ttft_p50"] / proxy["ttft_p50"], 2.0),
             ("TTFT p50 ≥ 1.5× better than least connections", lc["ttft_p50"] / proxy["ttft_p50"], 1.5),
@@ -423,20 +444,56 @@ def main() -> int:
             print(f"goal ({label}) {what}: {'MET' if value >= floor else 'MISSED'} ({value:.2f})")
         evicted = proxy["priority_evictions"]
         print(f"goal ({label}) no priority model evicted: {'MET' if evicted == 0 else 'MISSED'} ({evicted})")
+
+
+def demand(plans: list, load_speed: str, gaps: tuple[int, float]) -> None:
+    """Placement from demand off against on, on a trace with quiet gaps longer than the nodes' keep_alive
+    (issue 23's goals)."""
+    variants = [
+        ("proxy + optimizer, placement from demand off", proxied(None, demand=False)),
+        ("proxy + optimizer, placement from demand on", proxied(None, demand=True)),
+    ]
+    rows = []
+    for name, make in variants:
+        rows.append(run_variant(name, make, plans, load_speed, gaps))
+        show(rows[-1])
+    off, on = rows
     settled = on["settled_gpu_share"]
     print(
-        f"goal (demand) ≥ 98 % of tokens fully on GPU once the shift settles: {'MET' if settled >= 0.98 else 'MISSED'} "
+        f"goal ≥ 98 % of tokens fully on GPU once the shift settles: {'MET' if settled >= 0.98 else 'MISSED'} "
         f"({settled:.1%}; {off['settled_gpu_share']:.1%} with placement from demand off)"
     )
     least = on["minimum_loads"]
     print(
-        f"goal (demand) loads within 2× of the clairvoyant minimum: {'MET' if on['loads'] <= 2 * least else 'MISSED'} "
+        f"goal loads within 2× of the clairvoyant minimum: {'MET' if on['loads'] <= 2 * least else 'MISSED'} "
         f"({on['loads']} loads, minimum {least}; {off['loads']} with placement from demand off)"
     )
     print(
-        f"demand placement on against off: TTFT p50 {off['ttft_p50'] / on['ttft_p50']:.2f}× better, "
+        f"placement from demand on against off: TTFT p50 {off['ttft_p50'] / on['ttft_p50']:.2f}× better, "
         f"p95 {off['ttft_p95'] / on['ttft_p95']:.2f}× better"
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--scenario", choices=("routing", "demand"), default="routing")
+    parser.add_argument("--clients", type=int, default=12)
+    parser.add_argument("--requests", type=int, default=24, help="requests per client")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--load-speed",
+        default=None,
+        help="how fast a node loads a model, e.g. 2GiB (per second; routing: 0, at once; demand: 2GiB)",
+    )
+    parser.add_argument(
+        "--gap", type=float, default=12.0, help="demand: seconds each client pauses after every 4 requests"
+    )
+    args = parser.parse_args()
+    logging.getLogger("gpu_router.simulator").setLevel(logging.INFO)
+    if args.scenario == "routing":
+        routing(trace(args.seed, args.clients, args.requests), args.load_speed or "0")
+    else:
+        demand(trace(args.seed, args.clients, args.requests), args.load_speed or "2GiB", (4, args.gap))
     return 0
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from test_decide import NOW, build, lm, node
 
-from gpurouter.cluster.config import DemandSettings, PriorityModel
-from gpurouter.cluster.demandfeed import ModelDemand, parse_demand
+from gpurouter.act.demandplan import Planner
+from gpurouter.cluster.config import ConfigError, DemandSettings, PriorityModel, parse_config
+from gpurouter.cluster.demandfeed import NOT_READ, DemandFeed, ModelDemand, parse_demand
 from gpurouter.decide import placement
 from gpurouter.decide.demand import desired
 
@@ -186,3 +187,47 @@ def test_the_proxys_answer_is_read_strictly():
     ):
         with pytest.raises(ValueError, match=words):
             parse_demand(bad)
+
+
+def test_another_copy_never_evicts_a_model_placed_for_its_own_demand_and_says_so():
+    there = (lm("hot", 1000, expires=NOW + 1500),)
+    nodes = [node("a", loaded=there), node("b", loaded=(lm("other", 3000, expires=NOW + 1500),), installed=("hot",))]
+    state = build(nodes, needs={"hot": 1000, "other": 3000})
+    result = desired(state, demand(want("hot", 30, in_flight_mean=5.0), want("other", 20)), ON, NOW)
+    assert steps(result) == []
+    hot = next(c for c in result.choices if c.model == "hot:latest")
+    assert hot.why.endswith("; 1 placed: no other GPU node has room without evicting a model placed before it")
+
+
+def test_the_off_switch_reads_nothing_and_places_the_priority_list_only():
+    state = build([node("a", installed=("p", "hot"))], priority=["p"], needs={"p": 1000, "hot": 1000})
+    for settings in ({"proxy_url": "http://127.0.0.1:9", "placement": False}, {}):
+        config = parse_config({"nodes": ["http://127.0.0.1:11434"], "demand": settings})
+        feed = DemandFeed(config)
+        planner = Planner(config, feed, wall=lambda: NOW)
+        assert not planner.active and planner.refresh() is NOT_READ  # nothing is asked of any proxy
+        result = planner.desired(state, NOW)
+        assert result.choices == () and steps(result) == [("load", "p:latest", "a")]
+        feed.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"window": 0}, "demand.window: expected a number > 0, got 0"),
+        ({"proxy_url": "proxy"}, "demand.proxy_url: expected an http(s) URL"),
+        ({"keep_alive": "forever"}, "demand.keep_alive: expected seconds (-1 = forever) or a duration"),
+        ({"prewarm_que": 3}, "demand.prewarm_que: unknown key (did you mean 'prewarm_queue'?)"),
+        ({"placement": "yes"}, "demand.placement: expected true or false, got 'yes'"),
+    ],
+)
+def test_demand_settings_are_checked_like_every_other(settings, words):
+    with pytest.raises(ConfigError) as error:
+        parse_config({"nodes": ["http://127.0.0.1:11434"], "demand": settings}, "f.yaml")
+    assert words in str(error.value)
+
+
+def test_the_defaults_are_the_documented_ones():
+    d = parse_config({"nodes": ["http://127.0.0.1:11434"]}).demand
+    assert (d.placement, d.proxy_url, d.window, d.interval) == (True, None, 600.0, 15.0)
+    assert (d.min_requests_per_minute, d.min_gain, d.keep_alive, d.prewarm_queue) == (1.0, 0.5, "30m", 3.0)

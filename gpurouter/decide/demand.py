@@ -124,15 +124,14 @@ def desired(
     final = placement.plan(state, models, now, context)
     for key, choice in list(choices.items()):
         if choice.copies:
-            where = _where(state, final, key)
-            text = f"{choice.why}: {where}{why_more.get(key, '')}"
+            text = f"{choice.why}: {_where(state, final, key)}{_more(state, final, key, copies, why_more)}"
             choices[key] = Choice(key, choice.per_minute, choice.score, copies.get(key, 1), text)
     for p in priority:
         key = model_key(p.name)
         if key in demand:
             d = demand[key]
             text = f"priority model ({d.per_minute:.1f} requests/min): {_where(state, final, key)}"
-            text += why_more.get(key, "")
+            text += _more(state, final, key, copies, why_more)
             choices[key] = Choice(key, d.per_minute, scores[key], copies.get(key, 1), text)
     placed = {key for key, c in choices.items() if c.copies and key not in keys}
     extra = _renewals(state, placed, keys, copies, settings, now) + _releases(
@@ -186,6 +185,16 @@ def _copies(
             copies[key] = want
             why[key] = text
     return copies, why
+
+
+def _more(state: ClusterState, p: Plan, key: str, copies: Mapping[str, int], why: Mapping[str, str]) -> str:
+    """Why more GPU copies are wanted, and, when the plan cannot give them, that it cannot."""
+    if key not in why:
+        return ""
+    placed = sum(1 for _, m in state.placements(key) if m.fully_on_gpu) + sum(1 for s in p.loads if s.model == key)
+    if placed >= copies[key]:
+        return why[key]
+    return f"{why[key]}; {placed} placed: no other GPU node has room without evicting a model placed before it"
 
 
 def _where(state: ClusterState, p: Plan, key: str) -> str:

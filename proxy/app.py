@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt, render
-from gpurouter.cluster.config import Config, model_key, name_problem
+from gpurouter.cluster.config import Config, PriorityModel, model_key, name_problem
 from gpurouter.cluster.ollama import parse_go_time, redirect_error
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide.route.ask import Ask, ask_of
@@ -135,6 +135,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.slots = Slots(self.settings.max_queue)
         self.demand = Demand(config.demand.window)
+        self._pins: set[asyncio.Task[None]] = set()  # keep_alive requests after OpenAI API requests, in flight
 
     # ------------------------------------------------------------------------------------------ wiring
 
@@ -324,7 +325,10 @@ class Proxy:
                     ledger.prompts.sent(node, picked.model, ask.blocks, target.slots)
                 if target.adjusted:
                     self._adjusted(node, picked.model, ask, target)
-                return await self._relay(request, upstream, first, target, picked.model, started)
+                response = await self._relay(request, upstream, first, target, picked.model, started)
+                if ask.openai and pin is not None and upstream.status == 200:
+                    self._repin(node, picked.model, pin, ask.embedding)
+                return response
             finally:
                 if queued:
                     self.slots.release(key)
@@ -334,6 +338,30 @@ class Proxy:
         self.metrics.requests.labels(node="", model=picked.model, placement="none", code="503").inc()
         said = "; ".join(f"{node}: {text}" for node, _, text in failures)
         return error(dialect, 503, f"no node could serve {picked.model}: {said}")
+
+    def _repin(self, node: str, model: str, pin: PriorityModel, embedding: bool) -> None:
+        """After an OpenAI API request (it cannot carry a keep_alive: Ollama gave the runner its default), ask
+        the pinned copy again with its own context and the configured keep_alive: no reload, the pin is back."""
+        there = self.view.state.node(node) if self.view.state is not None else None
+        copy = there.loaded_model(model) if there is not None else None
+        body: dict[str, Any] = {"model": model, "keep_alive": pin.keep_alive}
+        if copy is not None and copy.context_length:
+            body["options"] = {"num_ctx": copy.context_length}
+        path = "/api/embed" if embedding else "/api/generate"
+        body.update({"input": []} if embedding else {"prompt": "", "stream": False})
+        task = asyncio.get_running_loop().create_task(self._send_pin(node, path, body))
+        self._pins.add(task)
+        task.add_done_callback(self._pins.discard)
+
+    async def _send_pin(self, node: str, path: str, body: dict[str, Any]) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.post(self.urls[node] + path, json=body, allow_redirects=False) as reply:
+                outcome = "ok" if reply.status == 200 else f"HTTP {reply.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        level = logging.DEBUG if outcome == "ok" else logging.WARNING
+        logfmt.log_event(log, level, "proxy.repin", node=node, model=body["model"], outcome=outcome)
 
     async def _queue(self, key: tuple[str, str], target: Target) -> bool:
         """Wait here for a slot of the runner (QueueFull past `proxy.max_queue`); True once one is ours."""

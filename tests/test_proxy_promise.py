@@ -249,3 +249,34 @@ def test_fit_is_judged_as_the_nodes_ollama_judges_it_unless_a_stricter_margin_is
             finally:
                 observer.close()
             assert verdict.fits is fits, (margin, verdict.reason)
+
+
+def test_openai_requests_never_reload_or_unpin_a_priority_runner():
+    """The OpenAI API carries no num_ctx and no keep_alive: Ollama would serve such a request at the node's
+    default context (reloading a runner pinned at another) and give the runner its default keep_alive. The proxy
+    refuses the reload with a 503 that says why and what to do, and pins a runner it served again at once."""
+    nodes = [
+        {
+            "name": "gpu",
+            "gpus": [{"vram": "24GiB"}],
+            "models": [LLAMA, SMALL],
+            "preload": [{"model": LLAMA, "num_ctx": 8192, "keep_alive": -1}, {"model": SMALL, "keep_alive": -1}],
+        }
+    ]
+    priority = [{"name": LLAMA, "num_ctx": 8192}, SMALL]
+    with proxied(nodes, priority_models=priority) as (fleet, proxy):
+        client = OpenAI(base_url=f"{proxy.url}/v1", api_key="x", timeout=30, max_retries=0)
+        before = fleet.node("gpu").state()["counts"]
+        with pytest.raises(APIStatusError) as refused:
+            client.chat.completions.create(model=LLAMA, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert refused.value.status_code == 503
+        assert "OpenAI API request cannot set num_ctx" in refused.value.message
+        assert "OLLAMA_CONTEXT_LENGTH" in refused.value.message
+        assert fleet.node("gpu").state()["counts"] == before and loaded(fleet, "gpu")[LLAMA]["context_length"] == 8192
+        answer = client.chat.completions.create(model=SMALL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        assert answer.choices[0].message.content and fleet.node("gpu").state()["counts"] == before
+
+        def pinned() -> bool:
+            return int(loaded(fleet, "gpu")[SMALL]["expires_at"][:4]) > time.gmtime().tm_year + 100
+
+        wait_for(pinned, timeout=10, what="the runner pinned again after the OpenAI API request")

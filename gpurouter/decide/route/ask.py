@@ -31,6 +31,7 @@ class Ask:
     blocks: tuple[int, ...] = ()  # chained hashes of its prompt's whole blocks
     prompt_tokens: int = 0  # estimated
     embedding: bool = False  # an embedding request (no prompt cache, one slot)
+    openai: bool = False  # through the OpenAI API: no runner option can be set, Ollama uses the node's defaults
 
     @property
     def num_ctx(self) -> int | None:
@@ -82,8 +83,9 @@ def blocks_of(text: str) -> tuple[int, ...]:
 def ask_of(path: str, data: Mapping[str, Any], model: str) -> Ask:
     """The Ask of a parsed request to `path`."""
     options = data.get("options")
-    runner = runner_options(options) if isinstance(options, dict) else {}
+    openai = path.startswith("/v1/")
+    runner = runner_options(options) if isinstance(options, dict) and not openai else {}
     if path in EMBEDDING_PATHS:
-        return Ask(model_key(model), runner, embedding=True)
+        return Ask(model_key(model), runner, embedding=True, openai=openai)
     text = rendered(data)
-    return Ask(model_key(model), runner, blocks_of(text), len(text) // CHARS_PER_TOKEN)
+    return Ask(model_key(model), runner, blocks_of(text), len(text) // CHARS_PER_TOKEN, openai=openai)

@@ -187,7 +187,8 @@ def candidates(
             # a load the proxy sent is under way
             found.append(Candidate(node, copy, False, "cold", 0.85, slots, free=free))
             continue
-        if copy is not None and matches(copy, ask.runner):
+        runner = {"num_ctx": node.default_context[0]} if ask.openai else ask.runner
+        if copy is not None and matches(copy, runner):
             where, tier = _copy_tier(copy)
             sets = {"num_ctx": copy.context_length} if ask.num_ctx is None and copy.context_length else {}
             found.append(Candidate(node, copy, False, where, tier, slots, sets=sets, free=free))
@@ -203,6 +204,14 @@ def candidates(
         where, tier, safe, why = _load(view, node, ask, verdict, now)
         priority = state.config.priority(key)
         sets = {"num_ctx": priority.num_ctx} if priority and priority.num_ctx and ctx is None else {}
+        if ask.openai and copy is not None and not safe:  # no option can be set: the runner would reload
+            why = (
+                f"an OpenAI API request cannot set num_ctx: Ollama would serve it at the node's default context "
+                f"({runner['num_ctx']}) and reload the {'priority model' if priority else 'busy'} runner loaded at "
+                f"{copy.context_length}; use Ollama's API, or make that context the node's OLLAMA_CONTEXT_LENGTH"
+            )
+            found.append(Candidate(node, copy, True, where, tier, slots, False, why, free=free))
+            continue
         if safe or copy is None:
             found.append(Candidate(node, copy, True, where, tier, slots, safe, why, sets, free=free))
             continue

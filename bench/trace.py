@@ -19,7 +19,7 @@ on GPU; no eviction of a priority model.
 `--scenario demand`: the proxy beside an optimizer (healing the priority models every 2 s) with placement from
 demand off, then on, on a time scale of seconds (DEMAND: a 20 s window, a pass a second, keep_alive 60 s),
 where the nodes' own keep_alive is 8 s (Ollama's 5 minutes on that scale, the preloaded chat models' too),
-loads cost time (2 GiB/s) and every client pauses `--gap` seconds after every 4 requests. Goals: ≥ 98 % of the
+and every client pauses `--gap` seconds after every 4 requests. Goals: ≥ 98 % of the
 tokens of every client's last quarter of requests (once the shift has settled) generated fully on GPU; loads
 at most 2× the minimum a clairvoyant placement must make (one per model asked for with no GPU copy at the
 start).
@@ -29,11 +29,12 @@ share of generated tokens generated fully on GPU (all, and once settled), share 
 a prompt cache (the simulator's own count), loads and unloads (and per hour), seconds a priority model was
 fully on GPU nowhere, unloads of a pinned priority model (an eviction: they are pinned).
 
-Loads take no time in the routing scenario by default (the simulator's default); `--load-speed 2GiB` makes
-every node load a model at that many bytes a second, as a disk or page cache would, for every variant alike.
+Every node loads a model at `--load-speed` bytes a second (default 2GiB, a page cache or a fast disk: a load
+takes seconds, as on real nodes), for every variant alike; `--load-speed 0` makes loads instant (the
+simulator's own default), which makes the plain balancers' hundreds of loads and evictions free.
 
 Run: `python bench/trace.py [--scenario routing|demand] [--clients 12] [--requests 24] [--seed 7]
-[--load-speed 0] [--gap 12]` (several minutes).
+[--load-speed 2GiB] [--gap 12]` (several minutes).
 """
 
 from __future__ import annotations
@@ -481,9 +482,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=24, help="requests per client")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
-        "--load-speed",
-        default=None,
-        help="how fast a node loads a model, e.g. 2GiB (per second; routing: 0, at once; demand: 2GiB)",
+        "--load-speed", default="2GiB", help="how fast a node loads a model (per second; 0: at once; default 2GiB)"
     )
     parser.add_argument(
         "--gap", type=float, default=12.0, help="demand: seconds each client pauses after every 4 requests"
@@ -491,9 +490,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("gpu_router.simulator").setLevel(logging.INFO)
     if args.scenario == "routing":
-        routing(trace(args.seed, args.clients, args.requests), args.load_speed or "0")
+        routing(trace(args.seed, args.clients, args.requests), args.load_speed)
     else:
-        demand(trace(args.seed, args.clients, args.requests), args.load_speed or "2GiB", (4, args.gap))
+        demand(trace(args.seed, args.clients, args.requests), args.load_speed, (4, args.gap))
     return 0
 
 

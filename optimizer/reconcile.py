@@ -89,7 +89,8 @@ class Reconciler:
         """One pass over demand: read the proxy's demand, and queue a job for every model the desired placement
         acts on (only logged in monitor mode); the models, sorted."""
         reading = self.planner.refresh()
-        self.metrics.demand_up.set(0 if reading.error else 1)
+        if self.metrics.demand_up is not None:
+            self.metrics.demand_up.set(0 if reading.error else 1)
         state = self.observer.poll()
         desired = self.planner.desired(state, self.wall())
         self._show(state, desired)

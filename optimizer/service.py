@@ -105,8 +105,8 @@ def start_optimizer(
     stop = threading.Event()
     owned = observer is None
     observer = observer or Observer(config)
-    metrics = Metrics()
     feed = DemandFeed(config)
+    metrics = Metrics(demand=feed.active)
     planner = Planner(config, feed)
     job = run_job or Remediator(config, observer, dry_run=not config.auto_optimize, stop=stop, planner=planner)
     queue = JobQueue(config, job, metrics=metrics, stop=stop).start()

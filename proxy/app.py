@@ -216,7 +216,7 @@ class Proxy:
         if picked.heal and self.healer.mode != "off":
             self.healer.ask(picked.model)
             picked = await self._wait(picked, ask, lambda p: p.placement in ("gpu", "cold"))
-        elif not picked.targets and picked.dropped:  # only loads that evict a busy or priority model: for now
+        elif not picked.targets and picked.waits:  # only loads that evict a busy or priority model: for now
             picked = await self._wait(picked, ask, lambda p: bool(p.targets))
         if not picked.targets:
             return self._nowhere(picked, model, dialect, missing)

@@ -142,10 +142,31 @@ def test_without_a_proxy_to_read_the_optimizer_places_the_priority_list_only():
         )
         optimizer = start_optimizer(config)
         try:
-            wait_for(lambda: gauge(optimizer, "gpu_router_optimizer_demand_up") == 0, timeout=10, what="demand_up 0")
-            report = requests.get(f"{optimizer.url}/api/v1/report", timeout=10).json()
-            assert report["demand"]["state"] == "unread" and "127.0.0.1:9" in report["demand"]["error"]
+
+            def report() -> dict:
+                return requests.get(f"{optimizer.url}/api/v1/report", timeout=10).json()
+
+            wait_for(lambda: report()["demand"]["error"], timeout=10, what="a failed read of the demand")
+            assert gauge(optimizer, "gpu_router_optimizer_demand_up") == 0
+            assert report()["demand"]["state"] == "unread" and "127.0.0.1:9" in report()["demand"]["error"]
             assert requests.get(f"{optimizer.url}/healthz", timeout=10).status_code == 200
             assert copies(fleet, SMALL) == {}
+        finally:
+            optimizer.stop()
+
+
+def test_without_placement_from_demand_there_is_no_demand_series_to_alert_on():
+    """`GPURouterDemandUnread` fires on demand_up 0: an optimizer that reads no demand has no such series."""
+    with Fleet(fleet_from_dict({"nodes": NODES[:1]})) as fleet:
+        config = parse_config(
+            {"nodes": [{"name": "a", "url": fleet.urls["a"], "vram": "8GiB"}], "check_interval": 3600}
+        )
+        optimizer = start_optimizer(config)
+        try:
+            assert gauge(optimizer, "gpu_router_optimizer_demand_up") is None
+            metrics = requests.get(f"{optimizer.url}/metrics", timeout=10).text
+            assert (
+                "gpu_router_optimizer_demand_up" not in metrics and "gpu_router_optimizer_placement_desired" in metrics
+            )
         finally:
             optimizer.stop()

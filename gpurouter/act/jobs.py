@@ -46,7 +46,8 @@ def log_event(level: int, event: str, **fields: object) -> None:
 class Metrics:
     """The optimizer's metrics, in a registry of their own."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, demand: bool = False) -> None:
+        """`demand`: placement from demand is configured (only then is `demand_up` a series)."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.webhooks = Counter(
@@ -80,11 +81,15 @@ class Metrics:
             ["node", "model"],
             registry=r,
         )
-        self.demand_up = Gauge(
-            "gpu_router_optimizer_demand_up",
-            "1 when the last read of the proxy's demand (demand.proxy_url) succeeded; 0: placing the priority "
-            "models only",
-            registry=r,
+        self.demand_up = (
+            Gauge(
+                "gpu_router_optimizer_demand_up",
+                "1 when the last read of the proxy's demand (demand.proxy_url) succeeded; 0: placing the priority "
+                "models only",
+                registry=r,
+            )
+            if demand
+            else None
         )
         self._placement: set[tuple[str, str]] = set()
         for outcome in WEBHOOK_OUTCOMES:

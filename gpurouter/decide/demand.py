@@ -36,7 +36,7 @@ MAX_CANDIDATES = 32  # models tried in score order in one pass (each costs a pla
 
 
 @dataclass(frozen=True)
-class Choice:
+class DemandChoice:
     """Why one model is (not) placed for its demand: `copies` GPU copies wanted (0: not placed)."""
 
     model: str
@@ -53,7 +53,7 @@ class Desired:
 
     plan: Plan
     models: tuple[PriorityModel, ...]
-    choices: tuple[Choice, ...] = ()
+    choices: tuple[DemandChoice, ...] = ()
     targets: frozenset[tuple[str, str]] = frozenset()
 
     def entry(self, model: str) -> PriorityModel | None:
@@ -86,7 +86,7 @@ def desired(
     models = list(priority)
     context = PlanDemand(in_flight=in_flight, score=scores)
     lost = {m for m, _ in placement.plan(state, models, now, context).unplaced}
-    choices: dict[str, Choice] = {}
+    choices: dict[str, DemandChoice] = {}
     keep_alive = settings.keep_alive
     ranked = sorted(
         (m for m in demand if m not in keys),
@@ -97,42 +97,46 @@ def desired(
         d = demand[key]
         rate, score = d.per_minute, scores[key]
         if rate < settings.min_requests_per_minute:
-            choices[key] = Choice(key, rate, score, 0, _below(rate, settings))
+            choices[key] = DemandChoice(key, rate, score, 0, _below(rate, settings))
             continue
         if not placement.model_needs(state, key) or not _installed_on_gpu(state, key):
-            choices[key] = Choice(key, rate, score, 0, f"{rate:.1f} requests/min, but no GPU node has it installed")
+            choices[key] = DemandChoice(
+                key, rate, score, 0, f"{rate:.1f} requests/min, but no GPU node has it installed"
+            )
             continue
         if tried >= MAX_CANDIDATES:
-            choices[key] = Choice(key, rate, score, 0, f"{rate:.1f} requests/min: not tried (more hotter models)")
+            choices[key] = DemandChoice(key, rate, score, 0, f"{rate:.1f} requests/min: not tried (more hotter models)")
             continue
         tried += 1
         pm = PriorityModel(key, keep_alive=keep_alive)
         trial = placement.plan(state, [*models, pm], now, context)
         unplaced = dict(trial.unplaced)
         if key in unplaced:
-            choices[key] = Choice(key, rate, score, 0, f"{rate:.1f} requests/min, no room on GPU: {unplaced[key]}")
+            choices[key] = DemandChoice(
+                key, rate, score, 0, f"{rate:.1f} requests/min, no room on GPU: {unplaced[key]}"
+            )
         elif set(unplaced) - lost:
             ahead = ", ".join(sorted(set(unplaced) - lost))
-            choices[key] = Choice(
+            choices[key] = DemandChoice(
                 key, rate, score, 0, f"{rate:.1f} requests/min; placing it would leave {ahead} off GPU"
             )
         else:
             models.append(pm)
-            choices[key] = Choice(key, rate, score, 1, f"{rate:.1f} requests/min")
+            choices[key] = DemandChoice(key, rate, score, 1, f"{rate:.1f} requests/min")
     copies, why_more = _copies(state, demand, models, settings)
     context = PlanDemand(copies=copies, in_flight=in_flight, score=scores, keep_alive=keep_alive)
     final = placement.plan(state, models, now, context)
     for key, choice in list(choices.items()):
         if choice.copies:
             text = f"{choice.why}: {_where(state, final, key)}{_more(state, final, key, copies, why_more)}"
-            choices[key] = Choice(key, choice.per_minute, choice.score, copies.get(key, 1), text)
+            choices[key] = DemandChoice(key, choice.per_minute, choice.score, copies.get(key, 1), text)
     for p in priority:
         key = model_key(p.name)
         if key in demand:
             d = demand[key]
             text = f"priority model ({d.per_minute:.1f} requests/min): {_where(state, final, key)}"
             text += _more(state, final, key, copies, why_more)
-            choices[key] = Choice(key, d.per_minute, scores[key], copies.get(key, 1), text)
+            choices[key] = DemandChoice(key, d.per_minute, scores[key], copies.get(key, 1), text)
     placed = {key for key, c in choices.items() if c.copies and key not in keys}
     extra = _renewals(state, placed, keys, copies, settings, now) + _releases(
         state, set(placed_before) - placed - keys, demand, settings, in_flight, now

@@ -42,6 +42,7 @@ class Candidate:
     sets: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))  # options the proxy sets
     adjusted: bool = False  # the request's runner options were replaced by the resident runner's
     free: int = 0  # the node's free VRAM (the picker's tie-break)
+    lasting: bool = False  # not safe for as long as a priority runner stays as it is: waiting does not help
 
     @property
     def name(self) -> str:
@@ -210,7 +211,8 @@ def candidates(
                 f"({runner['num_ctx']}) and reload the {'priority model' if priority else 'busy'} runner loaded at "
                 f"{copy.context_length}; use Ollama's API, or make that context the node's OLLAMA_CONTEXT_LENGTH"
             )
-            found.append(Candidate(node, copy, True, where, tier, slots, False, why, free=free))
+            lasting = priority is not None and not placement.is_busy(copy, now)
+            found.append(Candidate(node, copy, True, where, tier, slots, False, why, free=free, lasting=lasting))
             continue
         if safe or copy is None:
             found.append(Candidate(node, copy, True, where, tier, slots, safe, why, sets, free=free))

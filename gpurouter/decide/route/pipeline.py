@@ -43,13 +43,15 @@ class Target:
 @dataclass(frozen=True)
 class Choice:
     """The nodes to try, best first; `dropped` the nodes a filter removed, with why; `heal` is set when a
-    priority model is about to be served partial or on CPU."""
+    priority model is about to be served partial or on CPU; `waits` when, with no target, waiting may give one
+    (a busy model going idle)."""
 
     model: str
     targets: tuple[Target, ...]
     reason: str
     heal: bool = False
     dropped: tuple[tuple[str, str], ...] = ()
+    waits: bool = False
 
     @property
     def placement(self) -> str:
@@ -150,6 +152,7 @@ def choose(
             (),
             "only a load that evicts a priority or busy model: " + "; ".join(f"{n}: {w}" for n, w in dropped),
             dropped=dropped,
+            waits=any(not c.lasting for c in unsafe),
         )
     first = targets[0]
     reason = {

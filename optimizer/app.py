@@ -152,10 +152,13 @@ def _routes(app: Flask, s: Services) -> None:
 
     @app.get("/")
     def index() -> Any:
-        status = render.status_json(s.states.get(), time.time())
+        state, now = s.states.get(), time.time()
+        status = render.status_json(state, now)
         actions = [dataclasses.asdict(a) for a in s.queue.actions()]
         next_pass = s.reconciler.next_pass_in() if s.reconciler is not None else None
-        page = statuspage.render(status, actions, next_pass=next_pass, monitor_only=not config.auto_optimize)
+        demand = render.demand_json(s.desired(state, now), s.reading, config.demand)
+        monitor = not config.auto_optimize
+        page = statuspage.render(status, actions, next_pass=next_pass, monitor_only=monitor, demand=demand)
         return Response(page, mimetype="text/html")
 
     @app.post("/webhook")

@@ -13,7 +13,7 @@ from html import escape
 from typing import Any
 
 from gpurouter.decide.placement import KIND_WORDS, NOT_INSTALLED
-from gpurouter.render import where_text
+from gpurouter.render import DEMAND_STATES, where_text
 from gpurouter.sizing.eras import LABELS as ERA_LABELS
 from gpurouter.units import size_text
 
@@ -179,6 +179,26 @@ def _actions(actions: Iterable[Mapping[str, Any]], limit: int) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _demand(demand: Mapping[str, Any] | None) -> str:
+    """Placement from demand (the `demand` object of /api/v1/placement), when a proxy is configured to read."""
+    if demand is None or demand.get("state") == "no_proxy":
+        return ""
+    rows = "".join(
+        f'<tr class="demand" data-model="{_attr(m["model"])}" data-copies="{int(m["copies"])}">'
+        f'<td>{escape(m["model"])}</td><td class="num">{float(m["requests_per_minute"]):.1f}</td>'
+        f'<td class="num">{float(m["score"]):.1f}</td>'
+        f'<td class="{"ok" if m["copies"] else "muted"}">{int(m["copies"])}</td><td>{escape(m["why"])}</td></tr>'
+        for m in demand.get("models", [])
+    )
+    state = str(demand.get("state"))
+    if state != "on" or not rows:
+        said = DEMAND_STATES.get(state, "") if state != "on" else "No requests in the window."
+        said += f" ({demand['error']})" if demand.get("error") else ""
+        return f'<h2>Placement from demand</h2><p class="muted">{escape(said[:1].upper() + said[1:])}</p>'
+    head = "<tr><th>model</th><th>requests/min</th><th>score</th><th>copies</th><th>why</th></tr>"
+    return f"<h2>Placement from demand</h2><table>{head}{rows}</table>"
+
+
 def render(
     status: Mapping[str, Any],
     actions: Iterable[Mapping[str, Any]],
@@ -187,9 +207,11 @@ def render(
     limit: int = 20,
     next_pass: float | None = None,
     monitor_only: bool = False,
+    demand: Mapping[str, Any] | None = None,
 ) -> str:
     """The whole page from a `/api/v1/status` document and the `/api/v1/actions` list (oldest first);
-    `next_pass`: seconds until the reconcile loop's next pass (0 = one is running; None = no loop)."""
+    `next_pass`: seconds until the reconcile loop's next pass (0 = one is running; None = no loop); `demand`:
+    the `demand` object of /api/v1/placement."""
     nodes = list(status.get("nodes", []))
     priority_rows = "".join(
         f'<tr class="priority" data-model="{_attr(p["model"])}" data-on-gpu="{int(bool(p["on_gpu"]))}">'
@@ -218,6 +240,7 @@ def render(
         f'<h2>Nodes</h2><div class="nodes">{"".join(_node(n) for n in nodes)}</div>'
         f"<h2>Priority models</h2><table><tr><th>#</th><th>model</th><th>state</th></tr>{priority_rows}</table>"
         f"<h2>Loaded models</h2>{loaded_table}"
+        f"{_demand(demand)}"
         f"<h2>Where each model fits</h2>{_fit_matrix(nodes)}"
         f"<h2>Last actions</h2>{_actions(actions, limit)}"
         "</body></html>\n"

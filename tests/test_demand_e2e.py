@@ -87,6 +87,8 @@ def test_a_model_asked_for_is_kept_warm_in_sight_and_released_when_its_demand_fa
         assert placement["demand"]["state"] == "on" and row["model"] == SMALL and row["copies"] == 1
         assert f"requests/min: on GPU on {node}" in row["why"]
         assert {"node": node, "model": SMALL} in placement["demand"]["desired"]
+        page = requests.get(f"{optimizer.url}/", timeout=10).text
+        assert f'<tr class="demand" data-model="{SMALL}" data-copies="1">' in page
         report = requests.get(f"{optimizer.url}/api/v1/report", timeout=10).json()
         assert report["demand"]["models"] == placement["demand"]["models"] and schema_errors("report", report) == []
         # no request for longer than the window: below the threshold, released
@@ -150,6 +152,8 @@ def test_without_a_proxy_to_read_the_optimizer_places_the_priority_list_only():
             assert gauge(optimizer, "gpu_router_optimizer_demand_up") == 0
             assert report()["demand"]["state"] == "unread" and "127.0.0.1:9" in report()["demand"]["error"]
             assert requests.get(f"{optimizer.url}/healthz", timeout=10).status_code == 200
+            page = requests.get(f"{optimizer.url}/", timeout=10).text
+            assert '<h2>Placement from demand</h2><p class="muted">The proxy&#x27;s demand could not be read' in page
             assert copies(fleet, SMALL) == {}
         finally:
             optimizer.stop()

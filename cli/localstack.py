@@ -235,6 +235,7 @@ class Stack:
         router = {"nodes": router_nodes, **config}
         router.setdefault("optimizer", {})["webhook_auth"] = {"bearer_token_file": str(token_file)}
         router.setdefault("proxy", {}).setdefault("optimizer_url", self.optimizer_url)
+        router.setdefault("demand", {}).setdefault("proxy_url", self.proxy_url)  # as the compose stack
         if capacity == "prometheus":
             router["prometheus_url"] = f"http://127.0.0.1:{prometheus_port}"
         self.config_file = workdir / "gpu_router_config.yaml"

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpurouter import logfmt, render
 from gpurouter.cluster.config import Config, PriorityModel, model_key, name_problem
-from gpurouter.cluster.ollama import parse_go_time, redirect_error
+from gpurouter.cluster.ollama import load_request, parse_go_time, redirect_error
 from gpurouter.cluster.state import ClusterState
 from gpurouter.decide.route.ask import Ask, ask_of
 from gpurouter.decide.route.pipeline import Choice, Target, choose
@@ -344,11 +344,8 @@ class Proxy:
         the pinned copy again with its own context and the configured keep_alive: no reload, the pin is back."""
         there = self.view.state.node(node) if self.view.state is not None else None
         copy = there.loaded_model(model) if there is not None else None
-        body: dict[str, Any] = {"model": model, "keep_alive": pin.keep_alive}
-        if copy is not None and copy.context_length:
-            body["options"] = {"num_ctx": copy.context_length}
-        path = "/api/embed" if embedding else "/api/generate"
-        body.update({"input": []} if embedding else {"prompt": "", "stream": False})
+        ctx = copy.context_length if copy is not None else None
+        path, body = load_request(model, num_ctx=ctx or None, keep_alive=pin.keep_alive, embedding=embedding)
         task = asyncio.get_running_loop().create_task(self._send_pin(node, path, body))
         self._pins.add(task)
         task.add_done_callback(self._pins.discard)

@@ -49,8 +49,8 @@ def pin_for(state: ClusterState | None, model: str, node: str, priority: Priorit
     when another node holds its first copy fully on GPU (the pinned one, as the optimizer pins it)."""
     if priority is None or state is None:
         return priority
-    home = next((n.name for n, m in state.placements(model) if m.fully_on_gpu and not n.config.maintenance), None)
-    return priority if home in (None, node) else None
+    homes = state.gpu_copies(model)
+    return priority if not homes or homes[0][0].name == node else None
 
 
 def body_for(path: str, raw: bytes, data: Mapping[str, Any], target: Target, priority: PriorityModel | None) -> bytes:

@@ -94,6 +94,23 @@ class ShowInfo:
         return None
 
 
+def load_request(
+    model: str,
+    *,
+    num_ctx: int | None = None,
+    keep_alive: int | float | str = -1,
+    num_gpu: int | None = None,
+    embedding: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """(path, body) of a load with no work: /api/embed with empty input for embedders, else an empty generate.
+    Asked of a runner that is loaded with these options, it only resets the runner's keep_alive."""
+    options = {k: v for k, v in (("num_ctx", num_ctx), ("num_gpu", num_gpu)) if v is not None}
+    body: dict[str, Any] = {"model": model, "keep_alive": keep_alive, **({"options": options} if options else {})}
+    if embedding:
+        return "/api/embed", {**body, "input": []}
+    return "/api/generate", {**body, "prompt": "", "stream": False}
+
+
 class OllamaClient:
     """One node's API over one `requests.Session`, so connections are reused."""
 
@@ -143,20 +160,8 @@ class OllamaClient:
 
         Returns when Ollama says the load is done; where it landed is for /api/ps to tell.
         """
-        options: dict[str, int] = {}
-        if num_ctx is not None:
-            options["num_ctx"] = num_ctx
-        if num_gpu is not None:
-            options["num_gpu"] = num_gpu
-        body: dict[str, Any] = {"model": model, "keep_alive": keep_alive}
-        if options:
-            body["options"] = options
-        if embedding:
-            body["input"] = []
-            self._call("POST", "/api/embed", body, timeout=timeout)
-        else:
-            body.update(prompt="", stream=False)
-            self._call("POST", "/api/generate", body, timeout=timeout)
+        path, body = load_request(model, num_ctx=num_ctx, keep_alive=keep_alive, num_gpu=num_gpu, embedding=embedding)
+        self._call("POST", path, body, timeout=timeout)
 
     def unload(self, model: str, *, embedding: bool = False, timeout: float | None = None) -> None:
         """Ask Ollama to unload a model now (keep_alive 0); it answers before the runner is gone."""

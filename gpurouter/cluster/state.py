@@ -191,6 +191,11 @@ class ClusterState:
         """Every (node, copy) where the model is loaded."""
         return [(n, m) for n in self.nodes if (m := n.loaded_model(model)) is not None]
 
+    def gpu_copies(self, model: str) -> list[tuple[NodeState, LoadedModel]]:
+        """The copies fully on GPU on nodes not in maintenance, in the configuration's order: the first is a
+        priority model's pinned copy."""
+        return [(n, m) for n, m in self.placements(model) if m.fully_on_gpu and not n.config.maintenance]
+
     def on_gpu(self, model: str) -> bool:
         """True when some node holds the model fully on GPU."""
         return any(m.fully_on_gpu for _, m in self.placements(model))

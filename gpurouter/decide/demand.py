@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from gpurouter.cluster.config import DemandSettings, PriorityModel, model_key
 from gpurouter.cluster.demandfeed import ModelDemand
 from gpurouter.cluster.goduration import parse_keep_alive
-from gpurouter.cluster.state import ClusterState
+from gpurouter.cluster.state import ClusterState, NodeState
 from gpurouter.decide import placement
 from gpurouter.decide.placement import Plan, PlanDemand, Step
 from gpurouter.decide.route.candidates import slots_of
@@ -99,10 +99,9 @@ def desired(
         if rate < settings.min_requests_per_minute:
             choices[key] = DemandChoice(key, rate, score, 0, _below(rate, settings))
             continue
-        if not placement.model_needs(state, key) or not _installed_on_gpu(state, key):
-            choices[key] = DemandChoice(
-                key, rate, score, 0, f"{rate:.1f} requests/min, but no GPU node has it installed"
-            )
+        if not placement.model_needs(state, key) or not _gpu_nodes_with(state, key):
+            why = f"{rate:.1f} requests/min, but no GPU node that is up and not in maintenance has it installed"
+            choices[key] = DemandChoice(key, rate, score, 0, why)
             continue
         if tried >= MAX_CANDIDATES:
             choices[key] = DemandChoice(key, rate, score, 0, f"{rate:.1f} requests/min: not tried (more hotter models)")
@@ -153,8 +152,16 @@ def _score(state: ClusterState, d: ModelDemand) -> float:
     return d.per_minute * gib
 
 
-def _installed_on_gpu(state: ClusterState, key: str) -> bool:
-    return any(n.up and placement.has_gpu(n) and (n.installed_model(key) or n.loaded_model(key)) for n in state.nodes)
+def _gpu_nodes_with(state: ClusterState, key: str) -> list[NodeState]:
+    """The GPU nodes that are up, not in maintenance, and have the model installed or loaded."""
+    return [
+        n
+        for n in state.nodes
+        if n.up
+        and not n.config.maintenance
+        and placement.has_gpu(n)
+        and (n.installed_model(key) or n.loaded_model(key))
+    ]
 
 
 def _copies(
@@ -168,12 +175,11 @@ def _copies(
         d = demand.get(key)
         if d is None:
             continue
-        nodes = [n for n in state.nodes if n.up and not n.config.maintenance and placement.has_gpu(n)]
-        eligible = [n for n in nodes if n.installed_model(key) or n.loaded_model(key)]
+        eligible = _gpu_nodes_with(state, key)
         if len(eligible) < 2:
             continue
         slots = max(slots_of(state, n, key) for n in eligible)
-        on_gpu = sum(1 for n, m in state.placements(key) if m.fully_on_gpu and n in eligible)
+        on_gpu = sum(1 for n, _ in state.gpu_copies(key) if n in eligible)
         asked = math.ceil(d.in_flight_mean / slots) if d.in_flight_mean > slots else 1
         want = min(asked, len(eligible))
         text = f"; {want} copies: {d.in_flight_mean:.1f} requests in flight on average, {slots} at once a runner" + (
@@ -195,14 +201,14 @@ def _more(state: ClusterState, p: Plan, key: str, copies: Mapping[str, int], why
     """Why more GPU copies are wanted, and, when the plan cannot give them, that it cannot."""
     if key not in why:
         return ""
-    placed = sum(1 for _, m in state.placements(key) if m.fully_on_gpu) + sum(1 for s in p.loads if s.model == key)
+    placed = len(state.gpu_copies(key)) + sum(1 for s in p.loads if s.model == key)
     if placed >= copies[key]:
         return why[key]
     return f"{why[key]}; {placed} placed: no other GPU node has room without evicting a model placed before it"
 
 
 def _where(state: ClusterState, p: Plan, key: str) -> str:
-    homes = sorted(n.name for n, m in state.placements(key) if m.fully_on_gpu)
+    homes = sorted(n.name for n, _ in state.gpu_copies(key))
     loads = sorted(s.node for s in p.loads if s.model == key)
     parts = [f"on GPU on {', '.join(homes)}"] if homes else []
     parts += [f"to load on {', '.join(loads)}"] if loads else []
@@ -217,8 +223,7 @@ def _targets(
     found = set()
     for pm in models:
         key = model_key(pm.name)
-        homes = [n.name for n, m in state.placements(key) if m.fully_on_gpu]  # in state order, as pins go
-        found |= {(name, key) for name in homes[: copies.get(key, 1)]}
+        found |= {(n.name, key) for n, _ in state.gpu_copies(key)[: copies.get(key, 1)]}
     found |= {(s.node, s.model) for s in p.loads}
     return frozenset(found)
 
@@ -237,15 +242,14 @@ def _renewals(
     seconds = parse_keep_alive(settings.keep_alive)
     steps = []
     for key in sorted(placed | {k for k in copies if k in priority}):
-        homes = [(n.name, m) for n, m in state.placements(key) if m.fully_on_gpu and not n.config.maintenance]
         first = 1 if key in priority else 0
-        for name, copy in homes[first : copies.get(key, 1)]:
+        for node, copy in state.gpu_copies(key)[first : copies.get(key, 1)]:
             if copy.expires_at is None or placement.is_busy(copy, now):
                 continue
             left = copy.expires_at.timestamp() - now
             if left < seconds / 2:
                 why = f"keep {key} warm: {left:.0f}s of keep_alive left, demand.keep_alive {settings.keep_alive}"
-                steps.append(Step("pin", key, name, why, copy.context_length, settings.keep_alive))
+                steps.append(Step("pin", key, node.name, why, copy.context_length, settings.keep_alive))
     return steps
 
 

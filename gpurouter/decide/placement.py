@@ -811,9 +811,8 @@ def unpinned(state: ClusterState, now: float) -> list[Step]:
     for pm in state.config.priority_models:
         key = model_key(pm.name)
         wanted = parse_keep_alive(pm.keep_alive)
-        copies = state.placements(key)
-        home = next(((n, m) for n, m in copies if m.fully_on_gpu and not n.config.maintenance), None)
-        for node, copy in [home] if home is not None else copies:
+        homes = state.gpu_copies(key)
+        for node, copy in homes[:1] or state.placements(key):
             if node.config.maintenance or copy.expires_at is None or is_busy(copy, now):
                 continue
             left = copy.expires_at.timestamp() - now
